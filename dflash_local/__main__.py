@@ -1,0 +1,3 @@
+from dflash_local.cli import app
+
+app(prog_name="dflash")

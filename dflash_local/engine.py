@@ -1,0 +1,157 @@
+"""The DFlash decoding loop (design doc section 5): prefill, then draft -> verify -> accept ->
+roll back -> inject, until the token budget, an end-of-generation token or the context ends.
+
+Without a drafter the same loop runs the target alone, one token per pass, so the two paths share
+their prefill, sampling and stopping rules.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dflash_local.errors import UserError
+from dflash_local.native import Drafter
+from dflash_local.sampling import Sampler, SamplingParams
+from dflash_local.target import Target
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated: int = 0
+    accepted: list[int] = field(default_factory=list)  # drafts accepted per verification pass
+    t_prefill: float = 0.0
+    t_decode: float = 0.0  # everything after the prefill
+    t_target: float = 0.0
+    t_draft: float = 0.0
+    t_inject: float = 0.0
+    t_capture: float = 0.0
+
+    @property
+    def passes(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens gained per target pass (accepted drafts + the target's own token)."""
+        return float(np.mean(self.accepted)) + 1.0 if self.accepted else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.generated / self.t_decode if self.t_decode > 0 else 0.0
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    stats: Stats
+    stop: str  # "eog", "length", "context" or "interrupted"
+
+
+class Engine:
+    """Generates with `target`, drafting blocks with `drafter` when one is given."""
+
+    def __init__(self, target: Target, drafter: Drafter | None = None, block_size: int | None = None):
+        self.target = target
+        self.drafter = drafter
+        self.block_size = 0
+        if drafter is not None:
+            self.block_size = block_size or drafter.info.block_size
+            if not 2 <= self.block_size <= drafter.info.block_size:
+                raise UserError(f"--block-size must be in 2..{drafter.info.block_size} (the drafter's trained size)")
+            if target.capture is None:
+                raise ValueError("a target used with a drafter needs capture layers")
+
+    def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
+                 on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+        tg, dr = self.target, self.drafter
+        if not prompt:
+            raise UserError("the prompt is empty")
+        if len(prompt) >= tg.n_ctx:
+            raise UserError(f"the prompt has {len(prompt)} tokens but the context holds {tg.n_ctx}: "
+                            "raise --ctx-size or shorten the prompt")
+        sampler = Sampler(sampling)
+        stats = Stats(prompt_tokens=len(prompt))
+        capture0 = tg.capture.seconds if tg.capture else 0.0
+        tg.clear()
+        if dr:
+            dr.crop(0)
+
+        t0 = time.perf_counter()
+        logits = tg.decode(prompt, 0, all_logits=False)
+        anchor = sampler.sample(logits[0])
+        if dr:
+            dr.inject(tg.features(), 0)
+        stats.t_prefill = time.perf_counter() - t0
+
+        out: list[int] = []
+        pos = len(prompt)  # position of the anchor: sampled, not yet seen by the target
+        stop = "length"
+        t_start = time.perf_counter()
+        try:
+            while True:
+                # emit the anchor; it is the target's own choice
+                if tg.is_eog(anchor):
+                    stop = "eog"
+                    break
+                out.append(anchor)
+                if on_tokens:
+                    on_tokens([anchor])
+                if len(out) >= max_tokens:
+                    break
+                if pos + 1 > tg.n_ctx:
+                    stop = "context"
+                    break
+                # drafts beyond the budget or the context would be wasted
+                k = min(self.block_size - 1, max_tokens - len(out) - 1, tg.n_ctx - pos - 1) if dr else 0
+                accepted, anchor_next = self._step(anchor, pos, k, sampler, stats)
+                n_acc = len(accepted)
+                for i, tok in enumerate(accepted):
+                    if tg.is_eog(tok):
+                        accepted = accepted[:i]
+                        anchor_next = tok
+                        break
+                out.extend(accepted)
+                if on_tokens and accepted:
+                    on_tokens(accepted)
+                pos += n_acc + 1
+                anchor = anchor_next
+        except KeyboardInterrupt:  # Ctrl-C: keep what was produced
+            stop = "interrupted"
+
+        stats.t_decode = time.perf_counter() - t_start
+        stats.generated = len(out)
+        stats.t_capture = (tg.capture.seconds if tg.capture else 0.0) - capture0
+        return Generation(out, stats, stop)
+
+    def _step(self, anchor: int, pos: int, k: int, sampler: Sampler, stats: Stats) -> tuple[list[int], int]:
+        """Draft k tokens after the anchor at `pos`, verify them in one target pass, keep the accepted
+        ones in both caches. Returns the accepted drafts and the target's next token."""
+        tg, dr = self.target, self.drafter
+        drafts = np.zeros(0, dtype=np.int32)
+        if k > 0:
+            t = time.perf_counter()
+            drafts = dr.draft(anchor, self.block_size)[:k]
+            stats.t_draft += time.perf_counter() - t
+
+        t = time.perf_counter()
+        if k > 0 and tg.recurrent and not tg.snapshots:
+            tg.save_state()
+        batch = [anchor, *drafts.tolist()]
+        logits = tg.decode(batch, pos, all_logits=True)
+        n_acc, token = sampler.verify(logits, drafts)
+        stats.t_target += time.perf_counter() - t
+        if dr:
+            t = time.perf_counter()
+            dr.inject(tg.features()[: n_acc + 1], pos)
+            stats.t_inject += time.perf_counter() - t
+            stats.accepted.append(n_acc)
+        if n_acc < k:
+            t = time.perf_counter()
+            tg.rollback(pos + n_acc + 1, pos, batch[: n_acc + 1])
+            stats.t_target += time.perf_counter() - t
+        return drafts[:n_acc].tolist(), token

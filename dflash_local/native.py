@@ -1,0 +1,211 @@
+"""ctypes binding of the native helper (libdflash, built from native/ against llama-cpp-python's ggml).
+
+llama_cpp is imported first so that its libggml is the one in the process; libdflash's RPATH points
+at the same files, so the helper and llama.cpp share one ggml.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp  # noqa: F401  (loads libllama/libggml before libdflash)
+import numpy as np
+
+
+class NativeError(RuntimeError):
+    """A failure reported by the native helper, with its message."""
+
+
+def _lib_path() -> Path:
+    name = {"darwin": "libdflash.dylib", "win32": "dflash.dll"}.get(sys.platform, "libdflash.so")
+    return Path(__file__).with_name(name)
+
+
+def _load() -> ctypes.CDLL:
+    path = _lib_path()
+    if not path.exists():
+        raise NativeError(f"native helper not found at {path}: reinstall dflash-local (pip install .)")
+    lib = ctypes.CDLL(str(path))
+    c_int, c_float_p, c_int_p = ctypes.c_int32, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
+    sigs = {
+        "dflash_ggml_build_version": ([], ctypes.c_char_p),
+        "dflash_devices": ([], ctypes.c_char_p),
+        "dflash_last_error": ([], ctypes.c_char_p),
+        "dflash_capture_new": ([c_int, c_int_p, c_int], ctypes.c_void_p),
+        "dflash_capture_free": ([ctypes.c_void_p], None),
+        "dflash_capture_reset": ([ctypes.c_void_p], None),
+        "dflash_capture_enable": ([ctypes.c_void_p, ctypes.c_bool], None),
+        "dflash_capture_n_rows": ([ctypes.c_void_p], c_int),
+        "dflash_capture_data": ([ctypes.c_void_p], c_float_p),
+        "dflash_capture_seconds": ([ctypes.c_void_p], ctypes.c_double),
+        "dflash_drafter_load": ([ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, c_int, c_int], ctypes.c_void_p),
+        "dflash_drafter_free": ([ctypes.c_void_p], None),
+        "dflash_drafter_get_info": ([ctypes.c_void_p, ctypes.c_void_p], c_int),
+        "dflash_drafter_inject": ([ctypes.c_void_p, c_float_p, c_int, c_int], c_int),
+        "dflash_drafter_crop": ([ctypes.c_void_p, c_int], c_int),
+        "dflash_drafter_n_pos": ([ctypes.c_void_p], c_int),
+        "dflash_drafter_draft": ([ctypes.c_void_p, c_int, c_int, c_int_p, c_float_p], c_int),
+    }
+    for name, (args, res) in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+lib = _load()
+
+
+def _check(result: int | None) -> int:
+    if result is None or result < 0:
+        raise NativeError(lib.dflash_last_error().decode())
+    return result
+
+
+def build_ggml_version() -> str:
+    """The ggml version libdflash was compiled against."""
+    return lib.dflash_ggml_build_version().decode()
+
+
+def loaded_ggml_version() -> str:
+    """The ggml version of the libggml loaded in this process (llama-cpp-python's).
+
+    dlsym on libdflash's handle searches its dependencies, i.e. the libggml-base already loaded.
+    """
+    lib.ggml_version.restype = ctypes.c_char_p
+    return lib.ggml_version().decode()
+
+
+def cpu_has_amx() -> bool:
+    """Whether ggml's CPU backend uses AMX here (its AMX matmul segfaults: llama.cpp issue #20824)."""
+    lib.ggml_cpu_has_amx_int8.restype = ctypes.c_int
+    return bool(lib.ggml_cpu_has_amx_int8())
+
+
+def devices() -> list[str]:
+    """ggml devices the loaded backends expose ("CPU", "CUDA0", ...)."""
+    return [d for d in lib.dflash_devices().decode().split(",") if d]
+
+
+def _as_float_ptr(a: np.ndarray) -> ctypes._Pointer:
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+
+class Capture:
+    """Target hidden-state capture: pass `callback` and `user_data` as cb_eval / cb_eval_user_data."""
+
+    def __init__(self, n_embd: int, target_layers: list[int]):
+        arr = (ctypes.c_int32 * len(target_layers))(*target_layers)
+        self._ptr = lib.dflash_capture_new(n_embd, arr, len(target_layers))
+        if not self._ptr:
+            raise NativeError(lib.dflash_last_error().decode())
+        self.width = n_embd * len(target_layers)
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(
+            ctypes.cast(lib.dflash_capture_eval, ctypes.c_void_p).value
+        )
+        self.user_data = ctypes.c_void_p(self._ptr)
+
+    def reset(self) -> None:
+        lib.dflash_capture_reset(self._ptr)
+
+    def enable(self, on: bool) -> None:
+        lib.dflash_capture_enable(self._ptr, on)
+
+    def rows(self) -> np.ndarray:
+        """Features captured since the last reset, [n_rows, n_extract * n_embd] (a view; copy to keep)."""
+        n = _check(lib.dflash_capture_n_rows(self._ptr))
+        if n == 0:
+            return np.zeros((0, self.width), dtype=np.float32)
+        return np.ctypeslib.as_array(lib.dflash_capture_data(self._ptr), shape=(n, self.width))
+
+    @property
+    def seconds(self) -> float:
+        return lib.dflash_capture_seconds(self._ptr)
+
+    def close(self) -> None:
+        if self._ptr:
+            lib.dflash_capture_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _Info(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_int32)
+        for name in (
+            "n_embd n_vocab n_layer n_head n_head_kv head_dim n_ff n_extract block_size mask_token_id n_ctx".split()
+        )
+    ] + [("target_layers", ctypes.c_int32 * 64)]
+
+
+@dataclass(frozen=True)
+class DrafterInfo:
+    n_embd: int
+    n_vocab: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    block_size: int
+    mask_token_id: int
+    n_ctx: int
+    target_layers: tuple[int, ...]
+
+
+class Drafter:
+    """A DFlash drafter GGUF on a ggml device, using the target GGUF's embedding and LM head."""
+
+    def __init__(self, drafter_path: str | Path, target_path: str | Path, *, n_ctx: int = 4096,
+                 device: str | None = None, n_threads: int = 0):
+        self._ptr = lib.dflash_drafter_load(
+            str(drafter_path).encode(), str(target_path).encode(),
+            device.encode() if device else None, n_ctx, n_threads,
+        )
+        if not self._ptr:
+            raise NativeError(lib.dflash_last_error().decode())
+        raw = _Info()
+        lib.dflash_drafter_get_info(self._ptr, ctypes.byref(raw))
+        fields = {name: getattr(raw, name) for name, _ in _Info._fields_[:-1] if name != "n_extract"}
+        self.info = DrafterInfo(**fields, target_layers=tuple(raw.target_layers[: raw.n_extract]))
+        self._tokens = np.zeros(self.info.block_size, dtype=np.int32)
+
+    def inject(self, features: np.ndarray, pos0: int) -> None:
+        """K/V of target features [n, n_extract * n_embd] at positions pos0 .. pos0+n-1."""
+        f = np.ascontiguousarray(features, dtype=np.float32)
+        _check(lib.dflash_drafter_inject(self._ptr, _as_float_ptr(f), f.shape[0], pos0))
+
+    def crop(self, n_pos: int) -> None:
+        _check(lib.dflash_drafter_crop(self._ptr, n_pos))
+
+    @property
+    def n_pos(self) -> int:
+        return lib.dflash_drafter_n_pos(self._ptr)
+
+    def draft(self, anchor: int, block_size: int | None = None) -> np.ndarray:
+        """Greedy draft of block_size-1 tokens following `anchor` at position n_pos."""
+        b = block_size or self.info.block_size
+        out = self._tokens[: b - 1]
+        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), None))
+        return out.copy()
+
+    def draft_logits(self, anchor: int, block_size: int | None = None) -> np.ndarray:
+        """Logits [block_size-1, n_vocab] of the draft positions (for tests and checks)."""
+        b = block_size or self.info.block_size
+        ids = np.zeros(b - 1, dtype=np.int32)
+        logits = np.zeros((b - 1, self.info.n_vocab), dtype=np.float32)
+        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                        _as_float_ptr(logits)))
+        return logits
+
+    def close(self) -> None:
+        if self._ptr:
+            lib.dflash_drafter_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,223 @@
+"""The target model in llama.cpp, through llama-cpp-python's low-level API.
+
+One sequence (id 0). Hidden states for the drafter come from the native capture, installed as the
+context's eval callback; recurrent/hybrid memory gets exact rollback (llama.cpp snapshots where the
+architecture has them, else a saved sequence state that is restored and re-decoded).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+from dflash_local.errors import UserError
+from dflash_local.native import Capture, cpu_has_amx
+
+
+_GGML_LOG_LEVEL_ERROR = 3  # ggml.h: enum ggml_log_level
+
+
+@lc.llama_log_callback
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level == _GGML_LOG_LEVEL_ERROR:
+        print(text.decode(errors="replace"), end="", flush=True)
+
+
+def quiet_llama_logs() -> None:
+    """Only llama.cpp's errors reach the terminal."""
+    lc.llama_log_set(_quiet_log, ctypes.c_void_p())
+
+
+@dataclass
+class TargetParams:
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_gpu_layers: int = 0
+    n_threads: int = 0  # 0: llama.cpp's default
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()
+
+
+def read_gguf_arch(path: Path) -> str:
+    """general.architecture of a GGUF file, with a clear error for anything that is not GGUF."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError, struct errors, IndexError... on corrupt data
+        raise UserError(f"{path} is not a valid GGUF file ({e})") from e
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise UserError(f"{path} has no general.architecture key")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+class Target:
+    """A loaded target model and its llama.cpp context."""
+
+    def __init__(self, path: str | Path, params: TargetParams, capture_layers: tuple[int, ...] = (),
+                 rollback: int = 0):
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"target model not found: {path}")
+        self.arch = read_gguf_arch(path)
+        if self.arch == "dflash":
+            raise UserError(f"{path} is a DFlash drafter, not a target model")
+        quiet_llama_logs()
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = params.n_gpu_layers
+        mp.main_gpu = params.main_gpu
+        # the AMX weight buffers crash ggml's matmul on Sapphire Rapids CPUs (llama.cpp #20824)
+        mp.use_extra_bufts = not cpu_has_amx()
+        if params.tensor_split:
+            self._split = (ctypes.c_float * len(params.tensor_split))(*params.tensor_split)
+            mp.tensor_split = self._split
+        self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise UserError(f"llama.cpp could not load {path} (unsupported architecture '{self.arch}' or corrupt file)")
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = lc.llama_model_n_embd(self.model)
+        self.n_layer = lc.llama_model_n_layer(self.model)
+        self.recurrent = bool(lc.llama_model_is_recurrent(self.model) or lc.llama_model_is_hybrid(self.model))
+
+        self.capture = Capture(self.n_embd, list(capture_layers)) if capture_layers else None
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = params.n_ctx
+        cp.n_batch = cp.n_ubatch = params.n_batch
+        cp.n_seq_max = 1
+        if params.n_threads > 0:
+            cp.n_threads = cp.n_threads_batch = params.n_threads
+        if self.recurrent and rollback > 0:
+            cp.n_rs_seq = rollback
+        if self.capture:
+            cp.cb_eval = self.capture.callback
+            cp.cb_eval_user_data = self.capture.user_data
+        self.ctx = lc.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            lc.llama_model_free(self.model)
+            raise UserError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {path}")
+        self.n_ctx = lc.llama_n_ctx(self.ctx)
+        self.mem = lc.llama_get_memory(self.ctx)
+        # recurrent state rolls back through llama.cpp's snapshots when it keeps enough of them
+        self.snapshots = self.recurrent and lc.llama_n_rs_seq(self.ctx) >= rollback
+        self._batch = lc.llama_batch_init(max(params.n_batch, 1), 0, 1)
+        self._batch_cap = max(params.n_batch, 1)
+        self._saved: ctypes.Array | None = None
+
+    # ---- text --------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode()
+        buf = (lc.llama_token * (len(data) + 16))()
+        n = lc.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_special, True)
+        if n < 0:
+            buf = (lc.llama_token * -n)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_special, True)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def chat_prompt(self, messages: list[tuple[str, str]]) -> str | None:
+        """(role, content) messages under the GGUF's chat template, ending with the assistant's
+        turn; None when the model has no template llama.cpp knows."""
+        tmpl = lc.llama_model_chat_template(self.model, None)
+        if not tmpl:
+            return None
+        msgs = (lc.llama_chat_message * len(messages))(
+            *(lc.llama_chat_message(role.encode(), text.encode()) for role, text in messages))
+        n = lc.llama_chat_apply_template(tmpl, msgs, len(messages), True, None, 0)
+        if n < 0:
+            return None
+        buf = ctypes.create_string_buffer(n + 1)
+        lc.llama_chat_apply_template(tmpl, msgs, len(messages), True, buf, n + 1)
+        return buf.raw[:n].decode(errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def decode(self, tokens: list[int], pos0: int, all_logits: bool) -> np.ndarray:
+        """Run tokens at positions pos0.. and return logits rows (all, or the last) as a view."""
+        if all_logits and len(tokens) > self._batch_cap:
+            raise ValueError("all_logits needs the tokens to fit one batch")
+        if pos0 + len(tokens) > self.n_ctx:
+            raise UserError(f"context is full: {pos0 + len(tokens)} tokens exceed --ctx-size {self.n_ctx}")
+        if self.capture:
+            self.capture.reset()
+        for start in range(0, len(tokens), self._batch_cap):
+            chunk = tokens[start:start + self._batch_cap]
+            last_chunk = start + self._batch_cap >= len(tokens)
+            b = self._batch
+            b.n_tokens = len(chunk)
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = pos0 + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
+            rc = lc.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc}) at position {pos0 + start}")
+        n_out = len(tokens) if all_logits else 1
+        ptr = lc.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def features(self) -> np.ndarray:
+        """Captured hidden-state rows of the last decode."""
+        return self.capture.rows()
+
+    def save_state(self) -> None:
+        """Keep the recurrent state before a verification that may be partly rejected."""
+        flags = lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = lc.llama_state_seq_get_size_ext(self.ctx, 0, flags)
+        if self._saved is None or len(self._saved) < size:
+            self._saved = (ctypes.c_uint8 * size)()
+        lc.llama_state_seq_get_data_ext(self.ctx, self._saved, size, 0, flags)
+
+    def rollback(self, n_keep: int, pos0: int, replay: list[int]) -> None:
+        """Keep positions < n_keep. Recurrent state without snapshots is restored from save_state()
+        (taken at pos0) and the kept tokens from pos0 on are decoded again."""
+        if not self.recurrent or self.snapshots:
+            if not lc.llama_memory_seq_rm(self.mem, 0, n_keep, -1):
+                raise RuntimeError(f"llama.cpp could not roll the sequence back to {n_keep} tokens")
+            return
+        flags = lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        if lc.llama_state_seq_set_data_ext(self.ctx, self._saved, len(self._saved), 0, flags) == 0:
+            raise RuntimeError("llama.cpp could not restore the saved sequence state")
+        # the recurrent state is back at pos0; drop the attention cache from there and replay
+        lc.llama_memory_seq_rm(self.mem, 0, pos0, -1)
+        capturing = self.capture is not None
+        if capturing:
+            self.capture.enable(False)
+        try:
+            self.decode(replay, pos0, all_logits=False)
+        finally:
+            if capturing:
+                self.capture.enable(True)
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(self.mem, True)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            lc.llama_model_free(self.model)
+            self.model = None
+        if getattr(self, "capture", None):
+            self.capture.close()
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,71 @@
+// dflash-local native helper: hidden-state capture for the target (through llama.cpp's eval
+// callback) and the DFlash drafter on ggml. Plain C API, called from Python through ctypes.
+// Functions that can fail return NULL or a negative value; dflash_last_error() says why.
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ggml_tensor;
+
+// ggml version the helper was compiled against (the loaded libggml reports its own via ggml_version()).
+const char * dflash_ggml_build_version(void);
+// Names of the ggml devices the loaded backends expose, comma separated ("CPU", "CUDA0", ...).
+const char * dflash_devices(void);
+// Message of the last failed call on this thread ("" if none).
+const char * dflash_last_error(void);
+
+// ---- capture --------------------------------------------------------------------------------
+// Collects the rows of graph nodes `l_out-(L-1)` for the GGUF target layers L, into a row-major
+// buffer [n_rows, n_layers * n_embd] in batch order, across ubatches.
+typedef struct dflash_capture dflash_capture;
+
+dflash_capture * dflash_capture_new(int32_t n_embd, const int32_t * target_layers, int32_t n_layers);
+void             dflash_capture_free(dflash_capture * cap);
+// The ggml_backend_sched_eval_callback; user_data is the dflash_capture.
+bool             dflash_capture_eval(struct ggml_tensor * t, bool ask, void * user_data);
+// Forget captured rows; call before each llama_decode whose features are wanted.
+void             dflash_capture_reset(dflash_capture * cap);
+// Pause or resume capturing (paused: no node is asked for, so the target runs unsplit).
+void             dflash_capture_enable(dflash_capture * cap, bool enabled);
+int32_t          dflash_capture_n_rows(const dflash_capture * cap);
+const float *    dflash_capture_data(const dflash_capture * cap);
+// Seconds spent inside the callback's copies since creation (for the benchmark).
+double           dflash_capture_seconds(const dflash_capture * cap);
+
+// ---- drafter --------------------------------------------------------------------------------
+typedef struct dflash_drafter dflash_drafter;
+
+typedef struct {
+    int32_t n_embd, n_vocab, n_layer, n_head, n_head_kv, head_dim, n_ff;
+    int32_t n_extract, block_size, mask_token_id, n_ctx;
+    int32_t target_layers[64];
+} dflash_drafter_info;
+
+// Loads a `dflash` GGUF plus the target's token_embd/output tensors from the target GGUF.
+// device: a ggml device name ("CPU", "CUDA0", "Metal"...) or NULL for the CPU.
+// n_ctx: most context positions the drafter cache holds.
+dflash_drafter * dflash_drafter_load(const char * drafter_path, const char * target_path,
+                                     const char * device, int32_t n_ctx, int32_t n_threads);
+void             dflash_drafter_free(dflash_drafter * d);
+int32_t          dflash_drafter_get_info(const dflash_drafter * d, dflash_drafter_info * out);
+// Context path: features [n_tokens, n_extract * n_embd] for positions pos0 .. pos0+n_tokens-1
+// become K/V in the cache; the cache then holds positions 0 .. pos0+n_tokens-1.
+int32_t          dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0);
+// Keep only positions < n_pos.
+int32_t          dflash_drafter_crop(dflash_drafter * d, int32_t n_pos);
+int32_t          dflash_drafter_n_pos(const dflash_drafter * d);
+// Block path at position p0 = n_pos: [anchor, MASK x (block_size-1)] -> argmax of positions
+// 1..block_size-1 into out_tokens (block_size-1 ids). out_logits, if not NULL, receives their
+// logits [block_size-1, n_vocab] (tests only). The block's K/V do not stay in the cache.
+int32_t          dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size,
+                                      int32_t * out_tokens, float * out_logits);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,521 @@
+// The DFlash v1 drafter on ggml (design doc section 2). Two graphs, rebuilt per call in a reused
+// arena and allocated by one gallocr (its buffer grows only when a bigger graph comes):
+//   inject: target features -> fc -> hidden_norm -> per layer K = rope(k_norm(Wk g)), V = Wv g,
+//           written into the drafter's KV cache at their positions;
+//   draft:  [anchor, MASK...] -> target token_embd -> layers with non-causal attention over
+//           cached context + block -> output_norm -> target LM head -> argmax on the backend.
+#include "dflash.h"
+#include "common.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "gguf.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct dflash_layer {
+    ggml_tensor * attn_norm, * wq, * wk, * wv, * wo, * q_norm, * k_norm;
+    ggml_tensor * ffn_norm, * gate, * up, * down;
+};
+
+struct gguf_file {
+    gguf_context * gguf = nullptr;
+    ggml_context * meta = nullptr;
+    std::string    path;
+
+    explicit gguf_file(const std::string & p) : path(p) {
+        gguf_init_params params = { /*.no_alloc =*/ true, /*.ctx =*/ &meta };
+        gguf = gguf_init_from_file(p.c_str(), params);
+        if (!gguf) {
+            throw std::runtime_error("cannot read GGUF file '" + p + "' (missing, or not a valid GGUF)");
+        }
+    }
+    ~gguf_file() {
+        gguf_free(gguf);
+        ggml_free(meta);
+    }
+    gguf_file(const gguf_file &) = delete;
+    gguf_file & operator=(const gguf_file &) = delete;
+
+    std::string str(const std::string & key, const std::string & fallback = "") const {
+        const int64_t id = gguf_find_key(gguf, key.c_str());
+        return id < 0 || gguf_get_kv_type(gguf, id) != GGUF_TYPE_STRING ? fallback : gguf_get_val_str(gguf, id);
+    }
+    bool has(const std::string & key) const { return gguf_find_key(gguf, key.c_str()) >= 0; }
+
+    // A numeric scalar of any integer or float type.
+    double num(const std::string & key) const {
+        const int64_t id = gguf_find_key(gguf, key.c_str());
+        if (id < 0) {
+            throw std::runtime_error("'" + path + "' lacks the metadata key " + key);
+        }
+        switch (gguf_get_kv_type(gguf, id)) {
+            case GGUF_TYPE_UINT8:   return gguf_get_val_u8(gguf, id);
+            case GGUF_TYPE_INT8:    return gguf_get_val_i8(gguf, id);
+            case GGUF_TYPE_UINT16:  return gguf_get_val_u16(gguf, id);
+            case GGUF_TYPE_INT16:   return gguf_get_val_i16(gguf, id);
+            case GGUF_TYPE_UINT32:  return gguf_get_val_u32(gguf, id);
+            case GGUF_TYPE_INT32:   return gguf_get_val_i32(gguf, id);
+            case GGUF_TYPE_UINT64:  return (double) gguf_get_val_u64(gguf, id);
+            case GGUF_TYPE_INT64:   return (double) gguf_get_val_i64(gguf, id);
+            case GGUF_TYPE_FLOAT32: return gguf_get_val_f32(gguf, id);
+            case GGUF_TYPE_FLOAT64: return gguf_get_val_f64(gguf, id);
+            default: throw std::runtime_error("metadata key " + key + " in '" + path + "' is not a number");
+        }
+    }
+    double num(const std::string & key, double fallback) const { return has(key) ? num(key) : fallback; }
+
+    std::vector<int64_t> ints(const std::string & key) const {
+        const int64_t id = gguf_find_key(gguf, key.c_str());
+        if (id < 0 || gguf_get_kv_type(gguf, id) != GGUF_TYPE_ARRAY) {
+            throw std::runtime_error("'" + path + "' lacks the integer array " + key);
+        }
+        const size_t n    = gguf_get_arr_n(gguf, id);
+        const auto   type = gguf_get_arr_type(gguf, id);
+        const void * data = type == GGUF_TYPE_STRING ? nullptr : gguf_get_arr_data(gguf, id);
+        std::vector<int64_t> out;
+        for (size_t i = 0; i < n; ++i) {
+            switch (type) {
+                case GGUF_TYPE_INT32:  out.push_back(((const int32_t  *) data)[i]); break;
+                case GGUF_TYPE_UINT32: out.push_back(((const uint32_t *) data)[i]); break;
+                case GGUF_TYPE_INT64:  out.push_back(((const int64_t  *) data)[i]); break;
+                case GGUF_TYPE_UINT64: out.push_back((int64_t) ((const uint64_t *) data)[i]); break;
+                default: throw std::runtime_error(key + " in '" + path + "' is not an integer array");
+            }
+        }
+        return out;
+    }
+    size_t arr_len(const std::string & key) const {
+        const int64_t id = gguf_find_key(gguf, key.c_str());
+        return id < 0 || gguf_get_kv_type(gguf, id) != GGUF_TYPE_ARRAY ? 0 : gguf_get_arr_n(gguf, id);
+    }
+
+    ggml_tensor * tensor(const std::string & name) const { return ggml_get_tensor(meta, name.c_str()); }
+
+    // Copy the file bytes of `name` into `dst` (allocated on its backend).
+    void load(const std::string & name, ggml_tensor * dst, std::vector<uint8_t> & buf) const {
+        const int64_t id = gguf_find_tensor(gguf, name.c_str());
+        const size_t  n  = ggml_nbytes(dst);
+        buf.resize(n);
+        std::unique_ptr<FILE, int (*)(FILE *)> f(std::fopen(path.c_str(), "rb"), std::fclose);
+        const size_t off = gguf_get_data_offset(gguf) + gguf_get_tensor_offset(gguf, id);
+        if (!f || std::fseek(f.get(), (long) off, SEEK_SET) != 0 || std::fread(buf.data(), 1, n, f.get()) != n) {
+            throw std::runtime_error("'" + path + "' is truncated: cannot read tensor " + name);
+        }
+        ggml_backend_tensor_set(dst, buf.data(), 0, n);
+    }
+};
+
+ggml_backend_t init_backend(const char * device, int32_t n_threads) {
+    ggml_backend_dev_t dev = device && *device ? ggml_backend_dev_by_name(device)
+                                               : ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!dev) {
+        throw std::runtime_error(std::string("no ggml device named '") + device + "' (available: " + dflash_devices() + ")");
+    }
+    ggml_backend_t backend = ggml_backend_dev_init(dev, nullptr);
+    if (!backend) {
+        throw std::runtime_error(std::string("cannot start ggml device ") + ggml_backend_dev_name(dev));
+    }
+    auto * reg = ggml_backend_dev_backend_reg(dev);
+    auto set_threads = (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+    if (set_threads && n_threads > 0) {
+        set_threads(backend, n_threads);
+    }
+    return backend;
+}
+
+constexpr int kMaxNodes = 4096;
+
+} // namespace
+
+struct dflash_drafter {
+    dflash_drafter_info info{};
+    float   eps         = 1e-6f;
+    float   rope_base   = 10000.0f;
+    float   embd_scale  = 0.0f;   // 0: none
+    int32_t n_pos       = 0;
+
+    ggml_backend_t        backend = nullptr;
+    ggml_context *        ctx_w   = nullptr;
+    ggml_backend_buffer_t buf_w   = nullptr;
+    ggml_context *        ctx_kv  = nullptr;
+    ggml_backend_buffer_t buf_kv  = nullptr;
+    ggml_gallocr_t        galloc  = nullptr;
+    std::vector<uint8_t>  arena;  // graph metadata, reused by every call
+
+    ggml_tensor * fc = nullptr, * hidden_norm = nullptr, * output_norm = nullptr;
+    ggml_tensor * tok_embd = nullptr, * output = nullptr;
+    std::vector<dflash_layer>  layers;
+    std::vector<ggml_tensor *> k_cache, v_cache;  // [head_dim, n_head_kv, n_ctx] f32
+
+    ~dflash_drafter() {
+        ggml_gallocr_free(galloc);
+        ggml_backend_buffer_free(buf_kv);
+        ggml_free(ctx_kv);
+        ggml_backend_buffer_free(buf_w);
+        ggml_free(ctx_w);
+        ggml_backend_free(backend);
+    }
+
+    ggml_context * new_graph_ctx() {
+        ggml_init_params p = { arena.size(), arena.data(), /*.no_alloc =*/ true };
+        return ggml_init(p);
+    }
+
+    void run(ggml_cgraph * gf) {
+        if (!ggml_gallocr_alloc_graph(galloc, gf)) {
+            throw std::runtime_error("drafter: cannot allocate the compute graph");
+        }
+    }
+
+    void compute(ggml_cgraph * gf) {
+        if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+            throw std::runtime_error("drafter: graph computation failed");
+        }
+    }
+
+    ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w) const {
+        return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), w);
+    }
+
+    ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos) const {
+        return ggml_rope_ext(ctx, x, pos, nullptr, info.head_dim, GGML_ROPE_TYPE_NEOX, 0, rope_base, 1.0f,
+                             0.0f, 1.0f, 0.0f, 0.0f);
+    }
+
+    // K/V of `n` new positions starting at pos0 go into the cache of layer il.
+    void store_kv(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * k, ggml_tensor * v, int32_t pos0, int32_t n) {
+        for (auto [src, cache] : { std::pair{ k, k_cache[il] }, std::pair{ v, v_cache[il] } }) {
+            ggml_tensor * dst = ggml_view_3d(ctx, cache, info.head_dim, info.n_head_kv, n, cache->nb[1], cache->nb[2],
+                                             (size_t) pos0 * cache->nb[2]);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, src, dst));
+        }
+    }
+};
+
+static void load_drafter(dflash_drafter & d, const std::string & drafter_path, const std::string & target_path,
+                         const char * device, int32_t n_ctx, int32_t n_threads) {
+    gguf_file dr(drafter_path);
+    const std::string arch = dr.str("general.architecture");
+    if (arch != "dflash") {
+        throw std::runtime_error("'" + drafter_path + "' is not a DFlash drafter (architecture '" + arch +
+                                 "'; expected 'dflash')");
+    }
+    auto & in = d.info;
+    in.n_embd    = (int32_t) dr.num("dflash.embedding_length");
+    in.n_layer   = (int32_t) dr.num("dflash.block_count");
+    in.n_ff      = (int32_t) dr.num("dflash.feed_forward_length");
+    in.n_head    = (int32_t) dr.num("dflash.attention.head_count");
+    in.n_head_kv = (int32_t) dr.num("dflash.attention.head_count_kv", in.n_head);
+    in.head_dim  = (int32_t) dr.num("dflash.attention.key_length", in.n_embd / in.n_head);
+    in.block_size    = (int32_t) dr.num("dflash.block_size", 16);
+    in.mask_token_id = (int32_t) dr.num("tokenizer.ggml.mask_token_id");
+    in.n_ctx     = n_ctx;
+    d.eps        = (float) dr.num("dflash.attention.layer_norm_rms_epsilon", 1e-6);
+    d.rope_base  = (float) dr.num("dflash.rope.freq_base", 10000.0);
+    d.embd_scale = (float) dr.num("dflash.embedding_scale", 0.0);
+
+    // features the runtime does not implement are refused, never ignored
+    if ((int32_t) dr.num("dflash.attention.value_length", in.head_dim) != in.head_dim) {
+        throw std::runtime_error("drafter has different key and value head sizes; not supported");
+    }
+    if ((int32_t) dr.num("dflash.rope.dimension_count", in.head_dim) != in.head_dim) {
+        throw std::runtime_error("drafter uses partial rotary embeddings; not supported");
+    }
+    if (dr.num("dflash.attention.sliding_window", 0) > 0) {
+        throw std::runtime_error("drafter uses sliding-window attention; not supported");
+    }
+    if (dr.has("dflash.rope.dimension_sections")) {
+        const auto s = dr.ints("dflash.rope.dimension_sections");
+        // [head_dim/2, 0, 0, 0] (drafts for M-RoPE targets) is plain NeoX RoPE on the temporal position
+        for (size_t i = 1; i < s.size(); ++i) {
+            if (s[i] != 0) {
+                throw std::runtime_error("drafter uses multi-section M-RoPE; not supported");
+            }
+        }
+    }
+    const auto layers = dr.ints("dflash.target_layers");
+    if (layers.empty() || layers.size() > 64) {
+        throw std::runtime_error("drafter has " + std::to_string(layers.size()) + " target layers (need 1..64)");
+    }
+    in.n_extract = (int32_t) layers.size();
+    for (size_t i = 0; i < layers.size(); ++i) {
+        in.target_layers[i] = (int32_t) layers[i];
+    }
+    if (in.n_head % in.n_head_kv != 0) {
+        throw std::runtime_error("drafter head_count is not a multiple of head_count_kv");
+    }
+
+    gguf_file tg(target_path);
+    const std::string tarch   = tg.str("general.architecture");
+    const int32_t     t_embd  = (int32_t) tg.num(tarch + ".embedding_length");
+    const int32_t     t_depth = (int32_t) tg.num(tarch + ".block_count");
+    if (t_embd != in.n_embd) {
+        throw std::runtime_error("drafter was made for another target: hidden size " + std::to_string(in.n_embd) +
+                                 ", target '" + target_path + "' has " + std::to_string(t_embd));
+    }
+    for (int32_t i = 0; i < in.n_extract; ++i) {
+        // layer L reads the output of target layer L-1; the last layer's output is trimmed by llama.cpp
+        if (in.target_layers[i] < 1 || in.target_layers[i] >= t_depth) {
+            throw std::runtime_error("drafter target layer " + std::to_string(in.target_layers[i]) +
+                                     " is outside the target's usable layers 1.." + std::to_string(t_depth - 1));
+        }
+    }
+    ggml_tensor * t_embd_meta = tg.tensor("token_embd.weight");
+    if (!t_embd_meta) {
+        throw std::runtime_error("target '" + target_path + "' has no token_embd.weight tensor");
+    }
+    ggml_tensor * t_out_meta = tg.tensor("output.weight");
+    const std::string out_name = t_out_meta ? "output.weight" : "token_embd.weight";  // tied embeddings
+    if (!t_out_meta) {
+        t_out_meta = t_embd_meta;
+    }
+    in.n_vocab = (int32_t) t_out_meta->ne[1];
+    if (t_embd_meta->ne[0] != in.n_embd || t_embd_meta->ne[1] != in.n_vocab) {
+        throw std::runtime_error("target token_embd/output shapes disagree with its hidden size or vocabulary");
+    }
+    const size_t dr_vocab = dr.arr_len("tokenizer.ggml.tokens");
+    if (dr_vocab != 0 && (int64_t) dr_vocab != in.n_vocab) {
+        throw std::runtime_error("drafter was made for another target: vocabulary " + std::to_string(dr_vocab) +
+                                 ", target has " + std::to_string(in.n_vocab));
+    }
+    if (in.mask_token_id < 0 || in.mask_token_id >= in.n_vocab) {
+        throw std::runtime_error("drafter mask token id " + std::to_string(in.mask_token_id) + " is outside the vocabulary");
+    }
+
+    d.backend = init_backend(device, n_threads);
+
+    // weights: the drafter's own tensors plus the target's embedding and LM head, nothing else of the target
+    const int n_w = 5 + 11 * in.n_layer;
+    ggml_init_params wp = { ggml_tensor_overhead() * (size_t) n_w, nullptr, /*.no_alloc =*/ true };
+    d.ctx_w = ggml_init(wp);
+    std::vector<std::pair<const gguf_file *, std::pair<std::string, ggml_tensor *>>> plan;
+    auto take = [&](const gguf_file & f, const std::string & name, std::vector<int64_t> shape) -> ggml_tensor * {
+        ggml_tensor * meta = f.tensor(name);
+        if (!meta) {
+            throw std::runtime_error("'" + f.path + "' lacks tensor " + name);
+        }
+        for (size_t i = 0; i < shape.size(); ++i) {
+            if (meta->ne[i] != shape[i]) {
+                throw std::runtime_error("tensor " + name + " in '" + f.path + "' has the wrong shape for this drafter");
+            }
+        }
+        ggml_tensor * t = ggml_dup_tensor(d.ctx_w, meta);
+        ggml_set_name(t, name.c_str());
+        plan.push_back({ &f, { name, t } });
+        return t;
+    };
+    const int64_t E = in.n_embd, HD = in.head_dim, Q = (int64_t) in.n_head * HD, KV = (int64_t) in.n_head_kv * HD;
+    d.fc          = take(dr, "fc.weight", { E * in.n_extract, E });
+    d.hidden_norm = take(dr, "enc.output_norm.weight", { E });
+    d.output_norm = take(dr, "output_norm.weight", { E });
+    d.tok_embd    = take(tg, "token_embd.weight", { E, in.n_vocab });
+    d.output      = out_name == "token_embd.weight" ? d.tok_embd : take(tg, out_name, { E, in.n_vocab });
+    for (int il = 0; il < in.n_layer; ++il) {
+        const std::string p = "blk." + std::to_string(il) + ".";
+        d.layers.push_back({
+            take(dr, p + "attn_norm.weight", { E }),       take(dr, p + "attn_q.weight", { E, Q }),
+            take(dr, p + "attn_k.weight", { E, KV }),      take(dr, p + "attn_v.weight", { E, KV }),
+            take(dr, p + "attn_output.weight", { Q, E }),  take(dr, p + "attn_q_norm.weight", { HD }),
+            take(dr, p + "attn_k_norm.weight", { HD }),    take(dr, p + "ffn_norm.weight", { E }),
+            take(dr, p + "ffn_gate.weight", { E, in.n_ff }), take(dr, p + "ffn_up.weight", { E, in.n_ff }),
+            take(dr, p + "ffn_down.weight", { in.n_ff, E }),
+        });
+    }
+    d.buf_w = ggml_backend_alloc_ctx_tensors(d.ctx_w, d.backend);
+    if (!d.buf_w) {
+        throw std::runtime_error("cannot allocate the drafter weights on the device");
+    }
+    std::vector<uint8_t> buf;
+    for (auto & [file, item] : plan) {
+        file->load(item.first, item.second, buf);
+    }
+
+    ggml_init_params kp = { ggml_tensor_overhead() * (size_t) (2 * in.n_layer), nullptr, /*.no_alloc =*/ true };
+    d.ctx_kv = ggml_init(kp);
+    for (int il = 0; il < in.n_layer; ++il) {
+        d.k_cache.push_back(ggml_new_tensor_3d(d.ctx_kv, GGML_TYPE_F32, HD, in.n_head_kv, n_ctx));
+        d.v_cache.push_back(ggml_new_tensor_3d(d.ctx_kv, GGML_TYPE_F32, HD, in.n_head_kv, n_ctx));
+    }
+    d.buf_kv = ggml_backend_alloc_ctx_tensors(d.ctx_kv, d.backend);
+    if (!d.buf_kv) {
+        throw std::runtime_error("cannot allocate the drafter KV cache (" + std::to_string(n_ctx) + " positions)");
+    }
+    ggml_backend_buffer_clear(d.buf_kv, 0);
+
+    d.galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(d.backend));
+    d.arena.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));
+}
+
+template <typename F> static int32_t guarded(F && f) {
+    try {
+        return f();
+    } catch (const std::exception & e) {
+        dflash_set_error(e.what());
+        return -1;
+    }
+}
+
+dflash_drafter * dflash_drafter_load(const char * drafter_path, const char * target_path, const char * device,
+                                     int32_t n_ctx, int32_t n_threads) {
+    auto d = std::make_unique<dflash_drafter>();
+    if (guarded([&] {
+            if (n_ctx <= 0) {
+                throw std::runtime_error("n_ctx must be positive");
+            }
+            load_drafter(*d, drafter_path, target_path, device, n_ctx, n_threads);
+            return 0;
+        }) < 0) {
+        return nullptr;
+    }
+    return d.release();
+}
+
+void dflash_drafter_free(dflash_drafter * d) { delete d; }
+
+int32_t dflash_drafter_get_info(const dflash_drafter * d, dflash_drafter_info * out) {
+    *out = d->info;
+    return 0;
+}
+
+int32_t dflash_drafter_n_pos(const dflash_drafter * d) { return d->n_pos; }
+
+int32_t dflash_drafter_crop(dflash_drafter * d, int32_t n_pos) {
+    if (n_pos < 0) {
+        dflash_set_error("crop position must be >= 0");
+        return -1;
+    }
+    d->n_pos = std::min(d->n_pos, n_pos);
+    return 0;
+}
+
+int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0) {
+    return guarded([&] {
+        const auto & in = d->info;
+        if (n_tokens <= 0 || pos0 < 0 || pos0 > d->n_pos) {
+            throw std::runtime_error("inject: positions must continue the cache (have " + std::to_string(d->n_pos) +
+                                     ", got " + std::to_string(pos0) + ")");
+        }
+        if (pos0 + n_tokens > in.n_ctx) {
+            throw std::runtime_error("inject: drafter context is full (" + std::to_string(in.n_ctx) + " positions)");
+        }
+        ggml_context * ctx  = d->new_graph_ctx();
+        ggml_cgraph *  gf   = ggml_new_graph_custom(ctx, kMaxNodes, false);
+        ggml_tensor *  feat = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) in.n_extract * in.n_embd, n_tokens);
+        ggml_tensor *  pos  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+        ggml_set_input(feat);
+        ggml_set_input(pos);
+
+        ggml_tensor * g = d->norm(ctx, ggml_mul_mat(ctx, d->fc, feat), d->hidden_norm);
+        for (int il = 0; il < in.n_layer; ++il) {
+            const auto & L = d->layers[il];
+            ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk, g), in.head_dim, in.n_head_kv, n_tokens);
+            ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wv, g), in.head_dim, in.n_head_kv, n_tokens);
+            k = d->rope(ctx, d->norm(ctx, k, L.k_norm), pos);
+            d->store_kv(ctx, gf, il, k, v, pos0, n_tokens);
+        }
+        d->run(gf);
+        std::vector<int32_t> p(n_tokens);
+        for (int32_t i = 0; i < n_tokens; ++i) {
+            p[i] = pos0 + i;
+        }
+        ggml_backend_tensor_set(feat, features, 0, ggml_nbytes(feat));
+        ggml_backend_tensor_set(pos, p.data(), 0, ggml_nbytes(pos));
+        d->compute(gf);
+        ggml_free(ctx);
+        d->n_pos = pos0 + n_tokens;
+        return 0;
+    });
+}
+
+int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t * out_tokens,
+                             float * out_logits) {
+    return guarded([&] {
+        const auto &  in = d->info;
+        const int32_t B  = block_size;
+        const int32_t p0 = d->n_pos;
+        if (B < 2 || B > in.block_size) {
+            throw std::runtime_error("block size must be in 2.." + std::to_string(in.block_size) + " (the drafter's trained size)");
+        }
+        if (anchor < 0 || anchor >= in.n_vocab) {
+            throw std::runtime_error("anchor token " + std::to_string(anchor) + " is outside the vocabulary");
+        }
+        if (p0 + B > in.n_ctx) {
+            throw std::runtime_error("draft: drafter context is full (" + std::to_string(in.n_ctx) + " positions)");
+        }
+        ggml_context * ctx = d->new_graph_ctx();
+        ggml_cgraph *  gf  = ggml_new_graph_custom(ctx, kMaxNodes, false);
+        ggml_tensor *  tok = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, B);
+        ggml_tensor *  pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, B);
+        ggml_set_input(tok);
+        ggml_set_input(pos);
+
+        const int64_t n_kv  = p0 + B;
+        const float   scale = 1.0f / std::sqrt((float) in.head_dim);
+        ggml_tensor * x     = ggml_get_rows(ctx, d->tok_embd, tok);
+        if (d->embd_scale != 0.0f) {
+            x = ggml_scale(ctx, x, d->embd_scale);
+        }
+        for (int il = 0; il < in.n_layer; ++il) {
+            const auto & L = d->layers[il];
+            ggml_tensor * h = d->norm(ctx, x, L.attn_norm);
+            ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wq, h), in.head_dim, in.n_head, B);
+            ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk, h), in.head_dim, in.n_head_kv, B);
+            ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wv, h), in.head_dim, in.n_head_kv, B);
+            q = d->rope(ctx, d->norm(ctx, q, L.q_norm), pos);
+            k = d->rope(ctx, d->norm(ctx, k, L.k_norm), pos);
+            // the block's K/V sit after the context just for this pass; the next inject overwrites them
+            d->store_kv(ctx, gf, il, k, v, p0, B);
+
+            ggml_tensor * kc = d->k_cache[il];
+            ggml_tensor * vc = d->v_cache[il];
+            ggml_tensor * K  = ggml_view_3d(ctx, kc, in.head_dim, in.n_head_kv, n_kv, kc->nb[1], kc->nb[2], 0);
+            ggml_tensor * V  = ggml_view_3d(ctx, vc, in.head_dim, in.n_head_kv, n_kv, vc->nb[1], vc->nb[2], 0);
+            K = ggml_permute(ctx, K, 0, 2, 1, 3);                  // [hd, n_kv, n_head_kv]
+            V = ggml_cont(ctx, ggml_permute(ctx, V, 1, 2, 0, 3));  // [n_kv, hd, n_head_kv]
+            q = ggml_permute(ctx, q, 0, 2, 1, 3);                  // [hd, B, n_head]
+
+            // non-causal: every block query sees all context and the whole block, so no mask
+            ggml_tensor * kq  = ggml_soft_max_ext(ctx, ggml_mul_mat(ctx, K, q), nullptr, scale, 0.0f);
+            ggml_tensor * kqv = ggml_mul_mat(ctx, V, kq);          // [hd, B, n_head]
+            kqv = ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), (int64_t) in.head_dim * in.n_head, B);
+            x   = ggml_add(ctx, x, ggml_mul_mat(ctx, L.wo, kqv));
+
+            h = d->norm(ctx, x, L.ffn_norm);
+            ggml_tensor * ff = ggml_mul(ctx, ggml_silu(ctx, ggml_mul_mat(ctx, L.gate, h)), ggml_mul_mat(ctx, L.up, h));
+            x = ggml_add(ctx, x, ggml_mul_mat(ctx, L.down, ff));
+        }
+        // only positions 1..B-1 are drafts
+        x = ggml_view_2d(ctx, x, in.n_embd, B - 1, x->nb[1], x->nb[1]);
+        ggml_tensor * logits = ggml_mul_mat(ctx, d->output, d->norm(ctx, x, d->output_norm));
+        ggml_tensor * ids    = ggml_argmax(ctx, logits);
+        ggml_set_output(logits);
+        ggml_set_output(ids);
+        ggml_build_forward_expand(gf, ids);
+
+        d->run(gf);
+        std::vector<int32_t> t(B, in.mask_token_id), p(B);
+        t[0] = anchor;
+        for (int32_t i = 0; i < B; ++i) {
+            p[i] = p0 + i;
+        }
+        ggml_backend_tensor_set(tok, t.data(), 0, ggml_nbytes(tok));
+        ggml_backend_tensor_set(pos, p.data(), 0, ggml_nbytes(pos));
+        d->compute(gf);
+        ggml_backend_tensor_get(ids, out_tokens, 0, ggml_nbytes(ids));
+        if (out_logits) {
+            ggml_backend_tensor_get(logits, out_logits, 0, ggml_nbytes(logits));
+        }
+        ggml_free(ctx);
+        return 0;
+    });
+}
