@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 
 from dflash_local import __version__
+from dflash_local.bench.cli import bench
 from dflash_local.convert.cli import app as convert_app
+from dflash_local.train.cli import train
 
 if TYPE_CHECKING:
     from dflash_local.target import Target
@@ -23,7 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(convert_app, name="convert")
-console = Console()
+app.command()(train)
+app.command()(bench)
+console = Console(stderr=True)  # stdout carries only the generated text
 
 
 def _version(value: bool) -> None:
@@ -87,10 +91,11 @@ def run(
     no_draft: bool = typer.Option(False, "--no-draft", help="Run the target alone."),
 ) -> None:
     """Generate with TARGET, drafting blocks with a DFlash drafter (lossless)."""
+    args = dict(locals())
     from dflash_local.errors import UserError
 
     try:
-        _run(**locals())
+        _run(**args)
     except UserError as e:
         raise _fail(str(e)) from None
 
@@ -113,6 +118,8 @@ def _run(target: Path | None, drafter: Path | None, prompt: str | None, file: Pa
             raise UserError(f"prompt file not found: {file}")
         prompt = file.read_text()
     target = target or models.default_target()
+    if not target.is_file():
+        raise UserError(f"target model not found: {target}")
     if not no_draft and drafter is None:
         drafter = models.find_drafter(target)
         if drafter is None:

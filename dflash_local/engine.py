@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dflash_local.draft_length import DraftLength
 from dflash_local.errors import UserError
 from dflash_local.native import Drafter
 from dflash_local.sampling import Sampler, SamplingParams
@@ -55,9 +56,13 @@ class Generation:
 class Engine:
     """Generates with `target`, drafting blocks with `drafter` when one is given."""
 
-    def __init__(self, target: Target, drafter: Drafter | None = None, block_size: int | None = None):
+    def __init__(self, target: Target, drafter: Drafter | None = None, block_size: int | None = None,
+                 adaptive: bool = True):
+        """adaptive: verify as many drafts per step as measured speed favours (see draft_length);
+        otherwise always the whole block."""
         self.target = target
         self.drafter = drafter
+        self.adaptive = adaptive
         self.block_size = 0
         if drafter is not None:
             self.block_size = block_size or drafter.info.block_size
@@ -88,6 +93,7 @@ class Engine:
             dr.inject(tg.features(), 0)
         stats.t_prefill = time.perf_counter() - t0
 
+        policy = DraftLength(self.block_size - 1) if dr and self.adaptive else None
         out: list[int] = []
         pos = len(prompt)  # position of the anchor: sampled, not yet seen by the target
         stop = "length"
@@ -108,7 +114,12 @@ class Engine:
                     break
                 # drafts beyond the budget or the context would be wasted
                 k = min(self.block_size - 1, max_tokens - len(out) - 1, tg.n_ctx - pos - 1) if dr else 0
+                if policy:
+                    k = policy.choose(k)
+                t_draft, t_target = stats.t_draft, stats.t_target
                 accepted, anchor_next = self._step(anchor, pos, k, sampler, stats)
+                if policy:
+                    policy.record(k, len(accepted), stats.t_draft - t_draft, stats.t_target - t_target)
                 n_acc = len(accepted)
                 for i, tok in enumerate(accepted):
                     if tg.is_eog(tok):

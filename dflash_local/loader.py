@@ -25,8 +25,6 @@ def open_drafter(path: Path, target_path: Path, n_ctx: int, device: str | None =
 def open_models(target_path: Path, drafter_path: Path | None, params: TargetParams,
                 device: str | None = None) -> tuple[Target, Drafter | None]:
     """The target, capturing the layers the drafter reads, and the drafter (or None)."""
-    if not target_path.is_file():
-        raise UserError(f"target model not found: {target_path}")
     drafter = None
     if drafter_path is not None:
         # room for one block past the target's last position

@@ -36,6 +36,7 @@ def quiet_llama_logs() -> None:
 class TargetParams:
     n_ctx: int = 4096
     n_batch: int = 512
+    n_ubatch: int = 0  # 0: n_batch
     n_gpu_layers: int = 0
     n_threads: int = 0  # 0: llama.cpp's default
     main_gpu: int = 0
@@ -88,7 +89,8 @@ class Target:
         self.capture = Capture(self.n_embd, list(capture_layers)) if capture_layers else None
         cp = lc.llama_context_default_params()
         cp.n_ctx = params.n_ctx
-        cp.n_batch = cp.n_ubatch = params.n_batch
+        cp.n_batch = params.n_batch
+        cp.n_ubatch = params.n_ubatch or params.n_batch
         cp.n_seq_max = 1
         if params.n_threads > 0:
             cp.n_threads = cp.n_threads_batch = params.n_threads
@@ -104,7 +106,7 @@ class Target:
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.mem = lc.llama_get_memory(self.ctx)
         # recurrent state rolls back through llama.cpp's snapshots when it keeps enough of them
-        self.snapshots = self.recurrent and lc.llama_n_rs_seq(self.ctx) >= rollback
+        self.snapshots = self.recurrent and rollback > 0 and lc.llama_n_rs_seq(self.ctx) >= rollback
         self._batch = lc.llama_batch_init(max(params.n_batch, 1), 0, 1)
         self._batch_cap = max(params.n_batch, 1)
         self._saved: ctypes.Array | None = None

@@ -1,0 +1,98 @@
+"""`dflash bench`: registered on the main app by dflash_local/cli.py; heavy imports stay inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+
+def bench(
+    target: Path = typer.Argument(..., help="Target GGUF."),
+    drafter: Path = typer.Option(None, "--drafter", "-d", help="DFlash drafter GGUF (default: <target>-dflash*.gguf "
+                                 "next to the target)."),
+    prompts: str = typer.Option("humaneval", "--prompts", help="humaneval, chat, or a .jsonl/.txt file."),
+    n_prompts: int = typer.Option(64, "-n", "--n-prompts", min=1, help="Use the first N prompts."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
+    block_sizes: str = typer.Option("4,8,16", "--block-sizes", help="Comma-separated draft block sizes."),
+    chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap prompts in the "
+                                       "target's chat template (default: raw completion for humaneval, else on)."),
+    json_out: Path = typer.Option(None, "--json", help="Write the results as JSON."),
+    plot_out: Path = typer.Option(None, "--plot", help="Write a PNG plot."),
+    compare_llama_cpp: Path = typer.Option(None, "--compare-llama-cpp", help="Upstream llama-speculative-simple, "
+                                           "or its folder (bench/build_llama_cpp.sh): add its DFlash runs."),
+    label: str = typer.Option(None, "--label", help="A note stored with the results (e.g. 'random drafter')."),
+    ctx_size: int = typer.Option(4096, "--ctx-size", "-c", min=16),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU."),
+    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: llama.cpp's default)."),
+    device: str = typer.Option(None, "--device", help="ggml device for the drafter (CPU, CUDA0, ...)."),
+) -> None:
+    """Benchmark DFlash against the target alone (greedy, same prompts, one process); fails if outputs differ."""
+    import shlex
+    import sys
+
+    from dflash_local import models
+    from dflash_local.bench import machine, report
+    from dflash_local.bench.prompts import load_prompts
+    from dflash_local.bench.runner import BenchConfig, Mismatch, run_bench
+    from dflash_local.errors import UserError
+    from dflash_local.target import TargetParams, read_gguf_arch
+
+    # a file or pipe gets a table wide enough for every column
+    out, err = Console(width=None if sys.stdout.isatty() else 150), Console(stderr=True)
+
+    def on_mismatch(m: Mismatch) -> None:
+        err.print(f"[bold red]MISMATCH[/bold red] prompt {m.prompt_id}, block {m.block_size}, token {m.index}",
+                  highlight=False)
+
+    try:
+        if not target.is_file():
+            raise UserError(f"target model not found: {target}")
+        drafter = drafter or models.find_drafter(target)
+        if drafter is None:
+            raise UserError(f"no drafter given and none found next to {target.name}: pass --drafter")
+        try:
+            sizes = sorted({int(b) for b in block_sizes.split(",")})
+        except ValueError:
+            raise UserError(f"--block-sizes must be comma-separated integers, not {block_sizes!r}") from None
+        binary = None
+        if compare_llama_cpp is not None:
+            from dflash_local.bench.llamacpp import find_binary, run_upstream
+
+            binary = find_binary(compare_llama_cpp)
+        cfg = BenchConfig(target, drafter, load_prompts(prompts, n_prompts, chat_template), max_tokens, sizes,
+                          TargetParams(n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads), device)
+        result = run_bench(cfg, err, on_mismatch)
+        totals = dict(result.totals)
+        if binary is not None:
+            totals |= run_upstream(binary, cfg, result.prompts, err)
+    except UserError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+    meta = {
+        "label": label,
+        "command": shlex.join(["dflash", *sys.argv[1:]]),
+        "machine": machine.machine_info(),
+        "git": machine.git_commit(),
+        "target": machine.file_info(target) | {"arch": read_gguf_arch(target)},
+        "drafter": machine.file_info(drafter) | result.drafter,
+        "settings": {"prompt_set": prompts, "n_prompts": len(cfg.prompts), "max_tokens": max_tokens,
+                     "block_sizes": sizes, "chat_template": cfg.prompts[0].chat, "greedy": True,
+                     "ctx_size": ctx_size, "n_gpu_layers": n_gpu_layers, "threads": threads, "device": device,
+                     "llama_cpp_binary": str(binary) if binary else None},
+    }
+    doc = report.build_json(meta, result, totals)
+    report.print_table(out, doc)
+    if json_out:
+        report.write_json(doc, json_out)
+        err.print(f"wrote {json_out}", highlight=False)
+    if plot_out:
+        report.plot(doc, plot_out)
+        err.print(f"wrote {plot_out}", highlight=False)
+    if result.mismatches:
+        ids = sorted({m.prompt_id for m in result.mismatches})
+        err.print(f"[bold red]FAILED:[/bold red] DFlash output differs from the target's own greedy output on "
+                  f"{len(ids)} prompt(s): {', '.join(ids)}", highlight=False)
+        raise typer.Exit(1)

@@ -1,0 +1,154 @@
+"""Torch reference of the DFlash v1 drafter: the oracle for the native helper and the model the trainer trains.
+
+Parameter names follow the z-lab Hugging Face layout, so `state_dict()` is a checkpoint. The target's token
+embedding and LM head are frozen, non-persistent buffers: never trained, never saved with the drafter.
+
+Positions: the context holds target features for positions 0..T-1; a block anchored at `a` sits at positions
+a..a+B-1 and attends, without a causal mask, to the context positions < a and to the whole block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+    rms_eps: float
+    rope_base: float
+    target_layers: tuple[int, ...]  # GGUF convention: HF target_layer_ids + 1 (input of llama.cpp layer L)
+    mask_token_id: int
+    block_size: int = 16
+    embedding_scale: float | None = None
+
+    @property
+    def n_extract(self) -> int:
+        return len(self.target_layers)
+
+
+def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """NeoX RoPE (rotate-half, full head) of x [..., n_tok, n_head, head_dim] at positions pos [..., n_tok]."""
+    d = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    ang = pos.to(torch.float64)[..., None, None] * inv_freq  # float64: exact angles at long positions
+    cos, sin = (torch.cat([f, f], -1).to(x.dtype) for f in (ang.cos(), ang.sin()))
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.cfg = cfg
+        e, q, kv = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+        self.q_proj = nn.Linear(e, q, bias=False)
+        self.k_proj = nn.Linear(e, kv, bias=False)
+        self.v_proj = nn.Linear(e, kv, bias=False)
+        self.o_proj = nn.Linear(q, e, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps)
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps)
+
+    def kv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Roped keys and values [..., n_tok, n_head_kv, head_dim] of x [..., n_tok, n_embd] at pos [..., n_tok]."""
+        shape = (*x.shape[:-1], self.cfg.n_head_kv, self.cfg.head_dim)
+        k = rope(self.k_norm(self.k_proj(x).view(shape)), pos, self.cfg.rope_base)
+        return k, self.v_proj(x).view(shape)
+
+    def forward(self, x: Tensor, pos: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_visible: Tensor) -> Tensor:
+        """Blocks x [N, B, n_embd] at pos [N, B] attend to the context K/V [T, n_head_kv, head_dim] where
+        ctx_visible [N, T] is true, and to their own whole block."""
+        c = self.cfg
+        n, b = x.shape[:2]
+        q = rope(self.q_norm(self.q_proj(x).view(n, b, c.n_head, c.head_dim)), pos, c.rope_base)
+        q = q.view(n, b, c.n_head_kv, c.n_head // c.n_head_kv, c.head_dim)  # GQA: q head h reads kv head h // group
+        k_blk, v_blk = self.kv(x, pos)
+        scale = c.head_dim**-0.5
+        s_ctx = torch.einsum("nbkgd,tkd->nkgbt", q, k_ctx) * scale
+        s_ctx = s_ctx.masked_fill(~ctx_visible[:, None, None, None, :], float("-inf"))
+        s_blk = torch.einsum("nbkgd,nckd->nkgbc", q, k_blk) * scale
+        p = torch.softmax(torch.cat([s_ctx, s_blk], -1), dim=-1)
+        t = k_ctx.shape[0]
+        out = torch.einsum("nkgbt,tkd->nbkgd", p[..., :t], v_ctx) + torch.einsum("nkgbc,nckd->nbkgd", p[..., t:], v_blk)
+        return self.o_proj(out.reshape(n, b, c.n_head * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.n_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.n_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.n_ff, cfg.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, pos: Tensor, g: Tensor, ctx_pos: Tensor, ctx_visible: Tensor) -> Tensor:
+        k_ctx, v_ctx = self.self_attn.kv(g, ctx_pos)  # the context skips input_layernorm
+        x = x + self.self_attn(self.input_layernorm(x), pos, k_ctx, v_ctx, ctx_visible)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Drafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig, tok_embd: Tensor, lm_head: Tensor):
+        super().__init__()
+        for name, t in (("tok_embd", tok_embd), ("lm_head", lm_head)):
+            if tuple(t.shape) != (cfg.n_vocab, cfg.n_embd):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(cfg.n_vocab, cfg.n_embd)}")
+        self.cfg = cfg
+        self.fc = nn.Linear(cfg.n_extract * cfg.n_embd, cfg.n_embd, bias=False)
+        self.hidden_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
+        # buffers so that .to() moves them; non-persistent so that checkpoints leave them out
+        self.register_buffer("tok_embd", tok_embd, persistent=False)
+        self.register_buffer("lm_head", lm_head, persistent=False)
+
+    def hidden_batch(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:
+        """Final-normed hidden states [N, B, n_embd] of N blocks block_tokens [N, B] anchored at anchors [N],
+        each seeing the context features [T, n_extract * n_embd] of positions < its anchor."""
+        dev = features.device
+        ctx_pos = torch.arange(features.shape[0], device=dev)
+        pos = anchors[:, None] + torch.arange(block_tokens.shape[1], device=dev)
+        ctx_visible = ctx_pos[None, :] < anchors[:, None]
+        g = self.hidden_norm(self.fc(features))
+        x = self.tok_embd[block_tokens]
+        if self.cfg.embedding_scale is not None:
+            x = x * self.cfg.embedding_scale
+        for layer in self.layers:
+            x = layer(x, pos, g, ctx_pos, ctx_visible)
+        return self.norm(x)
+
+    def forward_batch(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:
+        """Logits [N, B, n_vocab] of N blocks; see hidden_batch."""
+        return self.hidden_batch(features, anchors, block_tokens) @ self.lm_head.T
+
+    def forward(self, features: Tensor, block_tokens: Tensor) -> Tensor:
+        """Logits [B, n_vocab] of one block block_tokens [B] following the whole context features [ctx, F]."""
+        anchor = torch.tensor([features.shape[0]], device=features.device)
+        return self.forward_batch(features, anchor, block_tokens[None])[0]
+
+
+def parameter_shapes(cfg: DrafterConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every trained tensor (the checkpoint layout), computed without allocating memory."""
+    with torch.device("meta"):
+        embd = torch.empty(cfg.n_vocab, cfg.n_embd)
+        return {k: tuple(v.shape) for k, v in Drafter(cfg, embd, embd).state_dict().items()}

@@ -1,0 +1,148 @@
+"""`dflash train`: data from the target, training in torch, export to GGUF, evaluation of tau.
+
+Only typer is imported at module level: `dflash --help` must not pay for torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def train(
+    target: Path = typer.Argument(..., help="Target GGUF the drafter is for."),
+    output: Path = typer.Option(..., "--output", "-o", help="Drafter GGUF to write."),
+    prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a JSONL file of {\"prompt\": ...} lines."),
+    max_prompts: int = typer.Option(None, "--max-prompts", min=1, help="Use only the first N prompts."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=2, help="Longest answer the target writes."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Dataset folder (default: <output>-data next to the "
+                                  "output); an interrupted run resumes there."),
+    layers: int = typer.Option(2, "--layers", min=1, max=8, help="Drafter decoder layers."),
+    block_size: int = typer.Option(16, "--block-size", min=2, max=64),
+    target_layers: str = typer.Option("auto", "--target-layers", help="Target layers whose hidden states the "
+                                      "drafter reads: 'auto' or GGUF ids (HF id + 1), e.g. 2,8,15,22,28."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: from --epochs)."),
+    epochs: float = typer.Option(None, "--epochs", min=0.01, help="Passes over the answer positions (default 2)."),
+    batch: int = typer.Option(4, "--batch", min=1, help="Sequences per step."),
+    anchors: int = typer.Option(16, "--anchors", min=1, help="Blocks per sequence per step."),
+    lr: float = typer.Option(6e-4, "--lr", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1),
+    resume: bool = typer.Option(False, "--resume", help="Continue training from <output>.ckpt."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for training: cpu or cuda."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers llama.cpp offloads to the GPU."),
+    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: default)."),
+    outtype: str = typer.Option("f16", "--outtype", help="f32, f16, bf16 or q8_0."),
+    eval_source: str = typer.Option("chat", "--eval", help="Held-out prompts for tau: humaneval, chat (built-in "
+                                    "held-out set), a JSONL file, or none."),
+    eval_prompts: int = typer.Option(16, "--eval-prompts", min=1, help="Evaluate on the first N of them."),
+) -> None:
+    """Train a DFlash drafter for TARGET on the target's own answers, write it as GGUF, and measure tau."""
+    args = dict(locals())
+    from dflash_local.cli import _fail
+    from dflash_local.convert.gguf_io import ConversionError
+    from dflash_local.errors import UserError
+
+    try:
+        _train(**args)
+    except (UserError, ConversionError) as e:
+        raise _fail(str(e)) from None
+
+
+def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, max_new_tokens: int,
+           data_dir: Path | None, layers: int, block_size: int, target_layers: str, steps: int | None,
+           epochs: float | None, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int, resume: bool,
+           device: str, n_gpu_layers: int, threads: int, outtype: str, eval_source: str, eval_prompts: int) -> None:
+    import torch
+    from rich.progress import Progress, TimeElapsedColumn
+    from rich.table import Table
+
+    from dflash_local.cli import console
+    from dflash_local.convert.gguf_io import OUTTYPES, read_target, save_drafter_gguf, target_embeddings
+    from dflash_local.errors import UserError
+    from dflash_local.reference import Drafter
+    from dflash_local.target import Target, TargetParams
+    from dflash_local.train import data, evaluate, trainer
+    from dflash_local.train.prompts import training_prompts
+
+    # every input is checked before the hours of work start
+    if not target.is_file():
+        raise UserError(f"target model not found: {target}")
+    if steps is not None and epochs is not None:
+        raise UserError("give either --steps or --epochs, not both")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
+    if outtype not in OUTTYPES:
+        raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
+    info = read_target(target)
+    capture = trainer.parse_target_layers(target_layers, info.n_layer)
+    cfg = trainer.drafter_config(target, layers, capture, block_size)
+    train_prompts = training_prompts(prompts)[:max_prompts]
+    held_out = [] if eval_source == "none" else evaluate.eval_prompts(eval_source)[:eval_prompts]
+    data_dir = data_dir or output.parent / f"{output.stem}-data"
+    checkpoint = output.with_suffix(".ckpt")
+    params = TargetParams(n_ctx=data.context_size(info.n_ctx, max_new_tokens), n_gpu_layers=n_gpu_layers,
+                          n_threads=threads)
+
+    def bar() -> Progress:
+        return Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console)
+
+    # 1. the target answers the prompts; its hidden states are stored
+    tg = Target(target, params, capture_layers=capture)
+    try:
+        ds = data.Dataset(data_dir, target, capture, info.n_embd)
+        todo, skipped = data.plan(tg, train_prompts, ds, max_new_tokens)
+        need = sum(len(t) + max_new_tokens for _, t in todo) * ds.row_bytes
+        console.print(f"data: {len(todo)} prompts to answer ({len(ds.sequences)} done, {skipped} too long), "
+                      f"up to {need / 1e9:.2f} GB more in {data_dir} (layers {list(capture)}, "
+                      f"{ds.width} features per token)", highlight=False)
+        with bar() as progress:
+            gen = data.answer(tg, todo, ds, max_new_tokens, progress)
+    finally:
+        tg.close()
+
+    # 2. training
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    drafter = Drafter(cfg, *target_embeddings(target)).to(dev)
+    steps = steps or max(1, round((epochs or 2.0) * ds.anchor_positions / (batch * anchors)))
+    opts = trainer.TrainOptions(steps=steps, batch=batch, anchors=anchors, lr=lr, seed=seed,
+                                checkpoint_every=checkpoint_every)
+    tr = trainer.Trainer(drafter, ds, opts, dev)
+    if resume and checkpoint.is_file():
+        tr.load(checkpoint)
+        console.print(f"resuming from step {tr.step_no} of {opts.steps} ({checkpoint})", highlight=False)
+    elif resume:
+        console.print(f"[yellow]note:[/yellow] no checkpoint at {checkpoint}: training from the start", highlight=False)
+    n_params = sum(p.numel() for p in drafter.parameters())
+    console.print(f"training: {layers}-layer drafter ({n_params / 1e6:.1f} M parameters), {opts.steps} steps of "
+                  f"{batch} x {anchors} blocks of {block_size} on {device}; {ds.anchor_positions} answer positions in "
+                  f"{len(tr.seqs)} sequences", highlight=False)
+    with bar() as progress:
+        fit = tr.run(checkpoint, progress)
+
+    # 3. export, 4. evaluation
+    save_drafter_gguf(drafter, output, target, outtype, name=f"{target.stem} DFlash drafter")
+    ev = None
+    if held_out:
+        with bar() as progress:
+            ev = evaluate.measure_tau(target, output, held_out, max_new_tokens, params,
+                                      "CUDA0" if device == "cuda" else None, progress)
+
+    table = Table(title=f"dflash train: {output}")
+    for col in ("phase", "amount", "time", "rate"):
+        table.add_column(col)
+    table.add_row("data", f"{gen.sequences} answers, {gen.tokens} tokens (total {len(ds.sequences)} sequences, "
+                  f"{ds.n_rows * ds.row_bytes / 1e9:.2f} GB)", f"{gen.seconds:.0f} s",
+                  f"{gen.tokens / gen.seconds:.1f} tok/s" if gen.tokens else "-")
+    table.add_row("training", f"{fit.steps} steps (to step {tr.step_no}), loss {fit.loss:.3f}, tau~{fit.tau:.2f}",
+                  f"{fit.seconds:.0f} s", f"{fit.steps / fit.seconds:.2f} steps/s" if fit.seconds else "-")
+    if ev:
+        table.add_row(f"eval ({eval_source})", f"{ev.prompts} prompts, tau {ev.tau:.2f}", f"{ev.seconds:.0f} s",
+                      f"{ev.tokens_per_second:.1f} tok/s")
+    console.print(table)

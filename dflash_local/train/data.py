@@ -1,0 +1,167 @@
+"""The training set: prompts answered greedily by the target itself, with the target's hidden states at the
+drafter's layers for every position (prompt and answer).
+
+On disk, one folder:
+  index.json    what the features are (target file, layers, width) and the sequences in order:
+                {"key": prompt hash, "n_prompt": tokens of the templated prompt, "n_tokens": prompt + answer}
+  tokens.i32    int32 tokens of all sequences back to back
+  features.f16  float16 [rows, n_extract * n_embd], row i = the position of token i
+Sequences are appended and the index is rewritten after each one, so an interrupted run resumes where it
+stopped; rows past the index (a write cut short) are dropped when the folder is opened again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from dflash_local.engine import Engine
+from dflash_local.errors import UserError
+from dflash_local.target import Target
+
+INDEX, TOKENS, FEATURES = "index.json", "tokens.i32", "features.f16"
+MAX_PROMPT_TOKENS = 2048  # the context is sized for this plus the answer (within the target's own context)
+
+
+@dataclass(frozen=True)
+class Sequence:
+    key: str
+    n_prompt: int
+    n_tokens: int
+
+
+def prompt_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+class Dataset:
+    """A dataset folder for one target and one set of capture layers (created if absent)."""
+
+    def __init__(self, root: Path, target: Path, target_layers: tuple[int, ...], n_embd: int):
+        self.root = root
+        self.meta = {"target": target.name, "target_bytes": target.stat().st_size,
+                     "target_layers": list(target_layers), "n_embd": n_embd}
+        self.width = len(target_layers) * n_embd
+        self.sequences: list[Sequence] = []
+        index = root / INDEX
+        if index.is_file():
+            saved = json.loads(index.read_text())
+            if saved["meta"] != self.meta:
+                raise UserError(f"{root} holds data of another target or layer choice ({saved['meta']}); "
+                                "give another --data-dir")
+            self.sequences = [Sequence(**s) for s in saved["sequences"]]
+        root.mkdir(parents=True, exist_ok=True)
+        for name, row_bytes in ((TOKENS, 4), (FEATURES, 2 * self.width)):
+            with open(root / name, "ab") as f:
+                f.truncate(self.n_rows * row_bytes)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s.n_tokens for s in self.sequences)
+
+    @property
+    def row_bytes(self) -> int:
+        return 4 + 2 * self.width
+
+    @property
+    def anchor_positions(self) -> int:
+        """Answer positions with a next token, i.e. usable as anchors: one epoch visits each once on average."""
+        return sum(max(0, s.n_tokens - s.n_prompt - 1) for s in self.sequences)
+
+    def keys(self) -> set[str]:
+        return {s.key for s in self.sequences}
+
+    def append(self, key: str, tokens: list[int], n_prompt: int, features: np.ndarray) -> None:
+        if features.shape != (len(tokens), self.width):
+            raise ValueError(f"features {features.shape} do not match {len(tokens)} tokens x {self.width}")
+        for name, data in ((TOKENS, np.asarray(tokens, dtype=np.int32)), (FEATURES, features.astype(np.float16))):
+            with open(self.root / name, "ab") as f:
+                f.write(data.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        self.sequences.append(Sequence(key, n_prompt, len(tokens)))
+        tmp = self.root / (INDEX + ".tmp")
+        tmp.write_text(json.dumps({"meta": self.meta, "sequences": [asdict(s) for s in self.sequences]}))
+        os.replace(tmp, self.root / INDEX)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens [rows], features [rows, width] memory-mapped, first row of each sequence)."""
+        n = self.n_rows
+        if n == 0:
+            raise UserError(f"{self.root} holds no sequences")
+        tokens = np.fromfile(self.root / TOKENS, dtype=np.int32, count=n)
+        features = np.memmap(self.root / FEATURES, dtype=np.float16, mode="r", shape=(n, self.width))
+        starts = np.cumsum([0] + [s.n_tokens for s in self.sequences[:-1]])
+        return tokens, features, starts
+
+
+def templated(target: Target, prompt: str) -> list[int]:
+    """Prompt tokens under the GGUF's chat template (raw text when the model has none)."""
+    return target.tokenize(target.chat_prompt([("user", prompt)]) or prompt)
+
+
+@dataclass
+class GenerationReport:
+    sequences: int = 0
+    tokens: int = 0  # answer tokens generated
+    seconds: float = 0.0
+
+
+def context_size(n_ctx_train: int, max_new_tokens: int) -> int:
+    """Room for a prompt of MAX_PROMPT_TOKENS and its answer, within the target's trained context."""
+    n_ctx = min(n_ctx_train, MAX_PROMPT_TOKENS + max_new_tokens + 1)
+    if n_ctx - max_new_tokens < 16:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for prompts in the target's "
+                        f"context of {n_ctx_train} tokens")
+    return n_ctx
+
+
+def fits(target: Target, prompt: list[int], max_new_tokens: int) -> bool:
+    return len(prompt) + max_new_tokens < target.n_ctx
+
+
+def plan(target: Target, prompts: list[str], ds: Dataset, max_new_tokens: int) -> tuple[list[tuple[str, list[int]]], int]:
+    """Prompts still to answer, as (key, tokens), and how many are too long for the context."""
+    done, todo, skipped = ds.keys(), [], 0
+    for p in dict.fromkeys(prompts):  # a repeated prompt would only repeat its answer
+        key = prompt_key(p)
+        if key in done:
+            continue
+        tokens = templated(target, p)
+        if fits(target, tokens, max_new_tokens):
+            todo.append((key, tokens))
+        else:
+            skipped += 1
+    return todo, skipped
+
+
+def answer(target: Target, todo: list[tuple[str, list[int]]], ds: Dataset, max_new_tokens: int,
+           progress: Progress) -> GenerationReport:
+    """The target answers each prompt greedily; one prefill over prompt + answer then captures the features of
+    every position (batched, so far cheaper than capturing during token-by-token decoding)."""
+    report = GenerationReport()
+    engine = Engine(target)
+    task = progress.add_task("target answers", total=len(todo))
+    t0 = time.perf_counter()
+    for key, prompt in todo:
+        target.capture.enable(False)
+        try:
+            gen = engine.generate(prompt, max_new_tokens)
+        finally:
+            target.capture.enable(True)
+        tokens = prompt + gen.tokens
+        target.clear()
+        target.decode(tokens, 0, all_logits=False)
+        ds.append(key, tokens, len(prompt), target.features())
+        report.sequences += 1
+        report.tokens += len(gen.tokens)
+        progress.update(task, advance=1, description=f"target answers ({report.tokens} tokens)")
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,218 @@
+"""Training a drafter on a Dataset, per the paper's recipe (design doc section 8).
+
+Each step takes a few sequences and, in each, random anchor positions in the answer: block
+[token at anchor, MASK...], labels = the next B-1 tokens, context = target features of the positions before
+the anchor. All blocks of a sequence share one forward pass (reference.Drafter.hidden_batch masks the
+context per block). The target's embedding and LM head stay frozen (buffers, not parameters).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from torch import Tensor
+
+from dflash_local.convert.gguf_io import read_gguf, read_target
+from dflash_local.errors import UserError
+from dflash_local.reference import Drafter, DrafterConfig
+from dflash_local.train.data import Dataset
+
+AUTO_EXTRACT = 5  # layers the z-lab drafters read
+IGNORE = -100  # label of block positions past the end of the answer
+
+
+def auto_target_layers(depth: int) -> tuple[int, ...]:
+    """Up to AUTO_EXTRACT layers spread like the z-lab configs, HF ids 1 .. depth-3, in GGUF numbering (+1)."""
+    hi = max(depth - 2, 1)
+    lo = min(2, hi)
+    n = min(AUTO_EXTRACT, hi - lo + 1)
+    return tuple(sorted({round(lo + i * (hi - lo) / max(n - 1, 1)) for i in range(n)}))
+
+
+def parse_target_layers(spec: str, depth: int) -> tuple[int, ...]:
+    """`auto` or comma-separated GGUF layer ids (HF id + 1: the input of llama.cpp layer L)."""
+    if depth < 2:
+        raise UserError(f"the target has {depth} layer(s): a drafter needs a hidden state below the last layer")
+    if spec == "auto":
+        return auto_target_layers(depth)
+    try:
+        ids = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise UserError(f"--target-layers must be 'auto' or comma-separated layer ids, not {spec!r}") from None
+    if bad := [i for i in ids if not 1 <= i <= depth - 1]:
+        raise UserError(f"--target-layers {bad} are outside 1..{depth - 1}: the target has {depth} layers "
+                        "(GGUF numbering: layer L reads the output of layer L-1; llama.cpp trims the last one)")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"--target-layers repeats a layer: {spec}")
+    return ids
+
+
+def mask_token(target_gguf: Path) -> int:
+    """The target's own mask token, else its unknown token, else the last vocabulary id: tokens the target does
+    not produce in answers, so the mask never looks like an anchor."""
+    fields = read_gguf(target_gguf).fields
+    for key in ("tokenizer.ggml.mask_token_id", "tokenizer.ggml.unknown_token_id"):
+        if key in fields:
+            return int(fields[key].contents())
+    return read_target(target_gguf).n_vocab - 1
+
+
+def drafter_config(target_gguf: Path, n_layer: int, target_layers: tuple[int, ...], block_size: int) -> DrafterConfig:
+    """The target's hidden size, head layout, FFN width, norm epsilon and RoPE base (design doc section 2)."""
+    t = read_target(target_gguf)
+    fields = read_gguf(target_gguf).fields
+
+    def get(key: str, default: float) -> float:
+        f = fields.get(f"{t.arch}.{key}")
+        v = default if f is None else f.contents()
+        return max(v) if isinstance(v, list) else v  # per-layer arrays: the widest layer
+
+    return DrafterConfig(
+        n_embd=t.n_embd, n_layer=n_layer, n_head=t.n_head, n_head_kv=t.n_head_kv, head_dim=t.head_dim,
+        n_ff=int(get("feed_forward_length", 4 * t.n_embd)), n_vocab=t.n_vocab,
+        rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)), rope_base=float(get("rope.freq_base", 10000.0)),
+        target_layers=target_layers, mask_token_id=mask_token(target_gguf), block_size=block_size)
+
+
+def position_weights(block_size: int) -> Tensor:
+    """Loss weight of block offsets 1..B-1: exp(-(k-1)/gamma), gamma 7 at B=16 (the paper's) scaled with B. An
+    early miss ends the accepted prefix, so early positions matter most."""
+    gamma = 7.0 * block_size / 16
+    return torch.exp(-torch.arange(block_size - 1, dtype=torch.float32) / gamma)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The training blocks of one sequence."""
+
+    features: Tensor  # [ctx, width] float32: positions before the last anchor
+    anchors: Tensor  # [N]
+    tokens: Tensor  # [N, B]: the anchor token, then masks
+    labels: Tensor  # [N, B-1]: the tokens that follow, IGNORE past the end
+
+
+@dataclass
+class TrainOptions:
+    steps: int
+    batch: int = 4  # sequences per step
+    anchors: int = 16  # blocks per sequence
+    lr: float = 6e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.04  # share of the steps
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 200
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0  # run now (not counting resumed ones)
+    seconds: float = 0.0
+    loss: float = float("nan")  # moving averages at the end
+    tau: float = float("nan")
+
+
+class Trainer:
+    def __init__(self, drafter: Drafter, ds: Dataset, opts: TrainOptions, device: torch.device):
+        self.drafter, self.opts, self.device = drafter, opts, device
+        self.tokens, self.features, starts = ds.arrays()
+        # (first row, prompt length, length) of sequences with at least one anchor that has a label
+        self.seqs = [(int(r), s.n_prompt, s.n_tokens) for r, s in zip(starts, ds.sequences) if s.n_tokens - s.n_prompt >= 2]
+        if not self.seqs:
+            raise UserError("no answer in the dataset is 2 tokens or longer: nothing to train on")
+        self.weights = position_weights(drafter.cfg.block_size).to(device)
+        self.rng = np.random.default_rng(opts.seed)
+        self.opt = torch.optim.AdamW(drafter.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.step_no = 0
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warmup, then cosine decay to zero at opts.steps."""
+        warm = max(1, round(self.opts.warmup * self.opts.steps))
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, self.opts.steps - warm))))
+
+    def sample(self) -> list[Blocks]:
+        cfg, o = self.drafter.cfg, self.opts
+        out = []
+        for i in self.rng.choice(len(self.seqs), size=min(o.batch, len(self.seqs)), replace=False):
+            start, n_prompt, n = self.seqs[i]
+            tok = self.tokens[start:start + n]
+            candidates = np.arange(n_prompt, n - 1)  # the last token has nothing after it to predict
+            a = np.sort(self.rng.choice(candidates, size=min(o.anchors, len(candidates)), replace=False))
+            blk = np.full((len(a), cfg.block_size), cfg.mask_token_id, dtype=np.int64)
+            blk[:, 0] = tok[a]
+            nxt = a[:, None] + np.arange(1, cfg.block_size)
+            labels = np.where(nxt < n, tok[np.minimum(nxt, n - 1)], IGNORE).astype(np.int64)
+            feats = np.asarray(self.features[start:start + a[-1]], dtype=np.float32)
+            out.append(Blocks(*(torch.from_numpy(x).to(self.device) for x in (feats, a, blk, labels))))
+        return out
+
+    def loss(self, b: Blocks) -> tuple[Tensor, Tensor]:
+        """Weighted cross-entropy of the masked positions, and the mean accepted prefix + 1 (a tau estimate)."""
+        d = self.drafter
+        h = d.hidden_batch(b.features, b.anchors, b.tokens)[:, 1:]  # the anchor's own output is not a draft
+        logits = (h @ d.lm_head.T).float()
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.labels.flatten(), ignore_index=IGNORE,
+                                               reduction="none").view_as(b.labels)
+        w = self.weights * (b.labels != IGNORE)
+        hits = (logits.argmax(-1) == b.labels).long()
+        return (ce * w).sum() / w.sum(), hits.cumprod(1).sum(1).float().mean() + 1
+
+    def step(self, batch: list[Blocks]) -> tuple[float, float]:
+        """One optimizer step; returns the loss and tau estimate of the batch before the update."""
+        self.drafter.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum = tau_sum = 0.0
+        for b in batch:  # one backward per sequence: memory stays that of one sequence's blocks
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                loss, tau = self.loss(b)
+            (loss / len(batch)).backward()
+            loss_sum, tau_sum = loss_sum + loss.item(), tau_sum + tau.item()
+        torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.opts.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step_no += 1
+        return loss_sum / len(batch), tau_sum / len(batch)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"step": self.step_no, "config": asdict(self.drafter.cfg), "model": self.drafter.state_dict(),
+                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "rng": self.rng.bit_generator.state}, tmp)
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        if ck["config"] != asdict(self.drafter.cfg):
+            raise UserError(f"checkpoint {path} is of another drafter configuration ({ck['config']})")
+        self.drafter.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.rng.bit_generator.state = ck["rng"]
+        self.step_no = ck["step"]
+
+    def run(self, checkpoint: Path, progress: Progress) -> TrainReport:
+        """Steps until opts.steps, saving a checkpoint every opts.checkpoint_every steps and at the end."""
+        report = TrainReport()
+        task = progress.add_task("training", total=self.opts.steps, completed=self.step_no)
+        t0 = time.perf_counter()
+        while self.step_no < self.opts.steps:
+            loss, tau = self.step(self.sample())
+            # moving averages over ~20 steps: single batches are noisy
+            first = report.steps == 0
+            report.loss = loss if first else 0.95 * report.loss + 0.05 * loss
+            report.tau = tau if first else 0.95 * report.tau + 0.05 * tau
+            report.steps += 1
+            if self.step_no % self.opts.checkpoint_every == 0 or self.step_no == self.opts.steps:
+                self.save(checkpoint)
+            progress.update(task, advance=1, description=f"training (loss {report.loss:.3f}, tau~{report.tau:.2f})")
+        report.seconds = time.perf_counter() - t0
+        return report

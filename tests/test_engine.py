@@ -1,0 +1,183 @@
+"""Lossless decoding: DFlash output equals the target's own output (greedy: token for token; sampled:
+the same distribution), on SmolLM2 and on tiny random targets of every supported architecture.
+
+Two kinds of drafters run: real random drafters on the native helper (their drafts are almost always
+rejected), and an oracle that proposes the target's own continuation with planted mistakes, so that long
+acceptances and rollbacks of several tokens (recurrent state included) run too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic_drafters import random_drafter_gguf
+from tiny_targets import ARCHS
+
+from dflash_local.engine import Engine
+from dflash_local.native import Drafter, DrafterInfo
+from dflash_local.sampling import SamplingParams, target_probs
+from dflash_local.target import Target, TargetParams
+
+PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
+N_TOKENS = 40
+PARAMS = TargetParams(n_ctx=512, n_batch=512, n_threads=1)
+
+
+class OracleDrafter:
+    """Drafts the target's own greedy continuation, wrong at scattered positions (about one in `miss`),
+    so the engine sees full acceptances, partial ones and rejections at many offsets of the block."""
+
+    def __init__(self, continuation: list[int], prompt_len: int, block_size: int, miss: int = 8):
+        self.continuation, self.prompt_len, self.miss = continuation, prompt_len, miss
+        self.info = DrafterInfo(n_embd=0, n_vocab=0, n_layer=0, n_head=0, n_head_kv=0, head_dim=0, n_ff=0,
+                                block_size=block_size, mask_token_id=0, n_ctx=0, target_layers=(1,))
+        self.n_pos = 0
+
+    def crop(self, n_pos: int) -> None:
+        self.n_pos = min(self.n_pos, n_pos)
+
+    def inject(self, features: np.ndarray, pos0: int) -> None:
+        assert pos0 == self.n_pos or pos0 == 0, "features must continue the drafter's context"
+        assert np.isfinite(features).all()
+        self.n_pos = pos0 + len(features)
+
+    def draft(self, anchor: int, block_size: int) -> np.ndarray:
+        start = self.n_pos - self.prompt_len + 1  # index of the token after the anchor
+        out = []
+        for i in range(start, start + block_size - 1):
+            tok = self.continuation[i] if i < len(self.continuation) else 0
+            wrong = (i * 2654435761) % 1000 < 1000 // self.miss
+            out.append((tok + 1) % 7 if wrong else tok)
+        return np.array(out, dtype=np.int32)
+
+
+def target_only(path: Path, prompt: list[int], n: int) -> list[int]:
+    tg = Target(path, PARAMS)
+    try:
+        return Engine(tg).generate(prompt, n).tokens
+    finally:
+        tg.close()
+
+
+@pytest.fixture(scope="module")
+def drafters(tmp_path_factory, tiny_target):
+    """A random native drafter per architecture (2 layers, trained block size 16)."""
+    out = tmp_path_factory.mktemp("drafters")
+    return {arch: random_drafter_gguf(tiny_target(arch), out / f"{arch}.gguf", n_layer=2) for arch in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_random_drafter(arch, tiny_target, drafters):
+    path = tiny_target(arch)
+    dr = Drafter(drafters[arch], path, n_ctx=PARAMS.n_ctx + 64, n_threads=1)
+    tg = Target(path, PARAMS, capture_layers=dr.info.target_layers, rollback=dr.info.block_size)
+    for prompt_text in PROMPTS:
+        prompt = tg.tokenize(prompt_text)
+        expected = target_only(path, prompt, N_TOKENS)
+        assert len(set(expected)) > 3, "the tiny target should not generate one token forever"
+        for block in (2, 4, 16):
+            got = Engine(tg, dr, block, adaptive=False).generate(prompt, N_TOKENS)
+            assert got.tokens == expected, f"{arch} block {block}: {prompt_text!r}"
+            assert got.stats.passes > 0
+        # the adaptive draft length changes how much is verified, never what is generated
+        assert Engine(tg, dr, 16).generate(prompt, N_TOKENS).tokens == expected
+    tg.close()
+    dr.close()
+
+
+@pytest.mark.parametrize("arch,snapshots", [(arch, True) for arch in ARCHS] + [("qwen35", False)])
+def test_identity_long_acceptance(arch, snapshots, tiny_target):
+    """Oracle drafts: long accepted runs and rollbacks of up to 15 tokens. For the hybrid arch, both
+    rollback mechanisms: llama.cpp's recurrent snapshots and our saved-state restore."""
+    path = tiny_target(arch)
+    tg = Target(path, PARAMS, capture_layers=(1,), rollback=16 if snapshots else 0)
+    assert tg.snapshots == (tg.recurrent and snapshots)
+    for prompt_text in PROMPTS:
+        prompt = tg.tokenize(prompt_text)
+        expected = target_only(path, prompt, N_TOKENS)
+        for block in (2, 4, 16):
+            oracle = OracleDrafter(expected, len(prompt), block)
+            got = Engine(tg, oracle, block, adaptive=False).generate(prompt, N_TOKENS)
+            assert got.tokens == expected, f"{arch} block {block}: {prompt_text!r}"
+            if block == 16:
+                assert max(got.stats.accepted) >= 3, "the oracle should get runs accepted"
+                assert min(got.stats.accepted) < 3
+    tg.close()
+
+
+def test_identity_smollm2(smollm2_path, tmp_path):
+    drafter = random_drafter_gguf(smollm2_path, tmp_path / "smol-dflash.gguf", n_layer=1)
+    dr = Drafter(drafter, smollm2_path, n_ctx=PARAMS.n_ctx + 64, n_threads=1)
+    tg = Target(smollm2_path, PARAMS, capture_layers=dr.info.target_layers, rollback=16)
+    for prompt_text in PROMPTS[:2]:
+        prompt = tg.tokenize(tg.chat_prompt([("user", prompt_text)]))
+        expected = target_only(smollm2_path, prompt, 24)
+        for block in (4, 16):
+            assert Engine(tg, dr, block).generate(prompt, 24).tokens == expected
+        oracle = OracleDrafter(expected, len(prompt), 16)
+        got = Engine(tg, oracle, 16, adaptive=False).generate(prompt, 24)
+        assert got.tokens == expected
+        assert got.stats.tau > 2.0
+    tg.close()
+    dr.close()
+
+
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% quantile of chi-square(df), Wilson-Hilferty approximation."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("with_drafter", [False, True])
+def test_sampling_distribution(with_drafter, tiny_target):
+    """The joint distribution of the first two sampled tokens matches the target's exactly computed one.
+    The second token goes through the accept/reject test when a drafter is on."""
+    path = tiny_target("llama")
+    sampling = dict(temperature=1.0, top_k=6)
+    tg = Target(path, PARAMS, capture_layers=(1,), rollback=16)
+    prompt = tg.tokenize("The quick brown fox")
+
+    # exact p(t0, t1) = p(t0) p(t1 | t0), from the target's own logits; an end-of-generation t0
+    # ends the output, so it is one cell (t0, -1)
+    p0 = target_probs(tg.decode(prompt, 0, all_logits=False)[0].copy(), SamplingParams(**sampling))
+    expected: dict[tuple[int, int], float] = {}
+    for t0 in map(int, np.flatnonzero(p0)):
+        if tg.is_eog(t0):
+            expected[(t0, -1)] = p0[t0]
+            continue
+        tg.clear()
+        p1 = target_probs(tg.decode([*prompt, t0], 0, all_logits=False)[0].copy(), SamplingParams(**sampling))
+        for t1 in map(int, np.flatnonzero(p1)):
+            expected[(t0, t1)] = p0[t0] * p1[t1]
+    eog = next((t for t in range(tg.n_vocab) if tg.is_eog(t)), -1)
+
+    greedy = target_only(path, prompt, 4)
+    counts: dict[tuple[int, int], int] = {}
+    n_runs = 1500
+    for seed in range(n_runs):
+        # 3 tokens: the budget leaves room for one draft after the first token
+        drafter = OracleDrafter(greedy, len(prompt), 4, miss=1000) if with_drafter else None
+        toks = Engine(tg, drafter, 4 if with_drafter else None, adaptive=False).generate(
+            prompt, 3, SamplingParams(**sampling, seed=seed)).tokens
+        pair = (toks + [eog])[:2] if toks else [eog, -1]
+        counts[tuple(pair)] = counts.get(tuple(pair), 0) + 1
+    tg.close()
+
+    assert set(counts) <= set(expected), "sampled a pair the target gives probability 0"
+    # pool rare cells so every expected count is >= 5
+    keys = sorted(expected, key=expected.get, reverse=True)
+    common = [k for k in keys if expected[k] * n_runs >= 5]
+    obs = [counts.get(k, 0) for k in common] + [n_runs - sum(counts.get(k, 0) for k in common)]
+    exp = [expected[k] * n_runs for k in common] + [n_runs * (1 - sum(expected[k] for k in common))]
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
+    assert stat < _chi2_critical(len(obs) - 1), f"chi-square {stat:.1f} over {len(obs) - 1} dof"
+
+
+def test_seed_reproducible(tiny_target):
+    path = tiny_target("qwen3")
+    tg = Target(path, PARAMS)
+    prompt = tg.tokenize("Once upon a time")
+    runs = [Engine(tg).generate(prompt, 20, SamplingParams(temperature=0.8, seed=7)).tokens for _ in range(2)]
+    tg.close()
+    assert runs[0] == runs[1]

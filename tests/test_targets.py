@@ -1,0 +1,88 @@
+"""The test models: tiny random targets of every arch and SmolLM2 load and generate in llama.cpp,
+and the torch reference of the llama target agrees with llama.cpp."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+
+import target_reference
+from llama_helpers import EXACT, decode, detokenize, greedy, load, logits, tokenize
+from tiny_targets import ARCHS, BOS_ID, GEMMA3_SWA, N_VOCAB, UNK_ID, VOCAB, write_tiny_target
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+
+
+def _meta(model: llama_cpp.llama_model_p, key: str) -> str:
+    buf = ctypes.create_string_buffer(128)
+    llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode()
+
+
+def test_vocab_round_trips(tiny_target: Callable[..., Path]) -> None:
+    with load(tiny_target("llama")) as (model, _):
+        for text in (PROMPT, "Ünïcödé & symbols: 1+1=2 ✓\nnew line"):
+            tokens = tokenize(model, text)
+            assert tokens[0] == BOS_ID and UNK_ID not in tokens
+            assert detokenize(model, tokens[1:]) == text
+        # whole words come out as one piece: the merges work
+        assert tokenize(model, "the", add_bos=False) == [VOCAB[0].index("▁the")]
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        buf = ctypes.create_string_buffer(32)
+        for tid, (piece, kind) in enumerate(zip(VOCAB[0], VOCAB[2])):
+            n = llama_cpp.llama_token_to_piece(vocab, tid, buf, len(buf), 0, False)
+            if kind == gguf.TokenType.BYTE:
+                assert buf.raw[:n] == bytes([int(piece[3:5], 16)])
+            elif kind == gguf.TokenType.NORMAL:
+                assert buf.raw[:n] == piece.replace("▁", " ").encode()
+
+
+def test_tiny_target_is_deterministic(tmp_path: Path) -> None:
+    a, b, c = (write_tiny_target("qwen35", tmp_path / f"{i}.gguf", seed=s)
+               for i, s in enumerate((0, 0, 1)))
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+    assert a.stat().st_size < 4 << 20
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_target_generates(arch: str, tiny_target: Callable[..., Path]) -> None:
+    with load(tiny_target(arch)) as (model, ctx):
+        assert _meta(model, "general.architecture") == arch
+        assert llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)) == N_VOCAB
+        n_swa = GEMMA3_SWA["sliding_window"] if arch == "gemma3" else 0
+        assert llama_cpp.llama_model_n_swa(model) == n_swa
+        assert llama_cpp.llama_model_is_hybrid(model) == (arch == "qwen35")
+        prompt = tokenize(model, PROMPT)
+        out = greedy(ctx, model, prompt, 16)
+        assert np.isfinite(logits(ctx, model)).all()
+        assert greedy(ctx, model, prompt, 16) == out
+    assert len(out) == 16 and len(set(out)) >= 8, out  # not stuck on one token
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_reference_matches_llama_cpp(tied: bool, tmp_path: Path) -> None:
+    path = write_tiny_target("llama", tmp_path / "llama.gguf", tied=tied)
+    with load(path, **EXACT) as (model, ctx):
+        tokens = tokenize(model, PROMPT + " there was a little fox.")
+        decode(ctx, tokens, 0, all_logits=True)
+        got = np.stack([logits(ctx, model, i) for i in range(len(tokens))])
+    states = target_reference.hidden_states(path, tokens)
+    assert len(states) == 5 and all(s.shape == (len(tokens), 64) for s in states)
+    want = target_reference.logits(path, tokens)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_smollm2_generates(smollm2_path: Path) -> None:
+    with load(smollm2_path) as (model, ctx):
+        assert _meta(model, "general.architecture") == "llama"
+        prompt = tokenize(model, "The capital of France is")
+        out = greedy(ctx, model, prompt, 16)
+        assert greedy(ctx, model, prompt, 16) == out
+        assert np.isfinite(logits(ctx, model)).all()
+        assert "Paris" in detokenize(model, out)
