@@ -1,0 +1,52 @@
+"""`dflash convert ...` commands."""
+
+from __future__ import annotations
+
+import warnings
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Convert DFlash drafters between formats.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+class Format(str, Enum):
+    gguf = "gguf"
+
+
+class OutType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+@app.command()
+def drafter(
+    src: str = typer.Argument(..., help="Hugging Face DFlash checkpoint: a local folder or a Hub repo id."),
+    to: Format = typer.Option(..., "--to", help="Output format."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Output file (default: ./NAME-OUTTYPE.gguf)."),
+    target: Path | None = typer.Option(None, "--target", help="The target model's GGUF: its tokenizer is copied "
+                                       "into the drafter and its shapes are checked (required)."),
+    outtype: OutType = typer.Option(OutType.f16, "--outtype", help="Type of the weight matrices (norms stay f32)."),
+) -> None:
+    """Convert a DFlash drafter checkpoint to GGUF (architecture `dflash`, loadable by llama.cpp)."""
+    # imported here: torch and friends would slow down every other `dflash` command
+    from dflash_local.convert.gguf_io import ConversionError
+    from dflash_local.convert.hf import convert_hf_to_gguf
+
+    out = out or Path(f"{Path(src).resolve().name}-{outtype.value}.gguf")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            path = convert_hf_to_gguf(src, out, target, outtype.value, progress=True)
+        except ConversionError as e:
+            console.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        finally:
+            for w in caught:
+                console.print(f"warning: {w.message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,355 @@
+"""The GGUF side of the drafter format: facts about the target, the one writer, and the reader.
+
+Layout: upstream llama.cpp's architecture `dflash` (src/models/dflash.cpp). The drafter shares the target's
+token embedding and output head instead of storing them, and carries a copy of the target's tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from dflash_local.reference import Drafter, DrafterConfig, parameter_shapes
+
+ARCH = "dflash"
+MASK_KEY = "tokenizer.ggml.mask_token_id"
+Q = gguf.GGMLQuantizationType
+OUTTYPES = {  # --outtype -> (type of the matrices, general.file_type)
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+_ARRAY, _INT32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32
+
+# Hugging Face (z-lab) tensor names -> GGUF names
+_GLOBAL_NAMES = {"fc.weight": "fc.weight", "hidden_norm.weight": "enc.output_norm.weight",
+                 "norm.weight": "output_norm.weight"}
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+# dflash.* keys that change the computation in ways this runtime does not implement: key -> harmless value test
+_UNSUPPORTED_KEYS = {
+    "attention.sliding_window": lambda v: v == 0,
+    "logit_scale": lambda v: v == 1.0,
+    "final_logit_softcapping": lambda v: v <= 0,
+    "attention.value_scale": lambda v: v in (0.0, 1.0),
+    "attention.scale": lambda v: v == 0.0,
+    "hidden_activation": lambda v: v == "silu",
+    "rope.scaling.type": lambda v: v == "none",
+    "expert_count": lambda v: v == 0,
+    "hyper_connection_count": lambda v: v == 0,
+    "conv_kernel_size": lambda v: False,
+    "conv_group_size": lambda v: False,
+    "selector_rank": lambda v: False,
+    "selector_top_k": lambda v: False,
+}
+
+_KNOWN_KEYS = {  # dflash.* keys the reader understands
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.key_length", "attention.value_length", "attention.layer_norm_rms_epsilon",
+    "rope.freq_base", "rope.dimension_count", "rope.dimension_sections", "target_layers", "block_size",
+    "attention.causal", "embedding_scale", "vocab_size", *_UNSUPPORTED_KEYS,
+}
+
+
+class ConversionError(Exception):
+    """A drafter that cannot be converted or loaded; the message says why, for the user."""
+
+
+def gguf_names(cfg: DrafterConfig) -> dict[str, str]:
+    """Hugging Face name -> GGUF name of every drafter tensor."""
+    names = dict(_GLOBAL_NAMES)
+    for i in range(cfg.n_layer):
+        names |= {f"layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in _LAYER_NAMES.items()}
+    return names
+
+
+class Reader(gguf.GGUFReader):
+    """A GGUFReader that knows its path and parses through a plain ndarray view of its memory map: slicing
+    numpy's memmap subclass costs microseconds per slice, seconds over a large vocabulary's strings."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        super().__init__(path)
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_reader(path: str, mtime_ns: int, size: int) -> Reader:
+    return Reader(path)
+
+
+def read_gguf(path: Path | str) -> Reader:
+    """A GGUFReader, cached per file version: parsing a large vocabulary still takes a while."""
+    try:
+        st = os.stat(path)
+        return _cached_reader(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read GGUF {path}: {e}") from None
+
+
+def _field(reader: Reader, key: str, default: Any = ...) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is ...:
+            raise ConversionError(f"{reader.path}: missing GGUF key {key}")
+        return default
+    return field.contents()
+
+
+def _largest(v: int | list[int]) -> int:
+    return max(v) if isinstance(v, list) else v  # per-layer arrays (hybrid models): the attention layers' value
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the drafter must agree with in the target GGUF."""
+
+    path: Path
+    arch: str
+    n_embd: int
+    n_layer: int  # decoder layers (MTP layers excluded)
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int  # rows of token_embd
+    n_ctx: int
+    mrope: bool
+    tokenizer: tuple[tuple[str, Any, gguf.GGUFValueType, gguf.GGUFValueType | None], ...]  # every tokenizer.* key
+
+
+def read_target(path: Path | str) -> TargetInfo:
+    r = read_gguf(path)
+    arch = _field(r, "general.architecture")
+    if arch == ARCH:
+        raise ConversionError(f"{path} is a dflash drafter, not a target model")
+    tensors = {t.name: t for t in r.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ConversionError(f"{path} has no token_embd.weight: not a target model")
+    tokenizer = tuple((k, f.contents(), f.types[0], f.types[-1] if f.types[0] == _ARRAY else None)
+                      for k, f in r.fields.items() if k.startswith("tokenizer.") and k != MASK_KEY)
+    if "tokenizer.ggml.model" not in r.fields:
+        raise ConversionError(f"{path} has no tokenizer (tokenizer.ggml.model), which the drafter copies")
+    n_embd = _field(r, f"{arch}.embedding_length")
+    n_head = _largest(_field(r, f"{arch}.attention.head_count"))
+    return TargetInfo(
+        path=Path(path), arch=arch, n_embd=n_embd,
+        n_layer=_field(r, f"{arch}.block_count") - _field(r, f"{arch}.nextn_predict_layers", 0),
+        n_head=n_head, n_head_kv=_largest(_field(r, f"{arch}.attention.head_count_kv", n_head)),
+        head_dim=_field(r, f"{arch}.attention.key_length", n_embd // n_head),
+        n_vocab=int(tensors["token_embd.weight"].shape[1]), n_ctx=_field(r, f"{arch}.context_length"),
+        mrope=any(_field(r, f"{arch}.rope.dimension_sections", [])), tokenizer=tokenizer)
+
+
+def _dequantize(t: Any) -> np.ndarray:
+    """A tensor of a GGUFReader as float32 in numpy (row-major) shape, whatever its type."""
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+
+
+def target_embeddings(target_gguf: Path | str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's token embedding and output head [n_vocab, n_embd]; the head is the embedding when tied."""
+    tensors = {t.name: t for t in read_gguf(target_gguf).tensors}
+    embd = torch.tensor(_dequantize(tensors["token_embd.weight"]), dtype=dtype)
+    out = tensors.get("output.weight")
+    return embd, embd if out is None else torch.tensor(_dequantize(out), dtype=dtype)
+
+
+def check_config(cfg: DrafterConfig) -> None:
+    """Internal consistency of a drafter configuration."""
+    if cfg.n_head % cfg.n_head_kv:
+        raise ConversionError(f"n_head {cfg.n_head} is not a multiple of n_head_kv {cfg.n_head_kv}")
+    if cfg.head_dim % 2:
+        raise ConversionError(f"head_dim {cfg.head_dim} is odd: RoPE needs an even head size")
+    if not cfg.target_layers or min(cfg.target_layers) < 1:
+        raise ConversionError(f"target layers {list(cfg.target_layers)} (GGUF numbering, HF id + 1) must be >= 1")
+    if not 0 <= cfg.mask_token_id < cfg.n_vocab:
+        raise ConversionError(f"mask_token_id {cfg.mask_token_id} is outside the vocabulary (0..{cfg.n_vocab - 1})")
+    if cfg.block_size < 1:
+        raise ConversionError(f"block_size {cfg.block_size} must be >= 1")
+
+
+def check_target(cfg: DrafterConfig, target: TargetInfo) -> None:
+    """The drafter fits the target: shared embedding and head, head layout, usable feature layers."""
+    name = target.path.name
+    for what, mine, theirs in (("hidden size", cfg.n_embd, target.n_embd), ("head_dim", cfg.head_dim, target.head_dim),
+                               ("vocabulary size", cfg.n_vocab, target.n_vocab)):
+        if mine != theirs:
+            raise ConversionError(f"drafter {what} {mine} differs from the target's ({theirs} in {name}): "
+                                  f"this drafter was made for another target")
+    bad = [layer - 1 for layer in cfg.target_layers if not 1 <= layer <= target.n_layer - 1]
+    if bad:
+        raise ConversionError(f"target_layer_ids {bad} are beyond the target: {name} has {target.n_layer} layers, "
+                              f"usable ids are 0..{target.n_layer - 2} (llama.cpp trims the last layer's output)")
+
+
+def check_tensors(cfg: DrafterConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Exactly the drafter's tensors (Hugging Face names), with the configured shapes and finite values."""
+    shapes = parameter_shapes(cfg)
+    if missing := sorted(shapes.keys() - tensors.keys()):
+        raise ConversionError(f"missing tensors: {', '.join(missing)}")
+    if extra := sorted(tensors.keys() - shapes.keys()):
+        raise ConversionError(f"unexpected tensors (not part of a DFlash v1 drafter): {', '.join(extra)}")
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ConversionError(f"tensor {name} has shape {list(tensors[name].shape)}, "
+                                  f"the config implies {list(shape)}")
+        if not torch.isfinite(tensors[name]).all():
+            raise ConversionError(f"tensor {name} contains NaN or infinite values")
+
+
+def _tensor_type(shape: tuple[int, ...], qtype: Q) -> Q:
+    if len(shape) == 1:
+        return Q.F32  # norms: tiny, and precision matters
+    if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return Q.F16  # rows that are not a whole number of quantization blocks
+    return qtype
+
+
+def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str, torch.Tensor], target: TargetInfo,
+                       outtype: str = "f16", *, context_length: int | None = None, mrope: bool = False,
+                       name: str | None = None, progress: bool = False) -> Path:
+    """Validate, then write a `dflash` GGUF atomically (a temporary file renamed at the end).
+
+    tensors: Hugging Face names (a reference.Drafter state_dict). The tokenizer comes from the target;
+    M-RoPE sections are written when the checkpoint (`mrope`) or the target uses M-RoPE.
+    """
+    if outtype not in OUTTYPES:
+        raise ConversionError(f"unknown outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    qtype, file_type = OUTTYPES[outtype]
+    check_config(cfg)
+    check_target(cfg, target)
+    check_tensors(cfg, tensors)
+
+    a = ARCH
+    w = gguf.GGUFWriter(None, arch=a)
+    if name:
+        w.add_string("general.name", name)
+    w.add_uint32("general.file_type", file_type)
+    w.add_uint32(f"{a}.context_length", context_length or target.n_ctx)
+    w.add_uint32(f"{a}.embedding_length", cfg.n_embd)
+    w.add_uint32(f"{a}.block_count", cfg.n_layer)
+    w.add_uint32(f"{a}.feed_forward_length", cfg.n_ff)
+    w.add_uint32(f"{a}.attention.head_count", cfg.n_head)
+    w.add_uint32(f"{a}.attention.head_count_kv", cfg.n_head_kv)
+    w.add_uint32(f"{a}.attention.key_length", cfg.head_dim)
+    w.add_uint32(f"{a}.attention.value_length", cfg.head_dim)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps)
+    w.add_float32(f"{a}.rope.freq_base", cfg.rope_base)
+    w.add_bool(f"{a}.attention.causal", False)
+    w.add_uint32(f"{a}.block_size", cfg.block_size)
+    w.add_key_value(f"{a}.target_layers", list(cfg.target_layers), _ARRAY, sub_type=_INT32)
+    if cfg.embedding_scale is not None:
+        w.add_float32(f"{a}.embedding_scale", cfg.embedding_scale)
+    if mrope or target.mrope:  # the drafter ropes on the temporal section only
+        w.add_key_value(f"{a}.rope.dimension_sections", [cfg.head_dim // 2, 0, 0, 0], _ARRAY, sub_type=_INT32)
+    for key, value, vtype, sub_type in target.tokenizer:
+        w.add_key_value(key, value, vtype, sub_type=sub_type)
+    w.add_uint32(MASK_KEY, cfg.mask_token_id)
+
+    plan = [(gname, tensors[hf], _tensor_type(tuple(tensors[hf].shape), qtype))
+            for hf, gname in gguf_names(cfg).items()]
+    for gname, t, q in plan:
+        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, q))
+        w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=q)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder, so that the final rename is atomic
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with Progress(console=Console(stderr=True), disable=not progress) as bar:
+            task = bar.add_task(f"writing {out.name}", total=len(plan))
+            for _, t, q in plan:
+                w.write_tensor_data(gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), q))
+                bar.advance(task)
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _drafter_config(r: Reader, n_vocab: int) -> DrafterConfig:
+    a = ARCH
+    get = functools.partial(_field, r)
+    for key, harmless in _UNSUPPORTED_KEYS.items():
+        if (v := get(f"{a}.{key}", None)) is not None and not harmless(v):
+            raise ConversionError(f"{r.path}: {a}.{key} = {v!r} is a feature this runtime does not implement")
+    for key in r.fields:
+        if key.startswith(f"{a}.") and key[len(a) + 1:] not in _KNOWN_KEYS:
+            warnings.warn(f"{r.path}: ignoring unknown key {key}", stacklevel=3)
+    n_embd, n_head = get(f"{a}.embedding_length"), get(f"{a}.attention.head_count")
+    head_dim = get(f"{a}.attention.key_length", n_embd // n_head)
+    if {get(f"{a}.attention.value_length", head_dim), get(f"{a}.rope.dimension_count", head_dim)} != {head_dim}:
+        raise ConversionError(f"{r.path}: value length or rotary dimensions differ from the head size {head_dim}")
+    if get(f"{a}.attention.causal", False):
+        raise ConversionError(f"{r.path}: causal attention inside the block is not implemented")
+    sections = get(f"{a}.rope.dimension_sections", [])
+    if any(sections) and list(sections) != [head_dim // 2, 0, 0, 0]:
+        raise ConversionError(f"{r.path}: M-RoPE sections {sections}: only [{head_dim // 2}, 0, 0, 0] is implemented")
+    return DrafterConfig(
+        n_embd=n_embd, n_layer=get(f"{a}.block_count"), n_head=n_head,
+        n_head_kv=get(f"{a}.attention.head_count_kv", n_head), head_dim=head_dim,
+        n_ff=get(f"{a}.feed_forward_length"), n_vocab=n_vocab,
+        rms_eps=get(f"{a}.attention.layer_norm_rms_epsilon"), rope_base=get(f"{a}.rope.freq_base", 10000.0),
+        target_layers=tuple(get(f"{a}.target_layers")), mask_token_id=get(MASK_KEY),
+        block_size=get(f"{a}.block_size", 16), embedding_scale=get(f"{a}.embedding_scale", None))
+
+
+def load_drafter_gguf(drafter_gguf: Path | str, target_gguf: Path | str, dtype: torch.dtype = torch.float32) -> Drafter:
+    """A reference Drafter from a `dflash` GGUF (ours or upstream's) and the target's embedding and head."""
+    r = read_gguf(drafter_gguf)
+    if (arch := _field(r, "general.architecture")) != ARCH:
+        raise ConversionError(f"{drafter_gguf}: architecture {arch!r}, expected {ARCH!r}")
+    target = read_target(target_gguf)
+    cfg = _drafter_config(r, target.n_vocab)
+    check_config(cfg)
+    check_target(cfg, target)
+    names = gguf_names(cfg)
+    stored = {t.name: t for t in r.tensors}
+    if extra := sorted(stored.keys() - set(names.values())):
+        raise ConversionError(f"{drafter_gguf}: tensors of features this runtime does not implement: "
+                              f"{', '.join(extra)}")
+    if missing := sorted(set(names.values()) - stored.keys()):
+        raise ConversionError(f"{drafter_gguf}: missing tensors: {', '.join(missing)}")
+    state = {hf: torch.tensor(_dequantize(stored[gname]), dtype=dtype) for hf, gname in names.items()}
+    check_tensors(cfg, state)
+    with torch.device("meta"):  # skip the random initialization: every parameter is assigned below
+        drafter = Drafter(cfg, torch.empty(cfg.n_vocab, cfg.n_embd), torch.empty(cfg.n_vocab, cfg.n_embd))
+    drafter.load_state_dict(state, assign=True)
+    drafter.tok_embd, drafter.lm_head = target_embeddings(target_gguf, dtype)
+    return drafter
+
+
+def save_drafter_gguf(drafter: Drafter, out: Path | str, target_gguf: Path | str, outtype: str = "f16",
+                      *, name: str | None = None, progress: bool = False) -> Path:
+    """Write a reference Drafter (e.g. a trained one) as a `dflash` GGUF for the given target."""
+    return write_drafter_gguf(out, drafter.cfg, drafter.state_dict(), read_target(target_gguf), outtype,
+                              name=name, progress=progress)

@@ -1,0 +1,125 @@
+"""The native helper against independent references: the ggml drafter against the torch reference
+drafter, and the captured hidden states against a float64 torch forward of the target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from synthetic_drafters import random_drafter_gguf
+from target_reference import hidden_states
+from tiny_targets import write_tiny_target
+
+from dflash_local import native
+from dflash_local.convert.gguf_io import load_drafter_gguf
+from dflash_local.native import Drafter, NativeError
+from dflash_local.target import Target, TargetParams
+
+
+def test_helper_shares_llama_cpp_ggml():
+    assert native.build_ggml_version() == native.loaded_ggml_version()
+    assert "CPU" in native.devices()
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _check_against_reference(drafter_path, target_path, rtol: float, seed: int = 0) -> None:
+    dr = Drafter(drafter_path, target_path, n_ctx=64, n_threads=1)
+    ref = load_drafter_gguf(drafter_path, target_path, dtype=torch.float64)
+    info = dr.info
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((13, len(info.target_layers) * info.n_embd)).astype(np.float32)
+    # the context arrives in pieces, as in decoding; a crop then re-injects a different tail
+    dr.inject(feats[:8], 0)
+    dr.inject(feats[8:], 8)
+    for block in (info.block_size, 4):
+        anchor = int(rng.integers(info.n_vocab))
+        got = dr.draft_logits(anchor, block)
+        tokens = torch.tensor([anchor] + [info.mask_token_id] * (block - 1))
+        with torch.no_grad():
+            want = ref(torch.from_numpy(feats).double(), tokens)[1:].numpy()
+        assert _rel_err(got, want) < rtol
+        # argmax agrees wherever the reference's top-2 margin is clear
+        top2 = np.sort(want, axis=1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 1e-2 * np.abs(want).max()
+        assert (got.argmax(1) == want.argmax(1))[clear].all()
+        assert (dr.draft(anchor, block) == got.argmax(1)).all()
+    dr.crop(5)
+    assert dr.n_pos == 5
+    dr.inject(feats[8:], 5)
+    got = dr.draft_logits(7, 4)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(np.concatenate([feats[:5], feats[8:]])).double(),
+                   torch.tensor([7] + [info.mask_token_id] * 3))[1:].numpy()
+    assert _rel_err(got, want) < rtol
+    dr.close()
+
+
+@pytest.mark.parametrize("arch,n_layer", [("llama", 1), ("qwen3", 5), ("qwen35", 2)])
+def test_drafter_matches_reference_f32(arch, n_layer, tiny_target, tmp_path):
+    target = tiny_target(arch)
+    drafter = random_drafter_gguf(target, tmp_path / "d.gguf", n_layer=n_layer, outtype="f32")
+    _check_against_reference(drafter, target, rtol=1e-4)
+
+
+@pytest.mark.parametrize("outtype,rtol", [("f16", 1e-2), ("q8_0", 3e-2)])
+def test_drafter_matches_reference_quantized(outtype, rtol, smollm2_path, tmp_path):
+    # SmolLM2: GQA 9/3 heads of 64, a Q4_1 embedding and LM head shared with the target; ggml's
+    # q8_0 matmul also rounds the activations to 8 bits, hence the wider tolerance
+    drafter = random_drafter_gguf(smollm2_path, tmp_path / "d.gguf", n_layer=1, outtype=outtype)
+    _check_against_reference(drafter, smollm2_path, rtol=rtol)
+
+
+def test_capture_equals_reference_hidden_states(tiny_target):
+    path = tiny_target("llama")
+    layers = (1, 2, 3)
+    tokens = [1, 5, 80, 81, 82, 40, 33, 260, 261, 7, 9]
+    ref = hidden_states(path, tokens)
+    for n_ubatch in (512, 4):  # 4: llama.cpp splits the batch into ubatches
+        tg = Target(path, TargetParams(n_ctx=64, n_batch=16, n_ubatch=n_ubatch), capture_layers=layers)
+        tg.decode(tokens, 0, all_logits=True)
+        got = tg.features()
+        assert got.shape == (len(tokens), len(layers) * tg.n_embd)
+        for j, layer in enumerate(layers):
+            block = got[:, j * tg.n_embd:(j + 1) * tg.n_embd]
+            # llama.cpp keeps K/V in f16 by default; a wrong layer or row would be off by O(1)
+            assert _rel_err(block, ref[layer]) < 5e-3
+            assert min(_rel_err(block, other) for i, other in enumerate(ref) if i != layer) > 0.1
+        tg.close()
+
+
+def test_capture_smollm2_stable_across_ubatches(smollm2_path):
+    layers = (2, 15, 28)
+    runs = []
+    for n_ubatch in (512, 3):
+        tg = Target(smollm2_path, TargetParams(n_ctx=128, n_batch=32, n_ubatch=n_ubatch), capture_layers=layers)
+        tokens = tg.tokenize("The capital of France is Paris. The capital of Italy is")
+        tg.decode(tokens, 0, all_logits=False)
+        runs.append(tg.features().copy())
+        tg.close()
+    assert runs[0].shape == (len(tokens), 3 * 576)
+    assert np.isfinite(runs[0]).all()
+    # batch order: a prefix decoded alone gives the same first rows
+    assert _rel_err(runs[1], runs[0]) < 2e-2
+
+
+def test_bad_drafters(tiny_target, smollm2_path, tmp_path):
+    llama = tiny_target("llama")
+    with pytest.raises(NativeError, match="not a DFlash drafter"):
+        Drafter(smollm2_path, smollm2_path)
+    with pytest.raises(NativeError, match="cannot read GGUF"):
+        Drafter(tmp_path / "missing.gguf", smollm2_path)
+    for_smol = random_drafter_gguf(smollm2_path, tmp_path / "smol.gguf", n_layer=1, target_layer_ids=[1, 2])
+    with pytest.raises(NativeError, match="hidden size"):
+        Drafter(for_smol, llama)
+    # same hidden size, another vocabulary
+    wide = write_tiny_target("llama", tmp_path / "wide.gguf", n_embd=576, n_head=9, n_head_kv=3)
+    with pytest.raises(NativeError, match="vocabulary"):
+        Drafter(for_smol, wide)
+    # layers deeper than the target
+    deep = write_tiny_target("llama", tmp_path / "deep.gguf", n_layer=8)
+    deep_drafter = random_drafter_gguf(deep, tmp_path / "deep-d.gguf", n_layer=1, target_layer_ids=[1, 6])
+    with pytest.raises(NativeError, match="outside the target"):
+        Drafter(deep_drafter, llama)
