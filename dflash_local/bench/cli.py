@@ -16,6 +16,9 @@ def bench(
     n_prompts: int = typer.Option(64, "-n", "--n-prompts", min=1, help="Use the first N prompts."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1),
     block_sizes: str = typer.Option("4,8,16", "--block-sizes", help="Comma-separated draft block sizes."),
+    adaptive: bool = typer.Option(True, "--adaptive/--fixed", help="Draft length chosen per step by measured "
+                                  "speed, as `dflash run` does (the block size is its maximum), or always "
+                                  "the whole block (shows what verification costs per block size)."),
     chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap prompts in the "
                                        "target's chat template (default: raw completion for humaneval, else on)."),
     json_out: Path = typer.Option(None, "--json", help="Write the results as JSON."),
@@ -62,7 +65,8 @@ def bench(
 
             binary = find_binary(compare_llama_cpp)
         cfg = BenchConfig(target, drafter, load_prompts(prompts, n_prompts, chat_template), max_tokens, sizes,
-                          TargetParams(n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads), device)
+                          TargetParams(n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads), device,
+                          adaptive)
         result = run_bench(cfg, err, on_mismatch)
         totals = dict(result.totals)
         if binary is not None:
@@ -79,7 +83,8 @@ def bench(
         "target": machine.file_info(target) | {"arch": read_gguf_arch(target)},
         "drafter": machine.file_info(drafter) | result.drafter,
         "settings": {"prompt_set": prompts, "n_prompts": len(cfg.prompts), "max_tokens": max_tokens,
-                     "block_sizes": sizes, "chat_template": cfg.prompts[0].chat, "greedy": True,
+                     "block_sizes": sizes, "adaptive": adaptive, "chat_template": cfg.prompts[0].chat,
+                     "greedy": True,
                      "ctx_size": ctx_size, "n_gpu_layers": n_gpu_layers, "threads": threads, "device": device,
                      "llama_cpp_binary": str(binary) if binary else None},
     }

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dflash_local.bench.runner import BenchResult, Totals
@@ -60,30 +61,30 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def print_table(console: Console, doc: dict[str, object]) -> None:
-    label = f" [{doc['label']}]" if doc["label"] else ""
+    label = escape(f" [{doc['label']}]") if doc["label"] else ""
     table = Table(title=f"{doc['target']['name']} + {doc['drafter']['name']}: {doc['settings']['prompt_set']} "
-                        f"x {doc['settings']['n_prompts']}, {doc['settings']['max_tokens']} tokens (greedy){label}")
+                        f"x {doc['settings']['n_prompts']}, {doc['settings']['max_tokens']} tokens (greedy, "
+                        f"{'adaptive' if doc['settings']['adaptive'] else 'fixed'} draft length){label}")
     # decode time shares: draft, target (capture included), inject, other; ms/pass: one target pass
     for col in ("run", "prefill t/s", "decode t/s", "speedup", "tau", "ms/pass",
                 "draft", "target", "capture", "inject", "other"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for r in doc["runs"]:
-        s = r["shares"]
-        cells = [r["key"], _num(r["prefill_tps"], ".1f"), _num(r["decode_tps"], ".1f"), _num(r["speedup"], ".2f"),
-                 _num(r["tau"], ".2f"), _num(r["target_ms_per_pass"], ".1f")]
-        cells += [_pct(s.get(k)) for k in ("draft", "target", "capture", "inject", "other")]
         if r["error"]:
-            cells = [r["key"], f"[red]failed: {r['error'].splitlines()[0]}[/red]"] + [""] * 9
-        table.add_row(*cells)
+            table.add_row(r["key"], "[red]failed[/red]", *[""] * 9)
+            continue
+        table.add_row(r["key"], _num(r["prefill_tps"], ".1f"), _num(r["decode_tps"], ".1f"), _num(r["speedup"], ".2f"),
+                      _num(r["tau"], ".2f"), _num(r["target_ms_per_pass"], ".1f"),
+                      *(_pct(r["shares"].get(k)) for k in ("draft", "target", "capture", "inject", "other")))
     console.print(table)
     for r in doc["runs"]:
         if r["accept_hist"]:
             counts = " ".join(f"{n}:{c}" for n, c in enumerate(r["accept_hist"]))
             console.print(f"[dim]{r['key']} passes by drafts accepted: {counts}[/dim]", highlight=False)
         if r["error"]:
-            console.print(f"[red]{r['key']} failed:[/red] {r['error']}", highlight=False)
+            console.print(f"[red]{r['key']} failed:[/red] {escape(r['error'])}", highlight=False)
     m = doc["memory"]
-    gpu = f", GPU used {m['gpu_used_mb']:.0f} MiB (drafter {m['drafter_gpu_mb']:.0f})" if m["gpu_used_mb"] else ""
+    gpu = f", GPU used {m['gpu_used_mb']:.0f} MiB (drafter {m['drafter_gpu_mb']:.0f})" if m["gpu_used_mb"] is not None else ""
     console.print(f"peak RSS {m['peak_rss_mb']:.0f} MiB (drafter {m['drafter_rss_mb']:.0f}){gpu}", highlight=False)
     for note in doc["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
@@ -123,9 +124,11 @@ def plot(doc: dict[str, object], path: Path) -> None:
     ax_h.set_xlabel("drafts accepted per pass")
     ax_h.set_ylabel("share of passes")
     ax_h.legend()
-    label = f" [{doc['label']}]" if doc["label"] else ""
-    fig.suptitle(f"{doc['target']['name']} + {doc['drafter']['name']} ({doc['settings']['prompt_set']}, "
-                 f"{doc['machine']['gpus'][0] if doc['machine']['gpus'] else doc['machine']['cpu']}){label}")
+    label = f"\n{doc['label']}" if doc["label"] else ""
+    settings, machine = doc["settings"], doc["machine"]
+    fig.suptitle(f"{doc['target']['name']} + {doc['drafter']['name']} ({settings['prompt_set']}, "
+                 f"{'adaptive' if settings['adaptive'] else 'fixed'} draft length, "
+                 f"{machine['gpus'][0] if machine['gpus'] else machine['cpu']}){label}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -3,8 +3,9 @@ interleaved per prompt after a warm-up, checking on the way that greedy outputs 
 
 Both modes share one target model and context: target-only runs with the hidden-state capture switched
 off (the eval callback then asks for no node, so the scheduler computes each split whole), so the
-baseline holds no second copy of the weights. bench/native/bench_native.py measures what the switched-off
-callback costs against a context without one.
+baseline holds no second copy of the weights; bench/native/bench_native.py measures what the switched-off
+callback costs against a context without one. A recurrent target is the exception: its DFlash context
+keeps state snapshots for rollback, so the target alone gets a context (and model) of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dflash_local.bench.machine import gpu_used_mb, peak_rss_mb, rss_mb
 from dflash_local.bench.prompts import Prompt
-from dflash_local.engine import Engine, Stats
+from dflash_local.engine import Engine, Generation, Stats
 from dflash_local.loader import open_drafter
 from dflash_local.target import Target, TargetParams
 
@@ -34,6 +35,7 @@ class BenchConfig:
     block_sizes: list[int]
     params: TargetParams
     device: str | None = None  # the drafter's ggml device
+    adaptive: bool = True  # draft length chosen per step (as `dflash run` does), else the whole block
 
 
 @dataclass
@@ -47,7 +49,9 @@ class Totals:
     generated: int = 0
     passes: int = 0  # target forward passes after the prefill
     accepted: int = 0  # draft tokens accepted, summed over passes
-    hist: list[int] = field(default_factory=list)  # passes by number of drafts accepted (0 .. block_size-1)
+    # passes by number of drafts accepted (0 .. block_size-1); with an adaptive draft length this counts
+    # passes that verified no draft at all as 0 too
+    hist: list[int] = field(default_factory=list)
     t_prefill: float = 0.0
     t_decode: float = 0.0
     t_target: float = 0.0
@@ -153,29 +157,34 @@ def run_bench(cfg: BenchConfig, console: Console,
     drafter = open_drafter(cfg.drafter, cfg.target, cfg.params.n_ctx + 64, cfg.device, cfg.params.n_threads)
     mem1, gpu1 = rss_mb(), gpu_used_mb()
     tg = Target(cfg.target, cfg.params, capture_layers=drafter.info.target_layers, rollback=drafter.info.block_size)
+    # a recurrent target keeps state snapshots for DFlash's rollback: the target alone must not pay for them
+    base_tg = Target(cfg.target, cfg.params) if tg.recurrent else tg
     try:
-        baseline = Engine(tg)
-        engines = {b: Engine(tg, drafter, b) for b in cfg.block_sizes}
+        baseline = Engine(base_tg)
+        engines = {b: Engine(tg, drafter, b, adaptive=cfg.adaptive) for b in cfg.block_sizes}
         totals = {"target": Totals("target")} | {f"dflash-{b}": Totals("dflash", b) for b in cfg.block_sizes}
-        notes: list[str] = []
+        notes = ["recurrent target: the target alone ran in a context of its own, without snapshots"] \
+            if base_tg is not tg else []
         texts = [_prompt_text(tg, p, notes) for p in cfg.prompts]
         tokens = [tg.tokenize(text) for text in texts]
         records = [PromptRecord(p.id, text, len(toks), "") for p, text, toks in zip(cfg.prompts, texts, tokens)]
         mismatches: list[Mismatch] = []
         gpu_peak = gpu_used_mb()
 
-        def target_only(toks: list[int], n: int):
-            tg.capture.enable(False)
+        def target_only(toks: list[int], n: int) -> Generation:
+            if base_tg.capture is None:
+                return _generate(baseline, toks, n)
+            base_tg.capture.enable(False)
             try:
-                return baseline.generate(toks, n)
+                return _generate(baseline, toks, n)
             finally:
-                tg.capture.enable(True)
+                base_tg.capture.enable(True)
 
         with progress_bar(console) as progress:
             task = progress.add_task("warm-up", total=len(records) * (1 + len(engines)))
             target_only(tokens[0], WARMUP_TOKENS)
             for eng in engines.values():
-                eng.generate(tokens[0], WARMUP_TOKENS)
+                _generate(eng, tokens[0], WARMUP_TOKENS)
             for rec, toks in zip(records, tokens):
                 progress.update(task, description=rec.id)
                 ref = target_only(toks, cfg.max_tokens)
@@ -184,7 +193,7 @@ def run_bench(cfg: BenchConfig, console: Console,
                 rec.runs["target"] = {"generated": ref.stats.generated, "decode_tps": ref.stats.decode_tps}
                 progress.advance(task)
                 for b, eng in engines.items():
-                    gen = eng.generate(toks, cfg.max_tokens)
+                    gen = _generate(eng, toks, cfg.max_tokens)
                     totals[f"dflash-{b}"].add(gen.stats, gen.stop)
                     rec.runs[f"dflash-{b}"] = {"generated": gen.stats.generated, "decode_tps": gen.stats.decode_tps,
                                                "tau": gen.stats.tau}
@@ -196,6 +205,8 @@ def run_bench(cfg: BenchConfig, console: Console,
                 gpu_now = gpu_used_mb()
                 gpu_peak = max(gpu_peak, gpu_now) if gpu_now is not None and gpu_peak is not None else None
     finally:
+        if base_tg is not tg:
+            base_tg.close()
         tg.close()
         drafter.close()
     memory = {
@@ -209,10 +220,20 @@ def run_bench(cfg: BenchConfig, console: Console,
     return BenchResult(totals, records, mismatches, memory, notes, info)
 
 
+def _generate(engine: Engine, tokens: list[int], n: int) -> Generation:
+    gen = engine.generate(tokens, n)
+    if gen.stop == "interrupted":  # the engine keeps what it has on Ctrl-C; a benchmark stops
+        raise KeyboardInterrupt
+    return gen
+
+
+NO_TEMPLATE = "the target has no chat template: chat prompts ran as raw completion"
+
+
 def _prompt_text(tg: Target, p: Prompt, notes: list[str]) -> str:
     text = tg.chat_prompt([("user", p.text)]) if p.chat else p.text
     if text is None:
         text = p.text
-        if not notes:
-            notes.append("the target has no chat template: chat prompts ran as raw completion")
+        if NO_TEMPLATE not in notes:
+            notes.append(NO_TEMPLATE)
     return text

@@ -63,7 +63,7 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
     from dflash_local.errors import UserError
     from dflash_local.reference import Drafter
     from dflash_local.target import Target, TargetParams
-    from dflash_local.train import data, evaluate, trainer
+    from dflash_local.train import answers, data, evaluate, trainer
     from dflash_local.train.prompts import training_prompts
 
     # every input is checked before the hours of work start
@@ -84,7 +84,7 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
     held_out = [] if eval_source == "none" else evaluate.eval_prompts(eval_source)[:eval_prompts]
     data_dir = data_dir or output.parent / f"{output.stem}-data"
     checkpoint = output.with_suffix(".ckpt")
-    params = TargetParams(n_ctx=data.context_size(info.n_ctx, max_new_tokens), n_gpu_layers=n_gpu_layers,
+    params = TargetParams(n_ctx=answers.context_size(info.n_ctx, max_new_tokens), n_gpu_layers=n_gpu_layers,
                           n_threads=threads)
 
     def bar() -> Progress:
@@ -94,13 +94,13 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
     tg = Target(target, params, capture_layers=capture)
     try:
         ds = data.Dataset(data_dir, target, capture, info.n_embd)
-        todo, skipped = data.plan(tg, train_prompts, ds, max_new_tokens)
+        todo, skipped = answers.plan(tg, train_prompts, ds, max_new_tokens)
         need = sum(len(t) + max_new_tokens for _, t in todo) * ds.row_bytes
         console.print(f"data: {len(todo)} prompts to answer ({len(ds.sequences)} done, {skipped} too long), "
-                      f"up to {need / 1e9:.2f} GB more in {data_dir} (layers {list(capture)}, "
+                      f"up to {_size(need)} more in {data_dir} (layers {list(capture)}, "
                       f"{ds.width} features per token)", highlight=False)
         with bar() as progress:
-            gen = data.answer(tg, todo, ds, max_new_tokens, progress)
+            gen = answers.answer(tg, todo, ds, max_new_tokens, progress)
     finally:
         tg.close()
 
@@ -138,7 +138,7 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
     for col in ("phase", "amount", "time", "rate"):
         table.add_column(col)
     table.add_row("data", f"{gen.sequences} answers, {gen.tokens} tokens (total {len(ds.sequences)} sequences, "
-                  f"{ds.n_rows * ds.row_bytes / 1e9:.2f} GB)", f"{gen.seconds:.0f} s",
+                  f"{_size(ds.n_rows * ds.row_bytes)})", f"{gen.seconds:.0f} s",
                   f"{gen.tokens / gen.seconds:.1f} tok/s" if gen.tokens else "-")
     table.add_row("training", f"{fit.steps} steps (to step {tr.step_no}), loss {fit.loss:.3f}, tau~{fit.tau:.2f}",
                   f"{fit.seconds:.0f} s", f"{fit.steps / fit.seconds:.2f} steps/s" if fit.seconds else "-")
@@ -146,3 +146,7 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
         table.add_row(f"eval ({eval_source})", f"{ev.prompts} prompts, tau {ev.tau:.2f}", f"{ev.seconds:.0f} s",
                       f"{ev.tokens_per_second:.1f} tok/s")
     console.print(table)
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"

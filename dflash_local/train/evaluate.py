@@ -16,7 +16,7 @@ from dflash_local.engine import Engine
 from dflash_local.errors import UserError
 from dflash_local.loader import open_models
 from dflash_local.target import TargetParams
-from dflash_local.train.data import fits, templated
+from dflash_local.train.answers import fits, templated
 from dflash_local.train.prompts import builtin_prompts, read_jsonl
 
 

