@@ -22,8 +22,11 @@ if [ -z "$src" ]; then
     src=$(ls "$out"/llama_cpp_python-*.tar.gz)
 fi
 if [ -f "$src" ]; then
-    rm -rf "$out/src" && mkdir -p "$out/src"
-    tar -xzf "$src" -C "$out/src" --strip-components=1
+    # unpacked once: fresh timestamps would make a resumed build start over (delete OUT/src to redo)
+    if [ ! -f "$out/src/pyproject.toml" ]; then
+        mkdir -p "$out/src"
+        tar -xzf "$src" -C "$out/src" --strip-components=1
+    fi
     src="$out/src"
 fi
 llama=$(realpath "$src/vendor/llama.cpp")

@@ -27,7 +27,7 @@ app = typer.Typer(
 app.add_typer(convert_app, name="convert")
 app.command()(train)
 app.command()(bench)
-console = Console(stderr=True)  # stdout carries only the generated text
+console = Console(stderr=True, soft_wrap=True)  # stdout carries only the generated text
 
 
 def _version(value: bool) -> None:
@@ -122,13 +122,13 @@ def _run(target: Path | None, drafter: Path | None, prompt: str | None, file: Pa
         raise UserError(f"target model not found: {target}")
     if not no_draft and drafter is None:
         drafter = models.find_drafter(target)
-        if drafter is None:
-            console.print(f"[yellow]note:[/yellow] no drafter found for {target.name} ({target.stem}-dflash*.gguf): "
-                          "running the target alone. Make one with `dflash train`.", highlight=False)
     split = tuple(float(x) for x in tensor_split.split(",")) if tensor_split else ()
     params = TargetParams(n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads, main_gpu=main_gpu,
                           tensor_split=split)
     tg, dr = open_models(target, None if no_draft else drafter, params, device)
+    if dr is None and not no_draft:
+        console.print(f"[yellow]note:[/yellow] no drafter found for {target.name} ({target.stem}-dflash*.gguf): "
+                      "running the target alone. Make one with `dflash train`.", highlight=False)
     engine = Engine(tg, dr, block_size)
     sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
 

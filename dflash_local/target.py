@@ -107,8 +107,9 @@ class Target:
         self.mem = lc.llama_get_memory(self.ctx)
         # recurrent state rolls back through llama.cpp's snapshots when it keeps enough of them
         self.snapshots = self.recurrent and rollback > 0 and lc.llama_n_rs_seq(self.ctx) >= rollback
-        self._batch = lc.llama_batch_init(max(params.n_batch, 1), 0, 1)
-        self._batch_cap = max(params.n_batch, 1)
+        # llama.cpp clamps n_batch to the context size
+        self._batch_cap = lc.llama_n_batch(self.ctx)
+        self._batch = lc.llama_batch_init(self._batch_cap, 0, 1)
         self._saved: ctypes.Array | None = None
 
     # ---- text --------------------------------------------------------------------------------

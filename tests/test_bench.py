@@ -49,12 +49,12 @@ def test_bench_table_json_plot(models, tmp_path):
         assert row in res.output
     doc = json.loads(out_json.read_text())
     assert doc["schema"] == "dflash-bench/1" and doc["ok"] and doc["mismatches"] == []
-    assert doc["label"] == "random drafter" and doc["command"].startswith("dflash ")  # sys.argv: pytest's here
+    assert doc["label"] == "random drafter" and doc["command"].split()[0] == "dflash"  # argv is pytest's here
     assert {"cpu", "cores", "gpus", "ggml_devices"} <= doc["machine"].keys()
     assert doc["target"]["size_bytes"] > 0 and doc["drafter"]["block_size"] == 16
     settings = doc["settings"]
     assert settings["block_sizes"] == [2, 4] and settings["n_prompts"] == 2 and not settings["adaptive"]
-    assert doc["memory"]["peak_rss_mb"] > 0
+    assert doc["memory"]["peak_rss_mb"] > 0 and settings["threads_used"] == 1
     runs = {r["key"]: r for r in doc["runs"]}
     assert runs.keys() == {"target", "dflash-2", "dflash-4"}
     assert runs["target"]["speedup"] == pytest.approx(1.0)
@@ -105,10 +105,10 @@ def test_prompt_sets(tmp_path):
 
 def test_upstream_command_and_log(models):
     cfg = runner.BenchConfig(models[0], models[1], [], 32, [16], TargetParams(n_ctx=512, n_threads=2))
-    cmd = command(Path("llama-speculative-simple"), cfg, 16, "hi\n")
+    cmd = command(Path("llama-speculative-simple"), cfg, 16, "hi\n", 2)
     joined = " ".join(cmd)
     assert "--spec-type draft-dflash" in joined and "--spec-draft-n-max 15" in joined and "-n 32" in joined
-    assert cmd[cmd.index("-p") + 1] == "hi\n" and "-t 2" in joined
+    assert cmd[cmd.index("-p") + 1] == "hi\n" and "-t 2 -td 2" in joined
     assert parse(UPSTREAM_LOG) == {"encoded": 23, "t_encoded": 0.066, "decoded": 33, "t_decoded": 1.352,
                                    "n_accept": 9}
     with pytest.raises(ValueError, match="decoded"):

@@ -13,8 +13,9 @@ cd "$(dirname "$0")/../.."
 
 PY=${PYTHON:-python3}
 BUNDLE=${BUNDLE:-bench/gpu/bundle}
-BUILD=${BUILD:-build/gpu}
+BUILD=$(realpath -m "${BUILD:-build/gpu}")  # absolute: pip builds elsewhere
 SDIST=${SDIST:-$BUNDLE/llama_cpp_python-0.3.36.tar.gz}  # trimmed or full; absent: fetched with pip
+GGML_CUDA=${GGML_CUDA:-on}  # off: a CPU build, to try the runbook without a GPU
 CUDA_ARCH=${CUDA_ARCH:-90}  # 90 H100/H200, 89 L40S/RTX 40xx, 86 A10/RTX 30xx, 80 A100, 120 RTX 50xx
 JOBS=${JOBS:-$(nproc)}
 RESULTS=${RESULTS:-bench/results}
@@ -43,11 +44,19 @@ step_deps() {
 }
 
 step_lcp() {
-    log "llama-cpp-python 0.3.36 with CUDA (arch $CUDA_ARCH)"
-    local src=llama-cpp-python==0.3.36
-    [ -f "$SDIST" ] && src=$SDIST
+    log "llama-cpp-python 0.3.36 (GGML_CUDA=$GGML_CUDA, arch $CUDA_ARCH)"
+    # built from an unpacked tree at a fixed path, so that a build cut off resumes in $BUILD/lcp
+    local src="$BUILD/lcp-src" sdist=$SDIST
+    if [ ! -f "$src/pyproject.toml" ]; then
+        if [ ! -f "$sdist" ]; then
+            "$PY" -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d "$BUILD"
+            sdist="$BUILD/llama_cpp_python-0.3.36.tar.gz"
+        fi
+        mkdir -p "$src"
+        tar -xzf "$sdist" -C "$src" --strip-components=1
+    fi
     # mtmd (multimodal) is not used: leaving it out saves compile time
-    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH -DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" \
+    CMAKE_ARGS="-DGGML_CUDA=$GGML_CUDA -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH -DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" \
     CMAKE_BUILD_PARALLEL_LEVEL=$JOBS \
         "$PY" -m pip wheel --no-deps --no-build-isolation -C build-dir="$BUILD/lcp" -w "$BUILD/wheels" "$src"
     "$PY" -m pip install --no-deps --force-reinstall "$BUILD"/wheels/llama_cpp_python-0.3.36-*.whl
@@ -58,14 +67,17 @@ step_dflash() {
     CMAKE_BUILD_PARALLEL_LEVEL=$JOBS \
         "$PY" -m pip install --no-deps --no-build-isolation -C build-dir="$BUILD/dflash" .
     "$PY" -m dflash_local doctor
-    "$PY" -m dflash_local doctor 2>&1 | grep -q CUDA || { echo "no CUDA device visible to ggml" >&2; exit 1; }
+    if [ "$GGML_CUDA" = on ] && ! "$PY" -m dflash_local doctor 2>&1 | grep -q CUDA; then
+        echo "no CUDA device visible to ggml" >&2
+        exit 1
+    fi
 }
 
 step_upstream() {
-    log "upstream llama-speculative-simple with CUDA"
+    log "upstream llama-speculative-simple (GGML_CUDA=$GGML_CUDA)"
     local src=()
     [ -f "$SDIST" ] && src=("$SDIST")
-    GGML_CUDA=on CMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH JOBS=$JOBS \
+    GGML_CUDA=$GGML_CUDA CMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH JOBS=$JOBS \
         bash bench/build_llama_cpp.sh "${src[@]}" "$BUILD/upstream"
 }
 

@@ -70,7 +70,7 @@ def bench(
         result = run_bench(cfg, err, on_mismatch)
         totals = dict(result.totals)
         if binary is not None:
-            totals |= run_upstream(binary, cfg, result.prompts, err)
+            totals |= run_upstream(binary, cfg, result.prompts, result.n_threads, err)
     except UserError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
@@ -85,7 +85,8 @@ def bench(
         "settings": {"prompt_set": prompts, "n_prompts": len(cfg.prompts), "max_tokens": max_tokens,
                      "block_sizes": sizes, "adaptive": adaptive, "chat_template": cfg.prompts[0].chat,
                      "greedy": True,
-                     "ctx_size": ctx_size, "n_gpu_layers": n_gpu_layers, "threads": threads, "device": device,
+                     "ctx_size": ctx_size, "n_gpu_layers": n_gpu_layers, "threads": threads,
+                     "threads_used": result.n_threads, "device": device,
                      "llama_cpp_binary": str(binary) if binary else None},
     }
     doc = report.build_json(meta, result, totals)

@@ -31,15 +31,15 @@ def find_binary(path: Path) -> Path:
     raise UserError(f"no {BINARY} at {path}: build it with bench/build_llama_cpp.sh")
 
 
-def command(binary: Path, cfg: BenchConfig, block_size: int, prompt: str) -> list[str]:
+def command(binary: Path, cfg: BenchConfig, block_size: int, prompt: str, n_threads: int) -> list[str]:
+    """The upstream run of one prompt; n_threads: as many as our target used (the defaults differ)."""
     p = cfg.params
     on_gpu = p.n_gpu_layers > 0
     cmd = [str(binary), "-m", str(cfg.target), "-md", str(cfg.drafter), "--spec-type", "draft-dflash",
            "--spec-draft-n-max", str(block_size - 1), "-n", str(cfg.max_tokens), "-c", str(p.n_ctx),
            "-b", str(p.n_ctx), "-ngl", str(p.n_gpu_layers), "-ngld", "99" if on_gpu else "0",
-           "--temp", "0", "--top-k", "1", "-fit", "off", "-p", prompt]  # -p: -f would drop a final newline
-    if p.n_threads > 0:
-        cmd += ["-t", str(p.n_threads), "-td", str(p.n_threads)]
+           "-t", str(n_threads), "-td", str(n_threads), "--temp", "0", "--top-k", "1", "-fit", "off",
+           "-p", prompt]  # -p: -f would drop a final newline
     if cpu_has_amx():  # the AMX repacked buffers crash ggml's matmul here as in our process
         cmd.append("--no-repack")
     return cmd
@@ -58,7 +58,8 @@ def parse(log: str) -> dict[str, float]:
     return out
 
 
-def run_upstream(binary: Path, cfg: BenchConfig, records: list[PromptRecord], console: Console) -> dict[str, Totals]:
+def run_upstream(binary: Path, cfg: BenchConfig, records: list[PromptRecord], n_threads: int,
+                 console: Console) -> dict[str, Totals]:
     """A Totals per block size; a failing run stops that block size and keeps the error."""
     totals: dict[str, Totals] = {}
     with progress_bar(console) as progress:
@@ -67,7 +68,7 @@ def run_upstream(binary: Path, cfg: BenchConfig, records: list[PromptRecord], co
             t = totals[f"llama.cpp-{b}"] = Totals("llama.cpp", b)
             for rec in records:
                 progress.update(task, description=f"llama.cpp {rec.id}")
-                proc = subprocess.run(command(binary, cfg, b, rec.text), capture_output=True, text=True,
+                proc = subprocess.run(command(binary, cfg, b, rec.text, n_threads), capture_output=True, text=True,
                                       errors="replace")
                 try:
                     if proc.returncode != 0:

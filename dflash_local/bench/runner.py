@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import llama_cpp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -130,6 +131,7 @@ class BenchResult:
     memory: dict[str, float | None]
     notes: list[str]
     drafter: dict[str, object]  # the drafter's shape as the helper read it
+    n_threads: int  # the target context's CPU threads (llama.cpp's default when none were given)
 
 
 def find_mismatch(expected: list[int], got: list[int]) -> int | None:
@@ -169,6 +171,7 @@ def run_bench(cfg: BenchConfig, console: Console,
         tokens = [tg.tokenize(text) for text in texts]
         records = [PromptRecord(p.id, text, len(toks), "") for p, text, toks in zip(cfg.prompts, texts, tokens)]
         mismatches: list[Mismatch] = []
+        n_threads = llama_cpp.llama_n_threads(tg.ctx)
         gpu_peak = gpu_used_mb()
 
         def target_only(toks: list[int], n: int) -> Generation:
@@ -217,7 +220,7 @@ def run_bench(cfg: BenchConfig, console: Console,
     }
     info = {"block_size": drafter.info.block_size, "n_layer": drafter.info.n_layer,
             "target_layers": list(drafter.info.target_layers)}
-    return BenchResult(totals, records, mismatches, memory, notes, info)
+    return BenchResult(totals, records, mismatches, memory, notes, info, n_threads)
 
 
 def _generate(engine: Engine, tokens: list[int], n: int) -> Generation:

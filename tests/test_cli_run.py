@@ -1,0 +1,55 @@
+"""`dflash run` end to end through the Typer runner, on SmolLM2, and its errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+from synthetic_drafters import random_drafter_gguf
+from typer.testing import CliRunner
+
+from dflash_local.cli import app
+
+PROMPT = "Write a haiku about the sea."
+
+
+@pytest.fixture(scope="module")
+def smol_drafter(smollm2_path, tmp_path_factory):
+    return random_drafter_gguf(smollm2_path, tmp_path_factory.mktemp("d") / "smol-dflash.gguf", n_layer=1)
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, ["run", *map(str, args)])
+
+
+def test_run_same_text_as_target_alone(smollm2_path, smol_drafter):
+    alone = _run(smollm2_path, "--no-draft", "-p", PROMPT, "--temp", "0", "-n", "24", "-t", "1")
+    drafted = _run(smollm2_path, "--drafter", smol_drafter, "-p", PROMPT, "--temp", "0", "-n", "24", "-t", "1")
+    assert alone.exit_code == 0, alone.output
+    assert drafted.exit_code == 0, drafted.output
+    assert alone.stdout.strip() and alone.stdout == drafted.stdout
+    assert "tau" in drafted.stderr and "tok/s" in drafted.stderr
+
+
+def test_run_finds_no_drafter_and_says_so(smollm2_path):
+    result = _run(smollm2_path, "-p", PROMPT, "-n", "4", "-t", "1")
+    assert result.exit_code == 0
+    assert "no drafter found" in result.stderr
+
+
+def test_run_bad_inputs(smollm2_path, smol_drafter, tiny_target, tmp_path):
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\0" * 64)
+    cases = [
+        ((tmp_path / "missing.gguf", "-p", "hi"), "target model not found"),
+        ((corrupt, "-p", "hi"), "not a valid GGUF"),
+        ((smollm2_path, "--drafter", tmp_path / "missing.gguf", "-p", "hi"), "drafter not found"),
+        ((smollm2_path, "--drafter", smollm2_path, "-p", "hi"), "not a DFlash drafter"),
+        ((tiny_target("llama"), "--drafter", smol_drafter, "-p", "hi"), "hidden size"),
+        ((smollm2_path, "--no-draft", "-p", "word " * 400, "--ctx-size", "64"), "but the context holds"),
+        ((smollm2_path, "--drafter", smol_drafter, "--block-size", "32", "-p", "hi"), "--block-size"),
+        ((smollm2_path, "-p", "hi", "-f", tmp_path / "p.txt"), "either --prompt or --file"),
+    ]
+    for args, message in cases:
+        result = _run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.output
