@@ -108,7 +108,7 @@ def test_upstream_command_and_log(models):
     cmd = command(Path("llama-speculative-simple"), cfg, 16, "hi\n", 2)
     joined = " ".join(cmd)
     assert "--spec-type draft-dflash" in joined and "--spec-draft-n-max 15" in joined and "-n 32" in joined
-    assert cmd[cmd.index("-p") + 1] == "hi\n" and "-t 2 -td 2" in joined
+    assert cmd[cmd.index("-p") + 1] == "hi\n" and "-t 2 -td 2" in joined and "-ngld 0" in joined
     assert parse(UPSTREAM_LOG) == {"encoded": 23, "t_encoded": 0.066, "decoded": 33, "t_decoded": 1.352,
                                    "n_accept": 9}
     with pytest.raises(ValueError, match="decoded"):

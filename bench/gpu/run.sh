@@ -28,6 +28,7 @@ DEVICE=${DEVICE:-CUDA0}  # the drafter's ggml device
 LABEL=${LABEL:-}
 
 log() { printf '\n=== %s\n' "$*"; }
+# python -P: the installed dflash_local (with its native helper), not the source tree in the current folder
 
 pip_install() {  # from the bundle's wheels when there are some (no registry needed), else from the index
     if [ -d "$BUNDLE/wheels" ]; then
@@ -66,8 +67,8 @@ step_dflash() {
     log "dflash-local against that llama-cpp-python"
     CMAKE_BUILD_PARALLEL_LEVEL=$JOBS \
         "$PY" -m pip install --no-deps --no-build-isolation -C build-dir="$BUILD/dflash" .
-    "$PY" -m dflash_local doctor
-    if [ "$GGML_CUDA" = on ] && ! "$PY" -m dflash_local doctor 2>&1 | grep -q CUDA; then
+    "$PY" -P -m dflash_local doctor
+    if [ "$GGML_CUDA" = on ] && ! "$PY" -P -m dflash_local doctor 2>&1 | grep -q CUDA; then
         echo "no CUDA device visible to ggml" >&2
         exit 1
     fi
@@ -112,20 +113,20 @@ locate_models() {
 step_native() {
     locate_models
     log "native micro-benchmark"
-    PYTHONPATH=. "$PY" bench/native/bench_native.py "$TARGET" "$DRAFTER" --n-gpu-layers "$NGL" --device "$DEVICE" \
+    "$PY" -P bench/native/bench_native.py "$TARGET" "$DRAFTER" --n-gpu-layers "$NGL" --device "$DEVICE" \
         --json "$RESULTS/native-$TAG.json"
 }
 
 step_bench() {
     locate_models
     log "dflash bench"
-    "$PY" -m dflash_local bench "${ARGS[@]}" --json "$RESULTS/bench-$TAG.json" --plot "$RESULTS/bench-$TAG.png"
+    "$PY" -P -m dflash_local bench "${ARGS[@]}" --json "$RESULTS/bench-$TAG.json" --plot "$RESULTS/bench-$TAG.png"
 }
 
 step_compare() {
     locate_models
     log "dflash bench with upstream llama.cpp"
-    "$PY" -m dflash_local bench "${ARGS[@]}" --compare-llama-cpp "$BUILD/upstream" \
+    "$PY" -P -m dflash_local bench "${ARGS[@]}" --compare-llama-cpp "$BUILD/upstream" \
         --json "$RESULTS/bench-$TAG-vs-llama-cpp.json" --plot "$RESULTS/bench-$TAG-vs-llama-cpp.png"
 }
 

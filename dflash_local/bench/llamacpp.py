@@ -34,10 +34,10 @@ def find_binary(path: Path) -> Path:
 def command(binary: Path, cfg: BenchConfig, block_size: int, prompt: str, n_threads: int) -> list[str]:
     """The upstream run of one prompt; n_threads: as many as our target used (the defaults differ)."""
     p = cfg.params
-    on_gpu = p.n_gpu_layers > 0
+    drafter_on_gpu = bool(cfg.device) and cfg.device.upper() != "CPU"  # our helper's default device is the CPU
     cmd = [str(binary), "-m", str(cfg.target), "-md", str(cfg.drafter), "--spec-type", "draft-dflash",
            "--spec-draft-n-max", str(block_size - 1), "-n", str(cfg.max_tokens), "-c", str(p.n_ctx),
-           "-b", str(p.n_ctx), "-ngl", str(p.n_gpu_layers), "-ngld", "99" if on_gpu else "0",
+           "-b", str(p.n_ctx), "-ngl", str(p.n_gpu_layers), "-ngld", "99" if drafter_on_gpu else "0",
            "-t", str(n_threads), "-td", str(n_threads), "--temp", "0", "--top-k", "1", "-fit", "off",
            "-p", prompt]  # -p: -f would drop a final newline
     if cpu_has_amx():  # the AMX repacked buffers crash ggml's matmul here as in our process

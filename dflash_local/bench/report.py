@@ -84,7 +84,8 @@ def print_table(console: Console, doc: dict[str, object]) -> None:
         if r["error"]:
             console.print(f"[red]{r['key']} failed:[/red] {escape(r['error'])}", highlight=False)
     m = doc["memory"]
-    gpu = f", GPU used {m['gpu_used_mb']:.0f} MiB (drafter {m['drafter_gpu_mb']:.0f})" if m["gpu_used_mb"] is not None else ""
+    gpu = "" if m["gpu_used_mb"] is None else \
+        f", GPU used {m['gpu_used_mb']:.0f} MiB device-wide (drafter {m['drafter_gpu_mb']:.0f})"
     console.print(f"peak RSS {m['peak_rss_mb']:.0f} MiB (drafter {m['drafter_rss_mb']:.0f}){gpu}", highlight=False)
     for note in doc["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
