@@ -19,7 +19,8 @@ from dflash_local.reference import Drafter
 from dflash_local.target import Target, TargetParams
 from dflash_local.train import answers, trainer
 from dflash_local.train.data import FEATURES, Dataset
-from dflash_local.train.prompts import builtin_prompts
+from dflash_local.bench.prompts import load_prompts
+from dflash_local.train.prompts import training_prompts
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "what is the water like", "how to make it"]
 LAYERS = (1, 3)
@@ -103,10 +104,12 @@ def test_target_layers():
             trainer.parse_target_layers(bad, 4)
 
 
-def test_builtin_prompts_are_many_and_held_out():
-    train, held_out = builtin_prompts("train"), builtin_prompts("eval")
-    assert len(train) >= 300 and len(held_out) >= 30
-    assert not set(train) & set(held_out)
+def test_builtin_prompts_are_many_and_leave_the_benchmark_out():
+    train = training_prompts("builtin")
+    assert len(train) >= 300 and len(set(train)) == len(train)
+    assert not set(train) & {p.text for p in load_prompts("chat", 1000)}
+    with pytest.raises(UserError, match="benchmark set"):
+        training_prompts("humaneval")
 
 
 def test_humaneval_prompts():
@@ -184,7 +187,7 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     (["{target}", "--target-layers", "4"], "outside 1..3"),
     (["{target}", "--target-layers", "1,x"], "comma-separated"),
     (["{target}", "--steps", "2", "--epochs", "1"], "either --steps or --epochs"),
-    (["{target}", "--prompts", "missing.jsonl"], "prompt file not found"),
+    (["{target}", "--prompts", "missing.jsonl"], "missing.jsonl is none of them"),
 ])
 def test_cli_bad_inputs(target, tmp_path, args, message):
     args = [a.format(target=target) for a in args]

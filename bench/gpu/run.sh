@@ -78,7 +78,11 @@ step_upstream() {
     log "upstream llama-speculative-simple (GGML_CUDA=$GGML_CUDA)"
     local src=()
     [ -f "$SDIST" ] && src=("$SDIST")
-    GGML_CUDA=$GGML_CUDA CMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH JOBS=$JOBS \
+    # linked to the ggml of the llama-cpp-python just built (CUDA included): only llama and the example
+    # compile, not ggml's CUDA kernels a second time
+    local site
+    site=$("$PY" -c "import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).parents[1])")
+    GGML_CUDA=off JOBS=$JOBS EXTRA_CMAKE_ARGS="-DLLAMA_USE_SYSTEM_GGML=ON -DCMAKE_PREFIX_PATH=$site" \
         bash bench/build_llama_cpp.sh "${src[@]}" "$BUILD/upstream"
 }
 

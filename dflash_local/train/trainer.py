@@ -123,12 +123,14 @@ class Trainer:
         self.drafter, self.opts, self.device = drafter, opts, device
         self.tokens, self.features, starts = ds.arrays()
         # (first row, prompt length, length) of sequences with at least one anchor that has a label
-        self.seqs = [(int(r), s.n_prompt, s.n_tokens) for r, s in zip(starts, ds.sequences) if s.n_tokens - s.n_prompt >= 2]
+        self.seqs = [(int(r), s.n_prompt, s.n_tokens) for r, s in zip(starts, ds.sequences)
+                     if s.n_tokens - s.n_prompt >= 2]
         if not self.seqs:
             raise UserError("no answer in the dataset is 2 tokens or longer: nothing to train on")
         self.weights = position_weights(drafter.cfg.block_size).to(device)
         self.rng = np.random.default_rng(opts.seed)
-        self.opt = torch.optim.AdamW(drafter.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
+        self.opt = torch.optim.AdamW(drafter.parameters(), lr=opts.lr, betas=(0.9, 0.95),
+                                     weight_decay=opts.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.step_no = 0
 
