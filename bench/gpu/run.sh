@@ -3,8 +3,8 @@
 # dflash-local against it, build upstream llama.cpp's llama-speculative-simple with CUDA, then run the
 # native micro-benchmark and `dflash bench` without and with the upstream comparison.
 #
-#   bench/gpu/run.sh [STEP ...]   steps: deps lcp dflash upstream models native bench compare
-#                                 (default: all of them, in that order)
+#   bench/gpu/run.sh [STEP ...]   steps: deps lcp dflash upstream models train native bench compare
+#                                 (default: all of them but train, in that order)
 #
 # Every step can be rerun; the builds keep their trees under $BUILD, so a build cut off by a time limit
 # resumes where it stopped. Offline: put the bundle of bench/gpu/make_bundle.sh in $BUNDLE.
@@ -67,8 +67,10 @@ step_dflash() {
     log "dflash-local against that llama-cpp-python"
     CMAKE_BUILD_PARALLEL_LEVEL=$JOBS \
         "$PY" -m pip install --no-deps --no-build-isolation -C build-dir="$BUILD/dflash" .
-    "$PY" -P -m dflash_local doctor
-    if [ "$GGML_CUDA" = on ] && ! "$PY" -P -m dflash_local doctor 2>&1 | grep -q CUDA; then
+    local doctor
+    doctor=$("$PY" -P -m dflash_local doctor 2>&1)
+    echo "$doctor"
+    if [ "$GGML_CUDA" = on ] && [[ $doctor != *CUDA* ]]; then
         echo "no CUDA device visible to ggml" >&2
         exit 1
     fi
@@ -97,6 +99,17 @@ step_models() {
             > "$BUILD/models/$name"
     done
     ls -l "$BUILD/models"
+}
+
+step_train() {
+    # the default drafter (bench/train/README.md): the target's answers, training and export on this GPU
+    local target
+    target=${TARGET:-$(find "$BUILD/models" -name '*.gguf' ! -name '*dflash*' 2>/dev/null | sort | head -1)}
+    [ -f "$target" ] || { echo "set TARGET or run the models step first" >&2; exit 1; }
+    log "dflash train $target"
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
+    "$PY" -P -m dflash_local train "$target" -o "$BUILD/models/$(basename "$target" .gguf)-dflash.gguf" \
+        --device cuda -ngl "$NGL" --data-dir "$BUILD/data" ${TRAIN_ARGS:---parallel 64 --batch 16 --anchors 32}
 }
 
 locate_models() {

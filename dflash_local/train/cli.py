@@ -1,13 +1,19 @@
 """`dflash train`: data from the target, training in torch, export to GGUF, evaluation of tau.
 
-Only typer is imported at module level: `dflash --help` must not pay for torch.
+Only typer is imported at module level: `dflash --help` must not pay for torch. The process that runs llama.cpp never
+imports torch: training and export run in a child process (`_fit`). On CUDA machines llama.cpp's CUDA backend links the
+system's libnccl and torch its own copy; both in one process crash (seen on an H100 with torch 2.11+cu130).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 DEFAULT_EPOCHS = 2.0
 
@@ -19,6 +25,8 @@ def train(
                                 ".txt (one per line) file."),
     max_prompts: int = typer.Option(None, "--max-prompts", min=1, help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=2, help="Longest answer the target writes."),
+    parallel: int = typer.Option(8, "--parallel", min=1, max=256, help="Prompts the target answers at once, in one "
+                                 "batch (a GPU takes 64 as fast as a few)."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Dataset folder (default: <output>-data next to the "
                                   "output); an interrupted run resumes there."),
     layers: int = typer.Option(2, "--layers", min=1, max=8, help="Drafter decoder layers."),
@@ -45,7 +53,7 @@ def train(
     """Train a DFlash drafter for TARGET on the target's own answers, write it as GGUF, and measure tau."""
     args = dict(locals())
     from dflash_local.cli import _fail
-    from dflash_local.convert.gguf_io import ConversionError
+    from dflash_local.convert.gguf_target import ConversionError
     from dflash_local.errors import UserError
 
     try:
@@ -54,23 +62,23 @@ def train(
         raise _fail(str(e)) from None
 
 
-def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, max_new_tokens: int,
+def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, max_new_tokens: int, parallel: int,
            data_dir: Path | None, layers: int, block_size: int, target_layers: str, steps: int | None,
            epochs: float | None, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int, resume: bool,
            device: str, n_gpu_layers: int, threads: int, outtype: str, eval_source: str, eval_prompts: int) -> None:
-    import torch
-    from rich.progress import Progress, TimeElapsedColumn
+    import dataclasses
+
     from rich.table import Table
 
     from dflash_local import native
     from dflash_local.bench.prompts import load_prompts
     from dflash_local.cli import console
-    from dflash_local.convert.gguf_io import OUTTYPES, read_target, save_drafter_gguf, target_embeddings
+    from dflash_local.convert.gguf_target import OUTTYPES, read_target
     from dflash_local.errors import UserError
-    from dflash_local.reference import Drafter
     from dflash_local.target import Target, TargetParams
-    from dflash_local.train import answers, data, evaluate, trainer
+    from dflash_local.train import answers, data, evaluate
     from dflash_local.train.prompts import training_prompts
+    from dflash_local.train.target_layers import parse_target_layers
 
     # every input is checked before the hours of work start
     if not target.is_file():
@@ -79,25 +87,20 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
         raise UserError("give either --steps or --epochs, not both")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, not {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not _in_child(_cuda_available):
         raise UserError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
     info = read_target(target)
-    capture = trainer.parse_target_layers(target_layers, info.n_layer)
-    cfg = trainer.drafter_config(target, layers, capture, block_size)
+    capture = parse_target_layers(target_layers, info.n_layer)
     train_prompts = training_prompts(prompts, max_prompts)
     held_out = [] if eval_source == "none" else load_prompts(eval_source, eval_prompts)
     data_dir = data_dir or output.parent / f"{output.stem}-data"
-    checkpoint = output.with_suffix(".ckpt")
     params = TargetParams(n_ctx=answers.context_size(info.n_ctx, max_new_tokens), n_gpu_layers=n_gpu_layers,
                           n_threads=threads)
 
-    def bar() -> Progress:
-        return Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console)
-
     # 1. the target answers the prompts; its hidden states are stored
-    tg = Target(target, params, capture_layers=capture)
+    tg = Target(target, dataclasses.replace(params, n_seq=parallel), capture_layers=capture)
     try:
         ds = data.Dataset(data_dir, target, capture, info.n_embd)
         todo, skipped = answers.plan(tg, train_prompts, ds, max_new_tokens)
@@ -105,21 +108,79 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
         console.print(f"data: {len(todo)} prompts to answer ({len(ds.sequences)} done, {skipped} too long), "
                       f"up to {_size(need)} more in {data_dir} (layers {list(capture)}, "
                       f"{ds.width} features per token)", highlight=False)
-        with bar() as progress:
+        with _bar() as progress:
             gen = answers.answer(tg, todo, ds, max_new_tokens, progress)
     finally:
         tg.close()
 
-    # 2. training
+    # 2. training, 3. export
+    steps = steps or max(1, round((epochs or DEFAULT_EPOCHS) * ds.anchor_positions / (batch * anchors)))
+    fit, step_no = _in_child(_fit, target, output, data_dir, capture, info.n_embd, layers, block_size, steps, batch,
+                             anchors, lr, seed, checkpoint_every, resume, device, threads, outtype)
+
+    # 4. evaluation
+    ev = None
+    if held_out:
+        # the drafter runs where training ran when llama.cpp was built for that GPU too
+        dr_device = "CUDA0" if device == "cuda" and "CUDA0" in native.devices() else None
+        with _bar() as progress:
+            ev = evaluate.measure_tau(target, output, held_out, max_new_tokens, params, dr_device, progress)
+
+    table = Table(title=f"dflash train: {output}")
+    for col in ("phase", "amount", "time", "rate"):
+        table.add_column(col)
+    table.add_row("data", f"{gen.sequences} answers, {gen.tokens} tokens (total {len(ds.sequences)} sequences, "
+                  f"{_size(ds.n_rows * ds.row_bytes)})", f"{gen.seconds:.0f} s",
+                  f"{gen.tokens / gen.seconds:.1f} tok/s" if gen.tokens else "-")
+    table.add_row("training", f"{fit['steps']} steps (to step {step_no}), loss {fit['loss']:.3f}, "
+                  f"tau~{fit['tau']:.2f}", f"{fit['seconds']:.0f} s",
+                  f"{fit['steps'] / fit['seconds']:.2f} steps/s" if fit['seconds'] else "-")
+    if ev:
+        table.add_row(f"eval ({eval_source})", f"{ev.prompts} prompts, tau {ev.tau:.2f}", f"{ev.seconds:.0f} s",
+                      f"{ev.tokens_per_second:.1f} tok/s")
+    console.print(table)
+
+
+def _in_child(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a fresh process (spawned, not forked: no llama.cpp in it) that may import torch; its exceptions
+    (UserError...) re-raise here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n_embd: int, layers: int,
+         block_size: int, steps: int, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int,
+         resume: bool, device: str, threads: int, outtype: str) -> tuple[dict[str, float], int]:
+    """Training and export, in the child process: the TrainReport as a dict (unpickling the class would import
+    torch in the parent) and the step reached."""
+    import dataclasses
+
+    import torch
+
+    from dflash_local.cli import console
+    from dflash_local.convert.gguf_io import save_drafter_gguf, target_embeddings
+    from dflash_local.reference import Drafter
+    from dflash_local.train import data, trainer
+
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
-    drafter = Drafter(cfg, *target_embeddings(target)).to(dev)
-    steps = steps or max(1, round((epochs or DEFAULT_EPOCHS) * ds.anchor_positions / (batch * anchors)))
+    ds = data.Dataset(data_dir, target, capture, n_embd)
+    drafter = Drafter(trainer.drafter_config(target, layers, capture, block_size), *target_embeddings(target)).to(dev)
     opts = trainer.TrainOptions(steps=steps, batch=batch, anchors=anchors, lr=lr, seed=seed,
                                 checkpoint_every=checkpoint_every)
     tr = trainer.Trainer(drafter, ds, opts, dev)
+    checkpoint = output.with_suffix(".ckpt")
     if resume and checkpoint.is_file():
         tr.load(checkpoint)
         console.print(f"resuming from step {tr.step_no} of {opts.steps} ({checkpoint})", highlight=False)
@@ -129,30 +190,18 @@ def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, ma
     console.print(f"training: {layers}-layer drafter ({n_params / 1e6:.1f} M parameters), {opts.steps} steps of "
                   f"{batch} x {anchors} blocks of {block_size} on {device}; {ds.anchor_positions} answer positions in "
                   f"{len(tr.seqs)} sequences", highlight=False)
-    with bar() as progress:
+    with _bar() as progress:
         fit = tr.run(checkpoint, progress)
-
-    # 3. export, 4. evaluation
     save_drafter_gguf(drafter, output, target, outtype, name=f"{target.stem} DFlash drafter")
-    ev = None
-    if held_out:
-        # the drafter runs where training ran when llama.cpp was built for that GPU too
-        dr_device = "CUDA0" if device == "cuda" and "CUDA0" in native.devices() else None
-        with bar() as progress:
-            ev = evaluate.measure_tau(target, output, held_out, max_new_tokens, params, dr_device, progress)
+    return dataclasses.asdict(fit), tr.step_no
 
-    table = Table(title=f"dflash train: {output}")
-    for col in ("phase", "amount", "time", "rate"):
-        table.add_column(col)
-    table.add_row("data", f"{gen.sequences} answers, {gen.tokens} tokens (total {len(ds.sequences)} sequences, "
-                  f"{_size(ds.n_rows * ds.row_bytes)})", f"{gen.seconds:.0f} s",
-                  f"{gen.tokens / gen.seconds:.1f} tok/s" if gen.tokens else "-")
-    table.add_row("training", f"{fit.steps} steps (to step {tr.step_no}), loss {fit.loss:.3f}, tau~{fit.tau:.2f}",
-                  f"{fit.seconds:.0f} s", f"{fit.steps / fit.seconds:.2f} steps/s" if fit.seconds else "-")
-    if ev:
-        table.add_row(f"eval ({eval_source})", f"{ev.prompts} prompts, tau {ev.tau:.2f}", f"{ev.seconds:.0f} s",
-                      f"{ev.tokens_per_second:.1f} tok/s")
-    console.print(table)
+
+def _bar() -> Progress:
+    from rich.progress import Progress, TimeElapsedColumn
+
+    from dflash_local.cli import console
+
+    return Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console)
 
 
 def _size(n_bytes: int) -> str:

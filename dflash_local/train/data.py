@@ -32,8 +32,8 @@ class Sequence:
     n_tokens: int
 
 
-def prompt_key(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+def prompt_key(text: str, chat: bool) -> str:
+    return hashlib.sha256(text.encode() + (b"" if chat else b"\0raw")).hexdigest()[:16]
 
 
 class Dataset:

