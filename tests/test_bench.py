@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from dflash_local.bench import runner
 from dflash_local.bench.llamacpp import command, parse
 from dflash_local.bench.prompts import load_prompts
+from dflash_local.errors import UserError
 from dflash_local.cli import app
 from dflash_local.target import TargetParams
 
@@ -101,6 +102,12 @@ def test_prompt_sets(tmp_path):
     f = tmp_path / "set.jsonl"
     f.write_text('{"id": "a", "prompt": "x"}\n\n{"question": "y"}\n{"turns": ["z", "w"], "question_id": 9}\n')
     assert [(p.id, p.text) for p in load_prompts(str(f), 10)] == [("a", "x"), ("set/1", "y"), ("9", "z")]
+    f.write_text('{"prompt": "def f():", "chat": false}\n{"prompt": "hi"}\n')
+    assert [p.chat for p in load_prompts(str(f), 10)] == [False, True]  # a line's own "chat", else the default
+    assert [p.chat for p in load_prompts(str(f), 10, chat=True)] == [True, True]
+    f.write_text('{"prompt": "x"}\n{"prompt": \n')
+    with pytest.raises(UserError, match="set.jsonl:2: not a JSON object"):
+        load_prompts(str(f), 10)
 
 
 def test_upstream_command_and_log(models):

@@ -67,7 +67,10 @@ def _jsonl(path: Path) -> list[tuple[str, str, bool | None]]:
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i + 1}: not a JSON object ({e})") from None
         key = next((k for k in _TEXT_KEYS if k in row), None)
         if key is None:
             raise UserError(f"{path}:{i + 1}: no prompt field (one of {', '.join(_TEXT_KEYS)})")
