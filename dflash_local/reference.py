@@ -65,21 +65,23 @@ class Attention(nn.Module):
         return k, self.v_proj(x).view(shape)
 
     def forward(self, x: Tensor, pos: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_visible: Tensor) -> Tensor:
-        """Blocks x [N, B, n_embd] at pos [N, B] attend to the context K/V [T, n_head_kv, head_dim] where
-        ctx_visible [N, T] is true, and to their own whole block."""
+        """For each of S sequences, blocks x [S, N, B, n_embd] at pos [S, N, B] attend to the sequence's context
+        K/V [S, T, n_head_kv, head_dim] where ctx_visible [S, N, T] is true, and to their own whole block."""
         c = self.cfg
-        n, b = x.shape[:2]
-        q = rope(self.q_norm(self.q_proj(x).view(n, b, c.n_head, c.head_dim)), pos, c.rope_base)
-        q = q.view(n, b, c.n_head_kv, c.n_head // c.n_head_kv, c.head_dim)  # GQA: q head h reads kv head h // group
+        s, n, b = x.shape[:3]
+        q = rope(self.q_norm(self.q_proj(x).view(s, n, b, c.n_head, c.head_dim)), pos, c.rope_base)
+        # GQA: q head h reads kv head h // group
+        q = q.view(s, n, b, c.n_head_kv, c.n_head // c.n_head_kv, c.head_dim)
         k_blk, v_blk = self.kv(x, pos)
         scale = c.head_dim**-0.5
-        s_ctx = torch.einsum("nbkgd,tkd->nkgbt", q, k_ctx) * scale
-        s_ctx = s_ctx.masked_fill(~ctx_visible[:, None, None, None, :], float("-inf"))
-        s_blk = torch.einsum("nbkgd,nckd->nkgbc", q, k_blk) * scale
+        s_ctx = torch.einsum("snbkgd,stkd->snkgbt", q, k_ctx) * scale
+        s_ctx = s_ctx.masked_fill(~ctx_visible[:, :, None, None, None, :], float("-inf"))
+        s_blk = torch.einsum("snbkgd,snckd->snkgbc", q, k_blk) * scale
         p = torch.softmax(torch.cat([s_ctx, s_blk], -1), dim=-1)
-        t = k_ctx.shape[0]
-        out = torch.einsum("nkgbt,tkd->nbkgd", p[..., :t], v_ctx) + torch.einsum("nkgbc,nckd->nbkgd", p[..., t:], v_blk)
-        return self.o_proj(out.reshape(n, b, c.n_head * c.head_dim))
+        t = k_ctx.shape[1]
+        out = (torch.einsum("snkgbt,stkd->snbkgd", p[..., :t], v_ctx)
+               + torch.einsum("snkgbc,snckd->snbkgd", p[..., t:], v_blk))
+        return self.o_proj(out.reshape(s, n, b, c.n_head * c.head_dim))
 
 
 class MLP(nn.Module):
@@ -125,10 +127,15 @@ class Drafter(nn.Module):
     def hidden_batch(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:
         """Final-normed hidden states [N, B, n_embd] of N blocks block_tokens [N, B] anchored at anchors [N],
         each seeing the context features [T, n_extract * n_embd] of positions < its anchor."""
+        return self.hidden_seqs(features[None], anchors[None], block_tokens[None])[0]
+
+    def hidden_seqs(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:
+        """hidden_batch of S sequences at once: features [S, T, F], anchors [S, N], block_tokens [S, N, B] ->
+        [S, N, B, n_embd]. Shorter sequences are padded at the end: rows at or past an anchor are never seen."""
         dev = features.device
-        ctx_pos = torch.arange(features.shape[0], device=dev)
-        pos = anchors[:, None] + torch.arange(block_tokens.shape[1], device=dev)
-        ctx_visible = ctx_pos[None, :] < anchors[:, None]
+        ctx_pos = torch.arange(features.shape[1], device=dev).expand(features.shape[:2])
+        pos = anchors[..., None] + torch.arange(block_tokens.shape[2], device=dev)
+        ctx_visible = ctx_pos[:, None, :] < anchors[..., None]
         g = self.hidden_norm(self.fc(features))
         x = self.tok_embd[block_tokens]
         if self.cfg.embedding_scale is not None:

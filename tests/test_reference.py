@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from synthetic_drafters import SHAPES, hf_tensors
@@ -105,6 +106,19 @@ def test_forward_batch_equals_per_block_forward():
     batched = d.forward_batch(features, anchors, blocks)
     for n, a in enumerate(anchors.tolist()):
         torch.testing.assert_close(batched[n], d(features[:a], blocks[n]), rtol=1e-12, atol=1e-12)
+
+
+def test_padded_sequences_equal_each_sequence_alone():
+    from dflash_local.train.trainer import pad_stack
+
+    d = make_drafter("gqa")
+    gen = torch.Generator().manual_seed(5)
+    seqs = [(inputs(d, n_ctx=n)[0].numpy(), np.array(a),
+             torch.randint(d.cfg.n_vocab, (len(a), 6), generator=gen).numpy()) for n, a in ((9, [2, 9]), (5, [0, 4, 5]))]
+    packed = d.hidden_seqs(*(torch.from_numpy(pad_stack([s[k] for s in seqs], 0)) for k in range(3)))
+    for i, (f, a, b) in enumerate(seqs):
+        alone = d.hidden_batch(*map(torch.from_numpy, (f, a, b)))
+        torch.testing.assert_close(packed[i, :len(a)], alone, rtol=1e-12, atol=1e-12)
 
 
 def test_block_sees_its_prefix_and_whole_block():

@@ -132,9 +132,8 @@ def _trainer(target: Path, dataset: Dataset, block_size: int = 8) -> trainer.Tra
 def test_training_steps_lower_the_loss(target, dataset):
     tr = _trainer(target, dataset)
     batch = tr.sample()
-    b = batch[0]
-    assert b.tokens.shape[1] == 8 and (b.tokens[:, 1:] == tr.drafter.cfg.mask_token_id).all()
-    assert b.features.shape[0] == b.anchors.max()  # context: positions before the last anchor
+    assert batch.tokens.shape[2] == 8 and (batch.tokens[..., 1:] == tr.drafter.cfg.mask_token_id).all()
+    assert batch.features.shape[1] == batch.anchors.max()  # context: positions before the last anchor
     first = tr.step(batch)[0]
     for _ in range(15):
         last = tr.step(batch)[0]

@@ -2,8 +2,8 @@
 
 Each step takes a few sequences and, in each, random anchor positions in the answer: block
 [token at anchor, MASK...], labels = the next B-1 tokens, context = target features of the positions before
-the anchor. All blocks of a sequence share one forward pass (reference.Drafter.hidden_batch masks the
-context per block). The target's embedding and LM head stay frozen (buffers, not parameters).
+the anchor. All blocks of a step share one forward pass, the sequences side by side and padded to the longest
+(reference.Drafter.hidden_seqs), so that a GPU runs a few large kernels rather than many small ones. The target's embedding and LM head stay frozen (buffers, not parameters).
 """
 
 from __future__ import annotations
@@ -63,12 +63,12 @@ def position_weights(block_size: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Blocks:
-    """The training blocks of one sequence."""
+    """The training blocks of one step: S sequences, up to N blocks each, padded at the end."""
 
-    features: Tensor  # [ctx, width] float32: positions before the last anchor
-    anchors: Tensor  # [N]
-    tokens: Tensor  # [N, B]: the anchor token, then masks
-    labels: Tensor  # [N, B-1]: the tokens that follow, IGNORE past the end
+    features: Tensor  # [S, T, width] float32: each sequence's positions before its last anchor
+    anchors: Tensor  # [S, N] (padding: 0)
+    tokens: Tensor  # [S, N, B]: the anchor token, then masks
+    labels: Tensor  # [S, N, B-1]: the tokens that follow, IGNORE past the end and in padding blocks
 
 
 @dataclass
@@ -115,9 +115,9 @@ class Trainer:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, self.opts.steps - warm))))
 
-    def sample(self) -> list[Blocks]:
+    def sample(self) -> Blocks:
         cfg, o = self.drafter.cfg, self.opts
-        out = []
+        seqs = []
         for i in self.rng.choice(len(self.seqs), size=min(o.batch, len(self.seqs)), replace=False):
             start, n_prompt, n = self.seqs[i]
             tok = self.tokens[start:start + n]
@@ -127,36 +127,35 @@ class Trainer:
             blk[:, 0] = tok[a]
             nxt = a[:, None] + np.arange(1, cfg.block_size)
             labels = np.where(nxt < n, tok[np.minimum(nxt, n - 1)], IGNORE).astype(np.int64)
-            feats = np.asarray(self.features[start:start + a[-1]], dtype=np.float32)
-            out.append(Blocks(*(torch.from_numpy(x).to(self.device) for x in (feats, a, blk, labels))))
-        return out
+            seqs.append((np.asarray(self.features[start:start + a[-1]], dtype=np.float32), a, blk, labels))
+        return Blocks(*(torch.from_numpy(pad_stack([s[k] for s in seqs], fill)).to(self.device)
+                        for k, fill in enumerate((0.0, 0, cfg.mask_token_id, IGNORE))))
 
     def loss(self, b: Blocks) -> tuple[Tensor, Tensor]:
         """Weighted cross-entropy of the masked positions, and the mean accepted prefix + 1 (a tau estimate)."""
         d = self.drafter
-        h = d.hidden_batch(b.features, b.anchors, b.tokens)[:, 1:]  # the anchor's own output is not a draft
+        real = b.labels[..., 0] != IGNORE  # [S, N]: not a padding block
+        h = d.hidden_seqs(b.features, b.anchors, b.tokens)[real][:, 1:]  # the anchor's own output is not a draft
+        labels = b.labels[real]
         logits = (h @ d.lm_head.T).float()
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.labels.flatten(), ignore_index=IGNORE,
-                                               reduction="none").view_as(b.labels)
-        w = self.weights * (b.labels != IGNORE)
-        hits = (logits.argmax(-1) == b.labels).long()
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                               reduction="none").view_as(labels)
+        w = self.weights * (labels != IGNORE)
+        hits = (logits.argmax(-1) == labels).long()
         return (ce * w).sum() / w.sum(), hits.cumprod(1).sum(1).float().mean() + 1
 
-    def step(self, batch: list[Blocks]) -> tuple[float, float]:
+    def step(self, batch: Blocks) -> tuple[float, float]:
         """One optimizer step; returns the loss and tau estimate of the batch before the update."""
         self.drafter.train()
         self.opt.zero_grad(set_to_none=True)
-        loss_sum = tau_sum = 0.0
-        for b in batch:  # one backward per sequence: memory stays that of one sequence's blocks
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                loss, tau = self.loss(b)
-            (loss / len(batch)).backward()
-            loss_sum, tau_sum = loss_sum + loss.item(), tau_sum + tau.item()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss, tau = self.loss(batch)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.opts.grad_clip)
         self.opt.step()
         self.sched.step()
         self.step_no += 1
-        return loss_sum / len(batch), tau_sum / len(batch)
+        return loss.item(), tau.item()
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -192,3 +191,12 @@ class Trainer:
             progress.update(task, advance=1, description=f"training (loss {report.loss:.3f}, tau~{report.tau:.2f})")
         report.seconds = time.perf_counter() - t0
         return report
+
+
+def pad_stack(arrays: list[np.ndarray], fill: float) -> np.ndarray:
+    """Arrays of one rank stacked along a new first axis, each padded at the end of every axis with fill."""
+    shape = np.max([a.shape for a in arrays], axis=0)
+    out = np.full((len(arrays), *shape), fill, dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[(i, *(slice(0, n) for n in a.shape))] = a
+    return out
