@@ -185,10 +185,11 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     """`dflash` in a fresh process (this one has torch), which must not import torch: training runs in a child
-    process (torch's CUDA build and llama.cpp's crash in one process)."""
+    process (torch's and llama.cpp's CUDA builds crash in one process)."""
     script = ("import sys\nfrom dflash_local.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit:\n"
               "    assert 'torch' not in sys.modules, 'the llama.cpp process imported torch'\n    raise\n")
-    return subprocess.run([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # -P: the installed dflash_local, not the source tree of the current folder
+    return subprocess.run([sys.executable, "-P", "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=600)
 
 
