@@ -70,6 +70,8 @@ class Engine:
                 raise UserError(f"--block-size must be in 2..{drafter.info.block_size} (the drafter's trained size)")
             if target.capture is None:
                 raise ValueError("a target used with a drafter needs capture layers")
+        # what it learns (pass costs, acceptance) carries over from one generation to the next
+        self.policy = DraftLength(self.block_size - 1) if drafter is not None and adaptive else None
 
     def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
                  on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
@@ -93,7 +95,7 @@ class Engine:
             dr.inject(tg.features(), 0)
         stats.t_prefill = time.perf_counter() - t0
 
-        policy = DraftLength(self.block_size - 1) if dr and self.adaptive else None
+        policy = self.policy
         out: list[int] = []
         pos = len(prompt)  # position of the anchor: sampled, not yet seen by the target
         stop = "length"
