@@ -25,6 +25,7 @@ class Stats:
     prompt_tokens: int = 0
     generated: int = 0
     accepted: list[int] = field(default_factory=list)  # drafts accepted per verification pass
+    drafted: list[int] = field(default_factory=list)  # drafts verified per pass (0: the adaptive length chose none)
     t_prefill: float = 0.0
     t_decode: float = 0.0  # everything after the prefill
     t_target: float = 0.0
@@ -163,6 +164,7 @@ class Engine:
             dr.inject(tg.features()[: n_acc + 1], pos)
             stats.t_inject += time.perf_counter() - t
             stats.accepted.append(n_acc)
+            stats.drafted.append(k)
         if n_acc < k:
             t = time.perf_counter()
             tg.rollback(pos + n_acc + 1, pos, batch[: n_acc + 1])

@@ -62,7 +62,8 @@ def test_bench_table_json_plot(models, tmp_path):
     for key in ("dflash-2", "dflash-4"):
         r = runs[key]
         assert r["generated"] == runs["target"]["generated"] and r["decode_tps"] > 0 and r["tau"] >= 1.0
-        assert len(r["accept_hist"]) == r["block_size"] and sum(r["accept_hist"]) == r["passes"]
+        # passes that drafted nothing (the last token of a budget) are left out
+        assert len(r["accept_hist"]) == r["block_size"] and 0 < sum(r["accept_hist"]) <= r["passes"]
         assert {"draft", "target", "capture", "inject", "other"} <= r["shares"].keys()
     assert [p["prompt_tokens"] > 0 for p in doc["prompts"]] == [True, True]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

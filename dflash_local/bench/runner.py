@@ -50,8 +50,7 @@ class Totals:
     generated: int = 0
     passes: int = 0  # target forward passes after the prefill
     accepted: int = 0  # draft tokens accepted, summed over passes
-    # passes by number of drafts accepted (0 .. block_size-1); with an adaptive draft length this counts
-    # passes that verified no draft at all as 0 too
+    # passes that verified drafts, by number of drafts accepted (0 .. block_size-1)
     hist: list[int] = field(default_factory=list)
     t_prefill: float = 0.0
     t_decode: float = 0.0
@@ -74,8 +73,9 @@ class Totals:
             self.accepted += sum(s.accepted)
             if not self.hist:
                 self.hist = [0] * self.block_size
-            for n in s.accepted:
-                self.hist[n] += 1
+            for n, k in zip(s.accepted, s.drafted):
+                if k:  # passes that verified drafts: the acceptance of the drafter, not of the draft-length choice
+                    self.hist[n] += 1
         else:  # one pass per token after the first (which the prefill gives); an end token costs one too
             self.passes += max(s.generated - 1 + (stop == "eog"), 0)
         for name in ("t_prefill", "t_decode", "t_target", "t_draft", "t_inject", "t_capture"):
