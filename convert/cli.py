@@ -35,7 +35,7 @@ def drafter(
 ) -> None:
     """Convert a DFlash drafter checkpoint to GGUF (architecture `dflash`, loadable by llama.cpp)."""
     # imported here: torch and friends would slow down every other `dflash` command
-    from dflash_local.convert.gguf_io import ConversionError
+    from dflash_local.convert.gguf_target import ConversionError
     from dflash_local.convert.hf import convert_hf_to_gguf
 
     out = out or Path(f"{Path(src).resolve().name}-{outtype.value}.gguf")

@@ -1,4 +1,4 @@
-"""The GGUF side of the drafter format: facts about the target, the one writer, and the reader.
+"""The GGUF side of the drafter format: the one writer and the reader (facts about the target: gguf_target).
 
 Layout: upstream llama.cpp's architecture `dflash` (src/models/dflash.cpp). The drafter shares the target's
 token embedding and output head instead of storing them, and carries a copy of the target's tokenizer.
@@ -20,8 +20,8 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from dflash_local.convert.gguf_target import (_ARRAY, _INT32, ARCH, MASK_KEY, OUTTYPES, Q,  # noqa: F401
-                                              ConversionError, Reader, TargetInfo, _field, read_gguf, read_target)
+from dflash_local.convert.gguf_target import (ARCH, ARRAY, INT32, MASK_KEY, OUTTYPES, Q, ConversionError, Reader,
+                                              TargetInfo, field_value, read_gguf, read_target)
 from dflash_local.reference import Drafter, DrafterConfig, parameter_shapes
 
 # Hugging Face (z-lab) tensor names -> GGUF names
@@ -162,11 +162,11 @@ def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str
     w.add_float32(f"{a}.rope.freq_base", cfg.rope_base)
     w.add_bool(f"{a}.attention.causal", False)
     w.add_uint32(f"{a}.block_size", cfg.block_size)
-    w.add_key_value(f"{a}.target_layers", list(cfg.target_layers), _ARRAY, sub_type=_INT32)
+    w.add_key_value(f"{a}.target_layers", list(cfg.target_layers), ARRAY, sub_type=INT32)
     if cfg.embedding_scale is not None:
         w.add_float32(f"{a}.embedding_scale", cfg.embedding_scale)
     if mrope or target.mrope:  # the drafter ropes on the temporal section only
-        w.add_key_value(f"{a}.rope.dimension_sections", [cfg.head_dim // 2, 0, 0, 0], _ARRAY, sub_type=_INT32)
+        w.add_key_value(f"{a}.rope.dimension_sections", [cfg.head_dim // 2, 0, 0, 0], ARRAY, sub_type=INT32)
     for key, value, vtype, sub_type in target.tokenizer:
         w.add_key_value(key, value, vtype, sub_type=sub_type)
     w.add_uint32(MASK_KEY, cfg.mask_token_id)
@@ -200,7 +200,7 @@ def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str
 
 def _drafter_config(r: Reader, n_vocab: int) -> DrafterConfig:
     a = ARCH
-    get = functools.partial(_field, r)
+    get = functools.partial(field_value, r)
     for key, harmless in _UNSUPPORTED_KEYS.items():
         if (v := get(f"{a}.{key}", None)) is not None and not harmless(v):
             raise ConversionError(f"{r.path}: {a}.{key} = {v!r} is a feature this runtime does not implement")
@@ -228,7 +228,7 @@ def _drafter_config(r: Reader, n_vocab: int) -> DrafterConfig:
 def load_drafter_gguf(drafter_gguf: Path | str, target_gguf: Path | str, dtype: torch.dtype = torch.float32) -> Drafter:
     """A reference Drafter from a `dflash` GGUF (ours or upstream's) and the target's embedding and head."""
     r = read_gguf(drafter_gguf)
-    if (arch := _field(r, "general.architecture")) != ARCH:
+    if (arch := field_value(r, "general.architecture")) != ARCH:
         raise ConversionError(f"{drafter_gguf}: architecture {arch!r}, expected {ARCH!r}")
     target = read_target(target_gguf)
     cfg = _drafter_config(r, target.n_vocab)

@@ -1,6 +1,6 @@
 """The torch-free part of gguf_io: reading GGUF files, the facts about the target, the output types and the
 error. `dflash train` reads these in the process that runs llama.cpp, which must not import torch (in one process
-torch's CUDA build and llama.cpp's crash); gguf_io re-exports them.
+torch's CUDA build and llama.cpp's crash).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ OUTTYPES = {  # --outtype -> (type of the matrices, general.file_type)
     "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-_ARRAY, _INT32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32
+ARRAY, INT32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32
 
 
 class ConversionError(Exception):
@@ -61,7 +61,7 @@ def read_gguf(path: Path | str) -> Reader:
         raise ConversionError(f"cannot read GGUF {path}: {e}") from None
 
 
-def _field(reader: Reader, key: str, default: Any = ...) -> Any:
+def field_value(reader: Reader, key: str, default: Any = ...) -> Any:
     field = reader.fields.get(key)
     if field is None:
         if default is ...:
@@ -93,22 +93,22 @@ class TargetInfo:
 
 def read_target(path: Path | str) -> TargetInfo:
     r = read_gguf(path)
-    arch = _field(r, "general.architecture")
+    arch = field_value(r, "general.architecture")
     if arch == ARCH:
         raise ConversionError(f"{path} is a dflash drafter, not a target model")
     tensors = {t.name: t for t in r.tensors}
     if "token_embd.weight" not in tensors:
         raise ConversionError(f"{path} has no token_embd.weight: not a target model")
-    tokenizer = tuple((k, f.contents(), f.types[0], f.types[-1] if f.types[0] == _ARRAY else None)
+    tokenizer = tuple((k, f.contents(), f.types[0], f.types[-1] if f.types[0] == ARRAY else None)
                       for k, f in r.fields.items() if k.startswith("tokenizer.") and k != MASK_KEY)
     if "tokenizer.ggml.model" not in r.fields:
         raise ConversionError(f"{path} has no tokenizer (tokenizer.ggml.model), which the drafter copies")
-    n_embd = _field(r, f"{arch}.embedding_length")
-    n_head = _largest(_field(r, f"{arch}.attention.head_count"))
+    n_embd = field_value(r, f"{arch}.embedding_length")
+    n_head = _largest(field_value(r, f"{arch}.attention.head_count"))
     return TargetInfo(
         path=Path(path), arch=arch, n_embd=n_embd,
-        n_layer=_field(r, f"{arch}.block_count") - _field(r, f"{arch}.nextn_predict_layers", 0),
-        n_head=n_head, n_head_kv=_largest(_field(r, f"{arch}.attention.head_count_kv", n_head)),
-        head_dim=_field(r, f"{arch}.attention.key_length", n_embd // n_head),
-        n_vocab=int(tensors["token_embd.weight"].shape[1]), n_ctx=_field(r, f"{arch}.context_length"),
-        mrope=any(_field(r, f"{arch}.rope.dimension_sections", [])), tokenizer=tokenizer)
+        n_layer=field_value(r, f"{arch}.block_count") - field_value(r, f"{arch}.nextn_predict_layers", 0),
+        n_head=n_head, n_head_kv=_largest(field_value(r, f"{arch}.attention.head_count_kv", n_head)),
+        head_dim=field_value(r, f"{arch}.attention.key_length", n_embd // n_head),
+        n_vocab=int(tensors["token_embd.weight"].shape[1]), n_ctx=field_value(r, f"{arch}.context_length"),
+        mrope=any(field_value(r, f"{arch}.rope.dimension_sections", [])), tokenizer=tokenizer)

@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from dflash_local.convert.gguf_io import ConversionError, read_target, write_drafter_gguf
+from dflash_local.convert.gguf_io import write_drafter_gguf
+from dflash_local.convert.gguf_target import ConversionError, read_target
 from dflash_local.reference import DrafterConfig
 
 # config.json fields that do not change what the drafter computes

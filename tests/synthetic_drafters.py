@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from dflash_local.convert.gguf_io import read_target
+from dflash_local.convert.gguf_target import read_target
 from dflash_local.convert.hf import convert_hf_to_gguf
 
 # small shapes without a target (reference tests); target-bound drafters take the target's shapes

@@ -20,8 +20,8 @@ from synthetic_drafters import random_drafter_gguf, write_hf_drafter
 from typer.testing import CliRunner
 
 from dflash_local.cli import app
-from dflash_local.convert.gguf_io import (ConversionError, load_drafter_gguf, read_gguf, read_target,
-                                          save_drafter_gguf, target_embeddings)
+from dflash_local.convert.gguf_io import load_drafter_gguf, save_drafter_gguf, target_embeddings
+from dflash_local.convert.gguf_target import ConversionError, read_gguf, read_target
 from dflash_local.convert.hf import convert_hf_to_gguf, parse_config
 from dflash_local.reference import Drafter
 

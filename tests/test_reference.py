@@ -114,7 +114,8 @@ def test_padded_sequences_equal_each_sequence_alone():
     d = make_drafter("gqa")
     gen = torch.Generator().manual_seed(5)
     seqs = [(inputs(d, n_ctx=n)[0].numpy(), np.array(a),
-             torch.randint(d.cfg.n_vocab, (len(a), 6), generator=gen).numpy()) for n, a in ((9, [2, 9]), (5, [0, 4, 5]))]
+             torch.randint(d.cfg.n_vocab, (len(a), 6), generator=gen).numpy())
+            for n, a in ((9, [2, 9]), (5, [0, 4, 5]))]
     packed = d.hidden_seqs(*(torch.from_numpy(pad_stack([s[k] for s in seqs], 0)) for k in range(3)))
     for i, (f, a, b) in enumerate(seqs):
         alone = d.hidden_batch(*map(torch.from_numpy, (f, a, b)))

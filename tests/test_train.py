@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dflash_local.bench.prompts import Prompt, load_prompts
 from dflash_local.cli import app
 from dflash_local.convert.gguf_io import load_drafter_gguf, save_drafter_gguf, target_embeddings
 from dflash_local.errors import UserError
@@ -21,8 +22,8 @@ from dflash_local.reference import Drafter
 from dflash_local.target import Target, TargetParams
 from dflash_local.train import answers, trainer
 from dflash_local.train.data import FEATURES, Dataset, prompt_key
-from dflash_local.bench.prompts import Prompt, load_prompts
 from dflash_local.train.prompts import training_prompts
+from dflash_local.train.target_layers import auto_target_layers, parse_target_layers
 
 PROMPTS = [Prompt("a", "The quick brown fox", True), Prompt("b", "Once upon a time there was", True),
            Prompt("c", "what is the water like", True), Prompt("d", "def how_to_make_it():", False)]
@@ -98,15 +99,15 @@ def test_dataset_resumes_without_redoing_work(target, tmp_path):
 
 
 def test_target_layers():
-    assert trainer.auto_target_layers(36) == (2, 10, 18, 26, 34)  # z-lab's [1, 9, 17, 25, 33] for 36 layers, + 1
-    assert trainer.auto_target_layers(30) == (2, 8, 15, 22, 28)
+    assert auto_target_layers(36) == (2, 10, 18, 26, 34)  # z-lab's [1, 9, 17, 25, 33] for 36 layers, + 1
+    assert auto_target_layers(30) == (2, 8, 15, 22, 28)
     for depth in range(2, 40):
-        ids = trainer.auto_target_layers(depth)
+        ids = auto_target_layers(depth)
         assert 1 <= min(ids) and max(ids) <= depth - 1 and len(ids) == min(5, max(depth - 3, 1))
-    assert trainer.parse_target_layers("3,1", 4) == (3, 1)
+    assert parse_target_layers("3,1", 4) == (3, 1)
     for bad in ("4", "0,1", "1,1", "x"):
         with pytest.raises(UserError):
-            trainer.parse_target_layers(bad, 4)
+            parse_target_layers(bad, 4)
 
 
 def test_builtin_prompts_are_many_and_leave_the_benchmark_out():

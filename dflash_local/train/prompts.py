@@ -7,7 +7,8 @@ from pathlib import Path
 from dflash_local.bench.prompts import Prompt, load_prompts
 from dflash_local.errors import UserError
 
-# coding (chat, and raw completion of Python stubs), math, explanations, chat; no topic of `dflash bench`'s chat set, so that benchmark stays held out
+# coding (chat, and raw completion of Python stubs), math, explanations, chat; no topic of `dflash bench`'s chat
+# set, so that benchmark stays held out
 BUILTIN = Path(__file__).with_name("builtin_prompts.jsonl")
 
 

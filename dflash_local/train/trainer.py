@@ -3,7 +3,8 @@
 Each step takes a few sequences and, in each, random anchor positions in the answer: block
 [token at anchor, MASK...], labels = the next B-1 tokens, context = target features of the positions before
 the anchor. All blocks of a step share one forward pass, the sequences side by side and padded to the longest
-(reference.Drafter.hidden_seqs), so that a GPU runs a few large kernels rather than many small ones. The target's embedding and LM head stay frozen (buffers, not parameters).
+(reference.Drafter.hidden_seqs), so that a GPU runs a few large kernels rather than many small ones. The target's
+embedding and LM head stay frozen (buffers, not parameters).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ import torch
 from rich.progress import Progress
 from torch import Tensor
 
-from dflash_local.convert.gguf_io import read_gguf, read_target
+from dflash_local.convert.gguf_target import read_gguf, read_target
 from dflash_local.errors import UserError
 from dflash_local.reference import Drafter, DrafterConfig
 from dflash_local.train.data import Dataset
-from dflash_local.train.target_layers import auto_target_layers, parse_target_layers  # noqa: F401
 
 IGNORE = -100  # label of block positions past the end of the answer
 
