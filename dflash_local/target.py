@@ -71,6 +71,7 @@ class Target:
         if self.arch == "dflash":
             raise UserError(f"{path} is a DFlash drafter, not a target model")
         quiet_llama_logs()
+        lc.llama_backend_init()  # the API asks for it before the first model: ggml's timer and f16 tables; repeatable
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = params.n_gpu_layers
         mp.main_gpu = params.main_gpu

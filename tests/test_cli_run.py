@@ -29,8 +29,16 @@ def test_run_same_text_as_target_alone(smollm2_path, smol_drafter):
     assert "tau" in drafted.stderr and "tok/s" in drafted.stderr
 
 
-def test_run_finds_no_drafter_and_says_so(smollm2_path):
-    result = _run(smollm2_path, "-p", PROMPT, "-n", "4", "-t", "1")
+def test_run_default_model_with_the_shipped_drafter():
+    alone = _run("--no-draft", "-p", PROMPT, "--temp", "0", "-n", "24", "-t", "1")
+    drafted = _run("-p", PROMPT, "--temp", "0", "-n", "24", "-t", "1")
+    assert drafted.exit_code == 0, drafted.output
+    assert alone.stdout.strip() and alone.stdout == drafted.stdout
+    assert "tau" in drafted.stderr and "no drafter found" not in drafted.stderr
+
+
+def test_run_finds_no_drafter_and_says_so(tiny_target):
+    result = _run(tiny_target("llama"), "-p", PROMPT, "-n", "4", "-t", "1")
     assert result.exit_code == 0
     assert "no drafter found" in result.stderr
 

@@ -110,17 +110,28 @@ def test_target_layers():
             parse_target_layers(bad, 4)
 
 
-def test_builtin_prompts_are_many_and_leave_the_benchmark_out():
-    train = [p.text for p in training_prompts("builtin")]
+def _signatures(prompts: list[Prompt]) -> set[str]:
+    return {line.strip() for p in prompts for line in p.text.splitlines() if line.lstrip().startswith("def ")}
+
+
+def test_training_prompts_are_many_and_leave_the_benchmarks_out():
+    builtin = training_prompts(["builtin"])
+    train = [p.text for p in builtin]
     assert len(train) >= 300 and len(set(train)) == len(train)
     assert not set(train) & {p.text for p in load_prompts("chat", 1000)}
-    # the raw-completion code stubs are not HumanEval's: no shared function name
-    humaneval = "\n".join(p.text for p in load_prompts("humaneval", 164))
-    raw = [p.text for p in training_prompts("builtin") if not p.chat]
-    names = {line.split("(")[0][4:] for t in raw for line in t.splitlines() if line.startswith("def ")}
-    assert len(names) >= 100 and not {n for n in names if f"def {n}(" in humaneval}
+    humaneval = load_prompts("humaneval", 164)
+    # our raw-completion stubs share no function name with HumanEval; the stdlib's (statistics.median...) share
+    # a few generic names but no signature
+    names = {sig.split("(")[0][4:] for sig in _signatures([p for p in builtin if not p.chat])}
+    assert len(names) >= 100 and not {n for n in names if f"def {n}(" in "\n".join(p.text for p in humaneval)}
+    stdlib = training_prompts(["stdlib"])
+    assert len(stdlib) >= 1000 and not any(p.chat for p in stdlib)
+    assert not _signatures(stdlib) & _signatures(humaneval)
+    both = training_prompts(["builtin", "stdlib", "builtin"])
+    assert len(both) == len({(p.text, p.chat) for p in builtin + stdlib})
+    assert training_prompts(["stdlib", "builtin"], 5) == stdlib[:5]
     with pytest.raises(UserError, match="benchmark set"):
-        training_prompts("humaneval")
+        training_prompts(["builtin", "humaneval"])
 
 
 def _trainer(target: Path, dataset: Dataset, block_size: int = 8) -> trainer.Trainer:

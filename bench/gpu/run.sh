@@ -102,14 +102,16 @@ step_models() {
 }
 
 step_train() {
-    # the default drafter (bench/train/README.md): the target's answers, training and export on this GPU
+    # the default drafter (bench/train/README.md): the target's answers, training and export on this GPU;
+    # TRAIN_ARGS adds to (and may override) the recipe of the shipped drafter
     local target
     target=${TARGET:-$(find "$BUILD/models" -name '*.gguf' ! -name '*dflash*' 2>/dev/null | sort | head -1)}
     [ -f "$target" ] || { echo "set TARGET or run the models step first" >&2; exit 1; }
     log "dflash train $target"
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
     "$PY" -P -m dflash_local train "$target" -o "$BUILD/models/$(basename "$target" .gguf)-dflash.gguf" \
-        --device cuda -ngl "$NGL" --data-dir "$BUILD/data" ${TRAIN_ARGS:---parallel 64 --batch 16 --anchors 32}
+        --device cuda -ngl "$NGL" --data-dir "$BUILD/data" --prompts builtin --prompts stdlib --parallel 64 \
+        --batch 16 --anchors 32 --lr 8e-4 --steps 1100 --outtype q8_0 --eval none --checkpoint-every 50 ${TRAIN_ARGS:-}
 }
 
 locate_models() {

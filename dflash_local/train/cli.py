@@ -21,8 +21,9 @@ DEFAULT_EPOCHS = 2.0
 def train(
     target: Path = typer.Argument(..., help="Target GGUF the drafter is for."),
     output: Path = typer.Option(..., "--output", "-o", help="Drafter GGUF to write."),
-    prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a .jsonl ({\"prompt\": ...} lines) or "
-                                ".txt (one per line) file."),
+    prompts: list[str] = typer.Option(["builtin"], "--prompts", help="'builtin', 'stdlib' (stubs of this Python's "
+                                      "standard library) or a .jsonl ({\"prompt\": ...} lines) or .txt (one per "
+                                      "line) file; repeat to combine."),
     max_prompts: int = typer.Option(None, "--max-prompts", min=1, help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=2, help="Longest answer the target writes."),
     parallel: int = typer.Option(8, "--parallel", min=1, max=256, help="Prompts the target answers at once, in one "
@@ -62,7 +63,7 @@ def train(
         raise _fail(str(e)) from None
 
 
-def _train(target: Path, output: Path, prompts: str, max_prompts: int | None, max_new_tokens: int, parallel: int,
+def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | None, max_new_tokens: int, parallel: int,
            data_dir: Path | None, layers: int, block_size: int, target_layers: str, steps: int | None,
            epochs: float | None, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int, resume: bool,
            device: str, n_gpu_layers: int, threads: int, outtype: str, eval_source: str, eval_prompts: int) -> None:

@@ -1,7 +1,11 @@
-"""Training prompts that need no network: the built-in set shipped with the package, or a file."""
+"""Training prompts that need no network: the built-in set shipped with the package, Python stubs cut from
+this Python's standard library, or a file."""
 
 from __future__ import annotations
 
+import ast
+import functools
+import sysconfig
 from pathlib import Path
 
 from dflash_local.bench.prompts import Prompt, load_prompts
@@ -10,11 +14,66 @@ from dflash_local.errors import UserError
 # coding (chat, and raw completion of Python stubs), math, explanations, chat; no topic of `dflash bench`'s chat
 # set, so that benchmark stays held out
 BUILTIN = Path(__file__).with_name("builtin_prompts.jsonl")
+# stdlib folders that are tests, demos or GUI code, or not the stdlib at all
+_STDLIB_SKIP = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "tkinter", "site-packages",
+                "dist-packages", "__pycache__"}
 
 
-def training_prompts(source: str, n: int | None = None) -> list[Prompt]:
-    """The first n prompts of `builtin` or of a .jsonl/.txt file (read as `dflash bench --prompts` reads it)."""
-    if source in ("humaneval", "chat"):
-        raise UserError(f"--prompts {source} is a benchmark set, kept for evaluation: train on builtin or a file")
-    path = BUILTIN if source == "builtin" else source
-    return load_prompts(str(path), n or 1 << 30)
+def training_prompts(sources: list[str], n: int | None = None) -> list[Prompt]:
+    """The first n distinct prompts of the sources in turn: `builtin`, `stdlib` or a .jsonl/.txt file (read as
+    `dflash bench --prompts` reads it)."""
+    prompts: dict[tuple[str, bool], Prompt] = {}
+    for source in sources:
+        if source in ("humaneval", "chat"):
+            raise UserError(f"--prompts {source} is a benchmark set, kept for evaluation: train on builtin, "
+                            "stdlib or a file")
+        found = stdlib_stubs() if source == "stdlib" else load_prompts(str(BUILTIN if source == "builtin" else source),
+                                                                       1 << 30)
+        for p in found:
+            prompts.setdefault((p.text, p.chat), p)
+    return list(prompts.values())[:n]
+
+
+@functools.cache  # parsing the whole stdlib takes seconds
+def stdlib_stubs() -> tuple[Prompt, ...]:
+    """Raw-completion prompts in HumanEval's shape, from this Python's standard library: a module's imports, then
+    one public function (or a method under its class line) up to the end of its docstring."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    stubs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _STDLIB_SKIP & set(rel.parts[:-1]) or rel.name.startswith("test"):
+            continue
+        try:
+            src = path.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = src.splitlines(keepends=True)
+        imports = [ast.get_source_segment(src, s) for s in tree.body if isinstance(s, (ast.Import, ast.ImportFrom))]
+        head = "\n".join(imports[:8]) + "\n\n\n" if imports else ""
+        module = rel.with_suffix("").as_posix()
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                cls = "".join(lines[node.lineno - 1:node.body[0].lineno - 1])
+                for fn in node.body:
+                    if _documented(fn):
+                        stubs.append(Prompt(f"stdlib/{module}.{node.name}.{fn.name}", head + cls + _stub(fn, lines),
+                                            False))
+            elif _documented(node):
+                stubs.append(Prompt(f"stdlib/{module}.{node.name}", head + _stub(node, lines), False))
+    return tuple(stubs)
+
+
+def _documented(node: ast.stmt) -> bool:
+    """A public function whose docstring says enough to write it from."""
+    if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or len(node.body) < 2:
+        return False
+    doc = ast.get_docstring(node)
+    return doc is not None and 20 <= len(doc) <= 800
+
+
+def _stub(fn: ast.FunctionDef, lines: list[str]) -> str:
+    """Decorators, signature and docstring of fn, as written."""
+    start = min([d.lineno for d in fn.decorator_list] + [fn.lineno]) - 1
+    return "".join(lines[start:fn.body[0].end_lineno])

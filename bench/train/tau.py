@@ -1,0 +1,59 @@
+"""Acceptance length tau of drafters (greedy, every pass drafts the whole block, as `dflash train` evaluates):
+DFlash alone, without `dflash bench`'s target-alone runs, so a CPU measures the 164 HumanEval prompts in
+minutes. Prints a table and writes the rows as JSON.
+
+    python bench/train/tau.py TARGET.gguf NAME=DRAFTER.gguf:SET:N [...] [--max-tokens 128] [--threads N] [--json F]
+
+SET is humaneval, chat or a prompt file (as `dflash bench --prompts`); N the number of its first prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from dflash_local.bench.prompts import load_prompts
+from dflash_local.target import TargetParams
+from dflash_local.train.evaluate import measure_tau
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target", type=Path)
+    ap.add_argument("runs", nargs="+", help="NAME=DRAFTER.gguf:SET:N")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    params = TargetParams(n_ctx=4096, n_threads=a.threads)
+    rows = []
+    with Progress() as progress:
+        for run in a.runs:
+            name, spec = run.split("=", 1)
+            drafter, prompt_set, n = spec.rsplit(":", 2)
+            ev = measure_tau(a.target, Path(drafter), load_prompts(prompt_set, int(n)), a.max_tokens, params, None,
+                             progress)
+            rows.append({"name": name, "drafter": drafter, "set": prompt_set, **asdict(ev)})
+    table = Table(title=f"tau, block 16, greedy, {a.max_tokens} tokens per prompt")
+    for col in ("drafter", "prompts", "n", "tau", "DFlash tok/s"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["set"], str(r["prompts"]), f"{r['tau']:.2f}", f"{r['tokens'] / r['seconds']:.1f}")
+    Console().print(table)
+    if a.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        a.json.write_text(json.dumps({"target": str(a.target), "max_tokens": a.max_tokens, "threads": a.threads,
+                                      "machine": platform.processor() or platform.machine(), "commit": commit,
+                                      "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
