@@ -16,6 +16,7 @@ from synthetic_drafters import random_drafter_gguf
 from tiny_targets import ARCHS
 
 from dflash_local.engine import Engine
+from dflash_local.models import SHIPPED_DRAFTERS
 from dflash_local.native import Drafter, DrafterInfo
 from dflash_local.sampling import SamplingParams, target_probs
 from dflash_local.target import Target, TargetParams
@@ -53,8 +54,8 @@ class OracleDrafter:
         return np.array(out, dtype=np.int32)
 
 
-def target_only(path: Path, prompt: list[int], n: int) -> list[int]:
-    tg = Target(path, PARAMS)
+def target_only(path: Path, prompt: list[int], n: int, params: TargetParams = PARAMS) -> list[int]:
+    tg = Target(path, params)
     try:
         return Engine(tg).generate(prompt, n).tokens
     finally:
@@ -120,6 +121,22 @@ def test_identity_smollm2(smollm2_path, tmp_path):
         got = Engine(tg, oracle, 16, adaptive=False).generate(prompt, 24)
         assert got.tokens == expected
         assert got.stats.tau > 2.0
+    tg.close()
+    dr.close()
+
+
+def test_identity_smollm2_long_context_shipped_drafter(smollm2_path):
+    """Past 256 tokens llama.cpp's KV view reaches 512 cells, where ggml's CPU flash attention splits one token's
+    attention over threads and rounds differently from a block's (README, "How lossless is checked"); with one
+    thread they agree, and DFlash with the shipped drafter equals the target alone."""
+    params = TargetParams(n_ctx=1024, n_batch=512, n_threads=1)
+    dr = Drafter(SHIPPED_DRAFTERS / f"{smollm2_path.stem}-dflash.gguf", smollm2_path, n_ctx=1024 + 64, n_threads=1)
+    tg = Target(smollm2_path, params, capture_layers=dr.info.target_layers, rollback=16)
+    prompt = tg.tokenize(" ".join(PROMPTS * 40))[:400]
+    expected = target_only(smollm2_path, prompt, 64, params)
+    assert Engine(tg, dr, 16, adaptive=False).generate(prompt, 64).tokens == expected
+    got = Engine(tg, OracleDrafter(expected, len(prompt), 16), 16, adaptive=False).generate(prompt, 64)
+    assert got.tokens == expected and got.stats.tau > 2.0
     tg.close()
     dr.close()
 

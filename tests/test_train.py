@@ -193,6 +193,10 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     result = _run_cli([*args, "--steps", "5", "--resume", "--eval", "none"])
     assert result.returncode == 0, result.stdout
     assert "0 prompts to answer (4 done" in result.stdout and "resuming from step 3" in result.stdout
+    # a checkpoint past --steps only exports
+    result = _run_cli([*args, "--steps", "2", "--resume", "--eval", "none", "--outtype", "q8_0"])
+    assert result.returncode == 0, result.stdout
+    assert "none: the checkpoint is at step 5" in result.stdout
 
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:

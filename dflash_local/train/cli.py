@@ -133,8 +133,9 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     table.add_row("data", f"{gen.sequences} answers, {gen.tokens} tokens (total {len(ds.sequences)} sequences, "
                   f"{_size(ds.n_rows * ds.row_bytes)})", f"{gen.seconds:.0f} s",
                   f"{gen.tokens / gen.seconds:.1f} tok/s" if gen.tokens else "-")
-    table.add_row("training", f"{fit['steps']} steps (to step {step_no}), loss {fit['loss']:.3f}, "
-                  f"tau~{fit['tau']:.2f}", f"{fit['seconds']:.0f} s",
+    trained = (f"{fit['steps']} steps (to step {step_no}), loss {fit['loss']:.3f}, tau~{fit['tau']:.2f}"
+               if fit["steps"] else f"none: the checkpoint is at step {step_no}, --steps {steps}")
+    table.add_row("training", trained, f"{fit['seconds']:.0f} s",
                   f"{fit['steps'] / fit['seconds']:.2f} steps/s" if fit['seconds'] else "-")
     if ev:
         table.add_row(f"eval ({eval_source})", f"{ev.prompts} prompts, tau {ev.tau:.2f}", f"{ev.seconds:.0f} s",
