@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from dflash_local.bench.machine import git_commit, machine_info
 from dflash_local.bench.prompts import load_prompts
 from dflash_local.target import TargetParams
 from dflash_local.train.evaluate import measure_tau
@@ -49,11 +48,8 @@ def main() -> None:
         table.add_row(r["name"], r["set"], str(r["prompts"]), f"{r['tau']:.2f}", f"{r['tokens'] / r['seconds']:.1f}")
     Console().print(table)
     if a.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         a.json.write_text(json.dumps({"target": str(a.target), "max_tokens": a.max_tokens, "threads": a.threads,
-                                      "machine": platform.processor() or platform.machine(), "commit": commit,
-                                      "rows": rows}, indent=1))
-
+                                      "machine": machine_info(), "commit": git_commit(), "rows": rows}, indent=1))
 
 if __name__ == "__main__":
     main()
