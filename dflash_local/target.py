@@ -9,6 +9,7 @@ architecture has them, else a saved sequence state that is restored and re-decod
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,30 +168,24 @@ class Target:
         for start in range(0, len(tokens), self._batch_cap):
             chunk = tokens[start:start + self._batch_cap]
             last_chunk = start + self._batch_cap >= len(tokens)
-            b = self._batch
-            b.n_tokens = len(chunk)
-            for i, t in enumerate(chunk):
-                b.token[i] = t
-                b.pos[i] = pos0 + start + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq
-                b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
-            self._run(pos0 + start)
+            self._run(chunk, range(pos0 + start, pos0 + start + len(chunk)), [seq] * len(chunk),
+                      [all_logits or (last_chunk and i == len(chunk) - 1) for i in range(len(chunk))])
         return self._logits(len(tokens) if all_logits else 1)
 
     def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> np.ndarray:
         """One token for each of several sequences, in one batch; a logits row per token, as a view."""
-        b = self._batch
-        b.n_tokens = len(tokens)
-        for i, (t, p, s) in enumerate(zip(tokens, positions, seqs, strict=True)):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = t, p, 1, s, True
-        self._run(min(positions))
+        self._run(tokens, positions, seqs, [True] * len(tokens))
         return self._logits(len(tokens))
 
-    def _run(self, pos: int) -> None:
-        rc = lc.llama_decode(self.ctx, self._batch)
+    def _run(self, tokens: list[int], positions: Sequence[int], seqs: list[int], logits: list[bool]) -> None:
+        """One llama_decode of a batch: token i at positions[i] of sequence seqs[i], its logits kept if logits[i]."""
+        b = self._batch
+        b.n_tokens = len(tokens)
+        for i, (t, p, s, keep) in enumerate(zip(tokens, positions, seqs, logits, strict=True)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = t, p, 1, s, keep
+        rc = lc.llama_decode(self.ctx, b)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed ({rc}) at position {pos}")
+            raise RuntimeError(f"llama_decode failed ({rc}) at position {min(positions)}")
 
     def _logits(self, n_out: int) -> np.ndarray:
         return np.ctypeslib.as_array(lc.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
