@@ -111,7 +111,7 @@ step_train() {
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
     "$PY" -P -m dflash_local train "$target" -o "$BUILD/models/$(basename "$target" .gguf)-dflash.gguf" \
         --device cuda -ngl "$NGL" --data-dir "$BUILD/data" --prompts builtin --prompts stdlib --parallel 64 \
-        --batch 16 --anchors 32 --lr 8e-4 --steps 1100 --outtype q8_0 --eval none --checkpoint-every 50 ${TRAIN_ARGS:-}
+        --batch 32 --anchors 32 --lr 1e-3 --epochs 3 --outtype q8_0 --eval none --checkpoint-every 200 ${TRAIN_ARGS:-}
 }
 
 locate_models() {

@@ -7,6 +7,7 @@ system's libnccl and torch its own copy; both in one process crash (seen on an H
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -53,6 +54,9 @@ def train(
 ) -> None:
     """Train a DFlash drafter for TARGET on the target's own answers, write it as GGUF, and measure tau."""
     args = dict(locals())
+    # llama.cpp's libraries load before gguf's imports: sentencepiece (or tokenizers) loaded first made the first
+    # llama_model_load_from_file segfault (seen on the lent H100 machines, which have both installed)
+    importlib.import_module("llama_cpp")
     from dflash_local.cli import _fail
     from dflash_local.convert.gguf_target import ConversionError
     from dflash_local.errors import UserError

@@ -92,6 +92,7 @@ class Dataset:
         if n == 0:
             raise UserError(f"{self.root} holds no sequences")
         tokens = np.fromfile(self.root / TOKENS, dtype=np.int32, count=n)
-        features = np.memmap(self.root / FEATURES, dtype=np.float16, mode="r", shape=(n, self.width))
+        # copy-on-write: writable for torch.from_numpy, which warns on read-only arrays; the file is never changed
+        features = np.memmap(self.root / FEATURES, dtype=np.float16, mode="c", shape=(n, self.width))
         starts = np.cumsum([0] + [s.n_tokens for s in self.sequences[:-1]])
         return tokens, features, starts

@@ -95,7 +95,15 @@ class TrainReport:
 class Trainer:
     def __init__(self, drafter: Drafter, ds: Dataset, opts: TrainOptions, device: torch.device):
         self.drafter, self.opts, self.device = drafter, opts, device
-        self.tokens, self.features, starts = ds.arrays()
+        self.tokens, features, starts = ds.arrays()
+        # on a GPU the whole feature array moves to it once (SmolLM2's 1M answer tokens: 8 GB), so a step gathers
+        # its context there instead of reading the memory map on the host, which took most of a GPU step's time
+        self.features = torch.from_numpy(features)
+        if device.type != "cpu":
+            try:
+                self.features = self.features.to(device)
+            except torch.OutOfMemoryError:  # a dataset larger than the GPU: steps read the host's copy
+                pass
         # (first row, prompt length, length) of sequences with at least one anchor that has a label
         self.seqs = [(int(r), s.n_prompt, s.n_tokens) for r, s in zip(starts, ds.sequences)
                      if s.n_tokens - s.n_prompt >= 2]
@@ -127,9 +135,13 @@ class Trainer:
             blk[:, 0] = tok[a]
             nxt = a[:, None] + np.arange(1, cfg.block_size)
             labels = np.where(nxt < n, tok[np.minimum(nxt, n - 1)], IGNORE).astype(np.int64)
-            seqs.append((np.asarray(self.features[start:start + a[-1]], dtype=np.float32), a, blk, labels))
-        return Blocks(*(torch.from_numpy(pad_stack([s[k] for s in seqs], fill)).to(self.device)
-                        for k, fill in enumerate((0.0, 0, cfg.mask_token_id, IGNORE))))
+            seqs.append((start, a, blk, labels))
+        features = torch.zeros(len(seqs), max(int(a[-1]) for _, a, _, _ in seqs), self.features.shape[1],
+                               device=self.device)
+        for i, (start, a, _, _) in enumerate(seqs):
+            features[i, :a[-1]] = self.features[start:start + a[-1]].to(self.device)
+        return Blocks(features, *(torch.from_numpy(pad_stack([s[k] for s in seqs], fill)).to(self.device)
+                                  for k, fill in ((1, 0), (2, cfg.mask_token_id), (3, IGNORE))))
 
     def loss(self, b: Blocks) -> tuple[Tensor, Tensor]:
         """Weighted cross-entropy of the masked positions, and the mean accepted prefix + 1 (a tau estimate)."""
