@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from dflash_local.bench.prompts import Prompt, load_prompts
 from dflash_local.cli import app
 from dflash_local.convert.gguf_io import load_drafter_gguf, save_drafter_gguf, target_embeddings
+from dflash_local.convert.gguf_target import read_target
 from dflash_local.errors import UserError
 from dflash_local.native import Drafter as NativeDrafter
 from dflash_local.reference import Drafter
@@ -221,3 +222,28 @@ def test_cli_bad_inputs(target, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", *args, "-o", str(tmp_path / "d.gguf")])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_held_out_sequences_pick_the_exported_weights(target, tmp_path):
+    from rich.progress import Progress
+
+    rng = np.random.default_rng(0)
+    ds = Dataset(tmp_path / "data", target, LAYERS, read_target(target).n_embd)
+    for i in range(2 * trainer.HOLD_OUT):
+        ds.append(f"k{i}", rng.integers(0, 100, 12).tolist(), 4, rng.standard_normal((12, ds.width), np.float32))
+    tr = _trainer(target, ds)
+    assert len(tr.held_out) == 2 and len(tr.seqs) == 2 * trainer.HOLD_OUT - 2
+    assert not set(tr.held_out) & set(tr.seqs)
+    tr.opts.steps, tr.opts.checkpoint_every = 6, 2
+    with Progress(disable=True) as progress:
+        report = tr.run(tmp_path / "d.ckpt", progress)
+    assert report.best_step in (2, 4, 6)
+
+    # the exported weights are those of the best step, also after a resume from the checkpoint
+    tr.use_best()
+    best = {k: v.clone() for k, v in tr.drafter.state_dict().items()}
+    assert tr.held_out_tau() == report.held_out_tau
+    again = _trainer(target, ds)
+    again.load(tmp_path / "d.ckpt")
+    again.use_best()
+    assert all(torch.equal(best[k], v) for k, v in again.drafter.state_dict().items())
