@@ -197,7 +197,8 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     n_params = sum(p.numel() for p in drafter.parameters())
     console.print(f"training: {layers}-layer drafter ({n_params / 1e6:.1f} M parameters), {opts.steps} steps of "
                   f"{batch} x {anchors} blocks of {block_size} on {device}; {ds.anchor_positions} answer positions in "
-                  f"{len(tr.seqs)} sequences, {len(tr.held_out)} more held out to pick the exported weights",
+                  f"{len(tr.seqs) + len(tr.held_out)} sequences, {len(tr.held_out)} of them held out to pick the "
+                  "exported weights",
                   highlight=False)
     with _bar() as progress:
         fit = tr.run(checkpoint, progress)
