@@ -137,7 +137,8 @@ class Trainer:
     def sample(self, pool: list[tuple[int, int, int]] | None = None, rng: np.random.Generator | None = None) -> Blocks:
         """Blocks of o.batch sequences of pool (the training sequences), drawn with rng (the trainer's)."""
         cfg, o = self.drafter.cfg, self.opts
-        pool, rng = pool or self.seqs, rng or self.rng
+        pool = self.seqs if pool is None else pool
+        rng = self.rng if rng is None else rng
         seqs = []
         for i in rng.choice(len(pool), size=min(o.batch, len(pool)), replace=False):
             start, n_prompt, n = pool[i]
@@ -240,7 +241,7 @@ class Trainer:
             report.steps += 1
             if self.step_no % self.opts.checkpoint_every == 0 or self.step_no == self.opts.steps:
                 self.checkpoint(checkpoint)
-            held_out = f", held-out tau~{self.best_tau:.2f} at step {self.best_step}" if self.held_out else ""
+            held_out = f", held-out tau~{self.best_tau:.2f} at step {self.best_step}" if self.best_step else ""
             progress.update(task, advance=1,
                             description=f"training (loss {report.loss:.3f}, tau~{report.tau:.2f}{held_out})")
         report.seconds = time.perf_counter() - t0
