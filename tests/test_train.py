@@ -41,8 +41,9 @@ def _open(target: Path, n_seq: int = 1) -> Target:
     return Target(target, TargetParams(n_ctx=256, n_threads=2, n_seq=n_seq), capture_layers=LAYERS)
 
 
-def _fill(target: Path, root: Path, prompts: list[Prompt]) -> tuple[Dataset, int]:
-    """Answer the prompts not yet in the dataset at root; returns the dataset and how many were answered."""
+def _fill(target: Path, root: Path, prompts: list[Prompt], capture: bool = True) -> tuple[Dataset, int, int]:
+    """Answer the prompts not yet in the dataset at root, then capture the features it lacks (unless not capture);
+    returns the dataset and how many were answered and captured."""
     from rich.progress import Progress
 
     tg = _open(target, n_seq=3)  # 3 answers at a time: 4 prompts also reuse a finished sequence's slot
@@ -51,9 +52,10 @@ def _fill(target: Path, root: Path, prompts: list[Prompt]) -> tuple[Dataset, int
         todo, _ = answers.plan(tg, prompts, ds, N_NEW)
         with Progress(disable=True) as progress:
             answers.answer(tg, todo, ds, N_NEW, progress)
+            captured = answers.capture(tg, ds, progress).sequences if capture else 0
     finally:
         tg.close()
-    return ds, len(todo)
+    return ds, len(todo), captured
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +88,34 @@ def test_dataset_holds_the_targets_own_greedy_answers(target, dataset):
 
 def test_dataset_resumes_without_redoing_work(target, tmp_path):
     root = tmp_path / "data"
-    ds, n = _fill(target, root, PROMPTS[:2])
-    assert n == 2
+    ds, n, captured = _fill(target, root, PROMPTS[:2])
+    assert n == captured == 2
     # a write cut short leaves rows past the index: they are dropped on reopening
     with open(root / FEATURES, "ab") as f:
         f.write(b"\0" * 1000)
-    ds2, n = _fill(target, root, PROMPTS[:3])
-    assert n == 1 and len(ds2.sequences) == 3
+    ds2, n, captured = _fill(target, root, PROMPTS[:3])
+    assert n == captured == 1 and len(ds2.sequences) == 3
     assert ds2.sequences[:2] == ds.sequences
     assert (root / FEATURES).stat().st_size == ds2.n_rows * ds2.width * 2
     with pytest.raises(UserError, match="another target or layer choice"):
         Dataset(root, target, (2,), 64)
+
+
+def test_answers_alone_travel_and_get_their_features_again(target, dataset, tmp_path):
+    """index.json and tokens.i32 are a whole data set once the features are captured again, here for the first
+    time for the last answer, which has none yet."""
+    root = tmp_path / "data"
+    ds, n, captured = _fill(target, root, PROMPTS, capture=False)
+    assert n == 4 and captured == 0 and ds.captured == 0
+    with pytest.raises(UserError, match="4 sequences have no features yet"):
+        ds.arrays()
+    (root / FEATURES).unlink()
+    ds, _, captured = _fill(target, root, PROMPTS)
+    assert captured == 4 and ds.captured == 4
+    assert ds.sequences == dataset.sequences  # the same greedy answers, in the same order
+    want, got = dataset.arrays(), ds.arrays()
+    np.testing.assert_array_equal(want[0], got[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_target_layers():
@@ -131,6 +150,10 @@ def test_training_prompts_are_many_and_leave_the_benchmarks_out():
     both = training_prompts(["builtin", "stdlib", "builtin"])
     assert len(both) == len({(p.text, p.chat) for p in builtin + stdlib})
     assert training_prompts(["stdlib", "builtin"], 5) == stdlib[:5]
+    # any folder of Python code: numpy's, here
+    code = training_prompts([str(Path(np.__file__).parent)])
+    assert len(code) >= 100 and code[0].id.startswith("numpy/") and not any(p.chat for p in code)
+    assert not _signatures(code) & _signatures(humaneval)
     with pytest.raises(UserError, match="benchmark set"):
         training_prompts(["builtin", "humaneval"])
 
@@ -230,7 +253,8 @@ def test_held_out_sequences_pick_the_exported_weights(target, tmp_path):
     rng = np.random.default_rng(0)
     ds = Dataset(tmp_path / "data", target, LAYERS, read_target(target).n_embd)
     for i in range(2 * trainer.HOLD_OUT):
-        ds.append(f"k{i}", rng.integers(0, 100, 12).tolist(), 4, rng.standard_normal((12, ds.width), np.float32))
+        ds.append(f"k{i}", rng.integers(0, 100, 12).tolist(), 4)
+        ds.append_features(rng.standard_normal((12, ds.width), np.float32))
     tr = _trainer(target, ds)
     assert len(tr.held_out) == 2 and len(tr.seqs) == 2 * trainer.HOLD_OUT - 2
     assert not set(tr.held_out) & set(tr.seqs)

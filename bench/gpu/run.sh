@@ -26,6 +26,8 @@ BLOCKS=${BLOCKS:-4,8,16}
 NGL=${NGL:-99}
 DEVICE=${DEVICE:-CUDA0}  # the drafter's ggml device
 LABEL=${LABEL:-}
+# packages whose code the train step cuts prompts from, where installed (more than --max-prompts takes)
+CODE_PACKAGES=${CODE_PACKAGES-torch sympy transformers matplotlib pip pandas scipy sklearn setuptools networkx numpy jinja2}
 
 log() { printf '\n=== %s\n' "$*"; }
 # python -P: the installed dflash_local (with its native helper), not the source tree in the current folder
@@ -107,11 +109,19 @@ step_train() {
     local target
     target=${TARGET:-$(find "$BUILD/models" -name '*.gguf' ! -name '*dflash*' 2>/dev/null | sort | head -1)}
     [ -f "$target" ] || { echo "set TARGET or run the models step first" >&2; exit 1; }
+    # prompts: the built-in set, stubs of the stdlib, then stubs of the code of the Python packages installed here
+    local code=() pkg dir
+    for pkg in $CODE_PACKAGES; do
+        dir=$("$PY" -c "import importlib.util as u, sys; s = u.find_spec(sys.argv[1])
+print(s.submodule_search_locations[0] if s and s.submodule_search_locations else '')" "$pkg")
+        [ -n "$dir" ] && code+=(--prompts "$dir")
+    done
     log "dflash train $target"
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
     "$PY" -P -m dflash_local train "$target" -o "$BUILD/models/$(basename "$target" .gguf)-dflash.gguf" \
-        --device cuda -ngl "$NGL" --data-dir "$BUILD/data" --prompts builtin --prompts stdlib --parallel 64 \
-        --batch 32 --anchors 32 --lr 1e-3 --epochs 3 --outtype q8_0 --eval none --checkpoint-every 200 ${TRAIN_ARGS:-}
+        --device cuda -ngl "$NGL" --data-dir "$BUILD/data" --prompts builtin --prompts stdlib "${code[@]}" \
+        --max-prompts 6400 --parallel 256 --batch 32 --anchors 32 --lr 1e-3 --epochs 2 --outtype q8_0 --eval none \
+        --checkpoint-every 200 ${TRAIN_ARGS:-}
 }
 
 locate_models() {

@@ -1,4 +1,5 @@
-"""The target answers the training prompts itself (greedy), and its hidden states are captured for the Dataset."""
+"""The target answers the training prompts itself (greedy); then its hidden states over prompt + answer are captured
+for the Dataset."""
 
 from __future__ import annotations
 
@@ -52,18 +53,17 @@ def plan(target: Target, prompts: list[Prompt], ds: Dataset,
 
 
 @dataclass
-class GenerationReport:
+class Report:
     sequences: int = 0
-    tokens: int = 0  # answer tokens generated
+    tokens: int = 0  # answer tokens generated, or positions captured
     seconds: float = 0.0
 
 
 def answer(target: Target, todo: list[tuple[str, list[int]]], ds: Dataset, max_new_tokens: int,
-           progress: Progress) -> GenerationReport:
+           progress: Progress) -> Report:
     """The target answers the prompts greedily, target.n_seq of them at a time in one batch per token (a GPU
-    is nearly as fast for many sequences as for one). Each finished answer then gets one prefill over prompt +
-    answer that captures the features of every position, far cheaper than capturing token by token."""
-    report = GenerationReport()
+    is nearly as fast for many sequences as for one); each finished answer is stored at once."""
+    report = Report()
     task = progress.add_task("target answers", total=len(todo))
     pending = iter(todo)
     slots: dict[int, tuple[str, list[int], list[int]]] = {}  # sequence id -> (key, prompt, answer so far)
@@ -77,11 +77,7 @@ def answer(target: Target, todo: list[tuple[str, list[int]]], ds: Dataset, max_n
         key, prompt, ans = slots.pop(seq)
         ans = ans[:-1] if target.is_eog(ans[-1]) else ans
         target.clear(seq)
-        target.capture.enable(True)
-        target.decode(prompt + ans, 0, all_logits=False, seq=seq)
-        ds.append(key, prompt + ans, len(prompt), target.features())
-        target.capture.enable(False)
-        target.clear(seq)
+        ds.append(key, prompt + ans, len(prompt))
         report.sequences += 1
         report.tokens += len(ans)
         progress.update(task, advance=1, description=f"target answers ({report.tokens} tokens)")
@@ -103,5 +99,25 @@ def answer(target: Target, todo: list[tuple[str, list[int]]], ds: Dataset, max_n
                     slots[s][2].append(int(next_token))
     finally:
         target.capture.enable(True)
+        ds.save()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def capture(target: Target, ds: Dataset, progress: Progress) -> Report:
+    """The features of every sequence that has none yet: one prefill over prompt + answer each, far cheaper than
+    capturing while answering token by token."""
+    report = Report()
+    t0 = time.perf_counter()
+    task = progress.add_task("capture features", total=len(ds.sequences) - ds.captured)
+    for tokens in ds.uncaptured():
+        target.clear(0)
+        target.decode(tokens, 0, all_logits=False, seq=0)
+        ds.append_features(target.features())
+        report.sequences += 1
+        report.tokens += len(tokens)
+        progress.update(task, advance=1)
+    target.clear(0)
+    ds.save()
     report.seconds = time.perf_counter() - t0
     return report

@@ -23,12 +23,13 @@ def train(
     target: Path = typer.Argument(..., help="Target GGUF the drafter is for."),
     output: Path = typer.Option(..., "--output", "-o", help="Drafter GGUF to write."),
     prompts: list[str] = typer.Option(["builtin"], "--prompts", help="'builtin', 'stdlib' (stubs of this Python's "
-                                      "standard library) or a .jsonl ({\"prompt\": ...} lines) or .txt (one per "
-                                      "line) file; repeat to combine."),
+                                      "standard library), a folder of Python code (stubs of its functions), or a "
+                                      ".jsonl ({\"prompt\": ...} lines) or .txt (one per line) file; repeat to "
+                                      "combine."),
     max_prompts: int = typer.Option(None, "--max-prompts", min=1, help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=2, help="Longest answer the target writes."),
     parallel: int = typer.Option(8, "--parallel", min=1, max=256, help="Prompts the target answers at once, in one "
-                                 "batch (a GPU takes 64 as fast as a few)."),
+                                 "batch (llama.cpp allows 256; a GPU takes many nearly as fast as a few)."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Dataset folder (default: <output>-data next to the "
                                   "output); an interrupted run resumes there."),
     layers: int = typer.Option(2, "--layers", min=1, max=8, help="Drafter decoder layers."),
@@ -115,6 +116,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
                       f"{ds.width} features per token)", highlight=False)
         with _bar() as progress:
             gen = answers.answer(tg, todo, ds, max_new_tokens, progress)
+            cap = answers.capture(tg, ds, progress)
     finally:
         tg.close()
 
@@ -134,15 +136,15 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     table = Table(title=f"dflash train: {output}")
     for col in ("phase", "amount", "time", "rate"):
         table.add_column(col)
-    table.add_row("data", f"{gen.sequences} answers, {gen.tokens} tokens (total {len(ds.sequences)} sequences, "
-                  f"{_size(ds.n_rows * ds.row_bytes)})", f"{gen.seconds:.0f} s",
-                  f"{gen.tokens / gen.seconds:.1f} tok/s" if gen.tokens else "-")
+    table.add_row("answers", f"{gen.sequences} answers, {gen.tokens} tokens (total {len(ds.sequences)} sequences)",
+                  *_timing(gen.tokens, gen.seconds, "tok/s"))
+    table.add_row("capture", f"{cap.sequences} sequences, {cap.tokens} positions (total "
+                  f"{_size(ds.n_rows * ds.row_bytes)})", *_timing(cap.tokens, cap.seconds, "tok/s"))
     trained = (f"{fit['steps']} steps (to step {step_no}), loss {fit['loss']:.3f}, tau~{fit['tau']:.2f}"
                if fit["steps"] else f"none: the checkpoint is at step {step_no}, --steps {steps}")
     if fit["best_step"]:
         trained += f"; exported: step {fit['best_step']}, held-out tau~{fit['held_out_tau']:.2f}"
-    table.add_row("training", trained, f"{fit['seconds']:.0f} s",
-                  f"{fit['steps'] / fit['seconds']:.2f} steps/s" if fit['seconds'] else "-")
+    table.add_row("training", trained, *_timing(fit["steps"], fit["seconds"], "steps/s"))
     if ev:
         table.add_row(f"eval ({eval_source})", f"{ev.prompts} prompts, tau {ev.tau:.2f}", f"{ev.seconds:.0f} s",
                       f"{ev.tokens_per_second:.1f} tok/s")
@@ -213,6 +215,11 @@ def _bar() -> Progress:
     from dflash_local.cli import console
 
     return Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console)
+
+
+def _timing(amount: float, seconds: float, unit: str) -> tuple[str, str]:
+    """Time and rate columns of a phase."""
+    return f"{seconds:.0f} s", f"{amount / seconds:.1f} {unit}" if amount and seconds else "-"
 
 
 def _size(n_bytes: int) -> str:

@@ -5,9 +5,12 @@ On disk, one folder:
   index.json    what the features are (target file, layers, width) and the sequences in order:
                 {"key": prompt hash, "n_prompt": tokens of the templated prompt, "n_tokens": prompt + answer}
   tokens.i32    int32 tokens of all sequences back to back
-  features.f16  float16 [rows, n_extract * n_embd], row i = the position of token i
-Sequences are appended and the index is rewritten after each one, so an interrupted run resumes where it
-stopped; rows past the index (a write cut short) are dropped when the folder is opened again.
+  features.f16  float16 [rows, n_extract * n_embd], row i = the position of token i, for the first sequences:
+                features are captured after the answers, in a second pass, so they may lag the tokens
+Answers are appended and the index is rewritten every few seconds (SAVE_EVERY), so an interrupted run resumes
+about where it stopped; rows past the index, or past the last whole sequence of features (a write cut short),
+are dropped when the folder is opened again. index.json and tokens.i32 alone (a few MB) are enough to move a data set to
+another machine: the features are captured again there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +28,8 @@ import numpy as np
 from dflash_local.errors import UserError
 
 INDEX, TOKENS, FEATURES = "index.json", "tokens.i32", "features.f16"
+# seconds between index rewrites: rewritten after every answer, the index cost 40 ms per answer at 6,000 of them
+SAVE_EVERY = 5.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Dataset:
                      "target_layers": list(target_layers), "n_embd": n_embd}
         self.width = len(target_layers) * n_embd
         self.sequences: list[Sequence] = []
+        self._saved_at = time.monotonic()
         index = root / INDEX
         if index.is_file():
             saved = json.loads(index.read_text())
@@ -53,9 +61,13 @@ class Dataset:
                                 "give another --data-dir")
             self.sequences = [Sequence(**s) for s in saved["sequences"]]
         root.mkdir(parents=True, exist_ok=True)
-        for name, row_bytes in ((TOKENS, 4), (FEATURES, 2 * self.width)):
-            with open(root / name, "ab") as f:
-                f.truncate(self.n_rows * row_bytes)
+        with open(root / TOKENS, "ab") as f:
+            f.truncate(self.n_rows * 4)
+        feature_rows = (root / FEATURES).stat().st_size // (2 * self.width) if (root / FEATURES).is_file() else 0
+        ends = np.cumsum([0] + [s.n_tokens for s in self.sequences])
+        self.captured = int(np.searchsorted(ends, feature_rows, side="right")) - 1  # sequences with features
+        with open(root / FEATURES, "ab") as f:
+            f.truncate(int(ends[self.captured]) * 2 * self.width)
 
     @property
     def n_rows(self) -> int:
@@ -73,26 +85,57 @@ class Dataset:
     def keys(self) -> set[str]:
         return {s.key for s in self.sequences}
 
-    def append(self, key: str, tokens: list[int], n_prompt: int, features: np.ndarray) -> None:
-        if features.shape != (len(tokens), self.width):
-            raise ValueError(f"features {features.shape} do not match {len(tokens)} tokens x {self.width}")
-        for name, data in ((TOKENS, np.asarray(tokens, dtype=np.int32)), (FEATURES, features.astype(np.float16))):
-            with open(self.root / name, "ab") as f:
-                f.write(data.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
+    def append(self, key: str, tokens: list[int], n_prompt: int) -> None:
+        """One answered prompt: its tokens, prompt then answer."""
+        _append(self.root / TOKENS, np.asarray(tokens, dtype=np.int32))
         self.sequences.append(Sequence(key, n_prompt, len(tokens)))
+        if time.monotonic() - self._saved_at >= SAVE_EVERY:
+            self.save()
+
+    def save(self) -> None:
+        """The rows appended so far onto the disk, then the index that counts them."""
+        for name in (TOKENS, FEATURES):
+            fd = os.open(self.root / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         tmp = self.root / (INDEX + ".tmp")
         tmp.write_text(json.dumps({"meta": self.meta, "sequences": [asdict(s) for s in self.sequences]}))
         os.replace(tmp, self.root / INDEX)
+        self._saved_at = time.monotonic()
+
+    def uncaptured(self) -> Iterator[list[int]]:
+        """The tokens of each sequence still without features, in order."""
+        tokens = np.fromfile(self.root / TOKENS, dtype=np.int32, count=self.n_rows)
+        start = sum(s.n_tokens for s in self.sequences[:self.captured])
+        for s in self.sequences[self.captured:]:
+            yield tokens[start:start + s.n_tokens].tolist()
+            start += s.n_tokens
+
+    def append_features(self, features: np.ndarray) -> None:
+        """The features of the next sequence without them."""
+        n = self.sequences[self.captured].n_tokens
+        if features.shape != (n, self.width):
+            raise ValueError(f"features {features.shape} do not match {n} tokens x {self.width}")
+        _append(self.root / FEATURES, features.astype(np.float16))
+        self.captured += 1
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens [rows], features [rows, width] memory-mapped, first row of each sequence)."""
         n = self.n_rows
         if n == 0:
             raise UserError(f"{self.root} holds no sequences")
+        if self.captured < len(self.sequences):
+            raise UserError(f"{self.root}: {len(self.sequences) - self.captured} sequences have no features yet "
+                            "(run dflash train on it again to capture them)")
         tokens = np.fromfile(self.root / TOKENS, dtype=np.int32, count=n)
         # copy-on-write: writable for torch.from_numpy, which warns on read-only arrays; the file is never changed
         features = np.memmap(self.root / FEATURES, dtype=np.float16, mode="c", shape=(n, self.width))
         starts = np.cumsum([0] + [s.n_tokens for s in self.sequences[:-1]])
         return tokens, features, starts
+
+
+def _append(path: Path, data: np.ndarray) -> None:
+    with open(path, "ab") as f:
+        f.write(data.tobytes())

@@ -1,5 +1,5 @@
 """Training prompts that need no network: the built-in set shipped with the package, Python stubs cut from
-this Python's standard library, or a file."""
+this Python's standard library or from any folder of Python code, or a file."""
 
 from __future__ import annotations
 
@@ -14,35 +14,40 @@ from dflash_local.errors import UserError
 # coding (chat, and raw completion of Python stubs), math, explanations, chat; no topic of `dflash bench`'s chat
 # set, so that benchmark stays held out
 BUILTIN = Path(__file__).with_name("builtin_prompts.jsonl")
-# stdlib folders that are tests, demos or GUI code, or not the stdlib at all
-_STDLIB_SKIP = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "tkinter", "site-packages",
-                "dist-packages", "__pycache__"}
+# folders of tests, demos or GUI code, or (in the stdlib) of installed packages
+_SKIP = {"test", "tests", "testing", "idlelib", "turtledemo", "lib2to3", "ensurepip", "tkinter", "site-packages",
+         "dist-packages", "__pycache__"}
 
 
 def training_prompts(sources: list[str], n: int | None = None) -> list[Prompt]:
-    """The first n distinct prompts of the sources in turn: `builtin`, `stdlib` or a .jsonl/.txt file (read as
-    `dflash bench --prompts` reads it)."""
+    """The first n distinct prompts of the sources in turn: `builtin`, `stdlib`, a folder of Python code, or a
+    .jsonl/.txt file (read as `dflash bench --prompts` reads it)."""
     prompts: dict[tuple[str, bool], Prompt] = {}
     for source in sources:
         if source in ("humaneval", "chat"):
             raise UserError(f"--prompts {source} is a benchmark set, kept for evaluation: train on builtin, "
                             "stdlib or a file")
-        found = stdlib_stubs() if source == "stdlib" else load_prompts(str(BUILTIN if source == "builtin" else source),
-                                                                       1 << 30)
+        if source == "stdlib":
+            found = code_stubs(sysconfig.get_paths()["stdlib"], "stdlib")
+        elif Path(source).is_dir():
+            found = code_stubs(source, Path(source).name)
+        else:
+            found = load_prompts(str(BUILTIN if source == "builtin" else source), 1 << 30)
         for p in found:
             prompts.setdefault((p.text, p.chat), p)
     return list(prompts.values())[:n]
 
 
 @functools.cache  # parsing the whole stdlib takes seconds
-def stdlib_stubs() -> tuple[Prompt, ...]:
-    """Raw-completion prompts in HumanEval's shape, from this Python's standard library: a module's imports, then
-    one public function (or a method under its class line) up to the end of its docstring."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def code_stubs(folder: str, name: str) -> tuple[Prompt, ...]:
+    """Raw-completion prompts in HumanEval's shape, from the Python files under folder (tests left out): a
+    module's imports, then one documented public function (or a method under its class line) up to the end of
+    its docstring. Prompt ids are name/module.function."""
+    root = Path(folder)
     stubs = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if _STDLIB_SKIP & set(rel.parts[:-1]) or rel.name.startswith("test"):
+        if _SKIP & set(rel.parts[:-1]) or rel.name.startswith("test"):
             continue
         try:
             src = path.read_text(encoding="utf-8")
@@ -50,18 +55,20 @@ def stdlib_stubs() -> tuple[Prompt, ...]:
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         lines = src.splitlines(keepends=True)
-        imports = [ast.get_source_segment(src, s) for s in tree.body if isinstance(s, (ast.Import, ast.ImportFrom))]
-        head = "\n".join(imports[:8]) + "\n\n\n" if imports else ""
-        module = rel.with_suffix("").as_posix()
+        # whole lines: ast.get_source_segment splits the whole file again for every call
+        imports = ["".join(lines[s.lineno - 1:s.end_lineno]).rstrip()
+                   for s in tree.body if isinstance(s, (ast.Import, ast.ImportFrom))][:8]
+        head = "\n".join(imports) + "\n\n\n" if imports else ""
+        module = f"{name}/{rel.with_suffix('').as_posix()}"
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
                 cls = "".join(lines[node.lineno - 1:node.body[0].lineno - 1])
                 for fn in node.body:
                     if _documented(fn):
-                        stubs.append(Prompt(f"stdlib/{module}.{node.name}.{fn.name}", head + cls + _stub(fn, lines),
+                        stubs.append(Prompt(f"{module}.{node.name}.{fn.name}", head + cls + _stub(fn, lines),
                                             False))
             elif _documented(node):
-                stubs.append(Prompt(f"stdlib/{module}.{node.name}", head + _stub(node, lines), False))
+                stubs.append(Prompt(f"{module}.{node.name}", head + _stub(node, lines), False))
     return tuple(stubs)
 
 
