@@ -96,9 +96,10 @@ class Target:
         cp.n_batch = params.n_batch
         cp.n_ubatch = params.n_ubatch or params.n_batch
         cp.n_seq_max = params.n_seq
-        # one KV buffer for all sequences: llama.cpp splits a batch over per-sequence buffers into one ubatch per
-        # run of consecutive sequence ids, i.e. up to one ubatch per sequence as answers finish out of order
-        cp.kv_unified = params.n_seq > 1
+        # a KV buffer per sequence: in one shared buffer every token's attention runs over all sequences' cells
+        # (masked), which grows with the square of n_seq. llama.cpp cuts a batch into one ubatch per run of
+        # consecutive sequence ids, so step() wants them ascending.
+        cp.kv_unified = False
         if params.n_threads > 0:
             cp.n_threads = cp.n_threads_batch = params.n_threads
         if self.recurrent and rollback > 0:
@@ -173,7 +174,8 @@ class Target:
         return self._logits(len(tokens) if all_logits else 1)
 
     def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> np.ndarray:
-        """One token for each of several sequences, in one batch; a logits row per token, as a view."""
+        """One token for each of several sequences, in one batch; a logits row per token, as a view. Ascending,
+        consecutive sequence ids make one ubatch (see __init__)."""
         self._run(tokens, positions, seqs, [True] * len(tokens))
         return self._logits(len(tokens))
 

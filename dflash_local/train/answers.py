@@ -92,7 +92,7 @@ def answer(target: Target, todo: list[tuple[str, list[int]]], ds: Dataset, max_n
             for seq in [s for s, (_, _, a) in slots.items() if target.is_eog(a[-1]) or len(a) >= max_new_tokens]:
                 store(seq)
                 start(seq)
-            if active := list(slots):
+            if active := sorted(slots):  # ascending ids: one ubatch (Target.step)
                 logits = target.step([slots[s][2][-1] for s in active],
                                      [len(slots[s][1]) + len(slots[s][2]) - 1 for s in active], active)
                 for s, next_token in zip(active, logits.argmax(axis=1)):
