@@ -145,14 +145,17 @@ def test_training_prompts_are_many_and_leave_the_benchmarks_out():
     names = {sig.split("(")[0][4:] for sig in _signatures([p for p in builtin if not p.chat])}
     assert len(names) >= 100 and not {n for n in names if f"def {n}(" in "\n".join(p.text for p in humaneval)}
     stdlib = training_prompts(["stdlib"])
-    assert len(stdlib) >= 1000 and not any(p.chat for p in stdlib)
-    assert not _signatures(stdlib) & _signatures(humaneval)
+    assert len(stdlib) >= 2000 and not _signatures(stdlib) & _signatures(humaneval)
+    # each stub twice: raw completion, then the same stub in a chat request
+    raw, chat = stdlib[0::2], stdlib[1::2]
+    assert not any(p.chat for p in raw) and all(p.chat for p in chat)
+    assert all(c.id == f"{r.id}/chat" and f"```python\n{r.text}```" in c.text for r, c in zip(raw, chat))
     both = training_prompts(["builtin", "stdlib", "builtin"])
     assert len(both) == len({(p.text, p.chat) for p in builtin + stdlib})
     assert training_prompts(["stdlib", "builtin"], 5) == stdlib[:5]
     # any folder of Python code: numpy's, here
     code = training_prompts([str(Path(np.__file__).parent)])
-    assert len(code) >= 100 and code[0].id.startswith("numpy/") and not any(p.chat for p in code)
+    assert len(code) >= 200 and code[0].id.startswith("numpy/")
     assert not _signatures(code) & _signatures(humaneval)
     with pytest.raises(UserError, match="benchmark set"):
         training_prompts(["builtin", "humaneval"])

@@ -1,8 +1,9 @@
 """Speed of the target answering training prompts in parallel (`dflash train --parallel N`): greedy decode steps
-of one token for each of N sequences in one batch, sequence ids out of order as when answers finish at different
-times. Prints tokens/s per N.
+of one token for each of N sequences in one batch (ascending ids, as the data phase sends them), each after a
+prompt of --context tokens. Prints tokens/s per N.
 
-    python bench/train/answer_speed.py TARGET.gguf [--parallel 1,8,32] [--threads N] [--n-gpu-layers N] [--seconds 5]
+    python bench/train/answer_speed.py TARGET.gguf [--parallel 1,8,32] [--context 16] [--threads N] [--n-gpu-layers N]
+        [--seconds 5]
 """
 
 from __future__ import annotations
@@ -20,19 +21,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--context", type=int, default=16, help="prompt tokens before the timed steps")
     a = ap.parse_args()
     for n in map(int, a.parallel.split(",")):
-        t = Target(a.target, TargetParams(n_ctx=512, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers, n_seq=n))
-        prompt = t.tokenize("Hello there, how are you today? I am fine.")
+        t = Target(a.target, TargetParams(n_ctx=a.context + 512, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers,
+                                          n_seq=n))
+        prompt = (t.tokenize("def f(x):\n    return x * 2\n" * (a.context // 8 + 1)))[:a.context]
         for s in range(n):
             t.decode(prompt, 0, all_logits=False, seq=s)
-        pos, steps, seqs = len(prompt), 0, list(range(n))[::-1]
+        pos, steps, seqs = len(prompt), 0, list(range(n))
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < a.seconds and pos < t.n_ctx:
             t.step([42] * n, [pos] * n, seqs).argmax(axis=1)
             pos, steps = pos + 1, steps + 1
         dt = time.perf_counter() - t0
-        print(f"parallel {n:3d}: {steps * n / dt:8.1f} tok/s  ({dt / steps * 1000:.1f} ms per step)", flush=True)
+        print(f"parallel {n:3d}, context {a.context}: {steps * n / dt:8.1f} tok/s  ({dt / steps * 1000:.1f} ms per step)", flush=True)
         t.close()
 
 

@@ -22,10 +22,10 @@ DEFAULT_EPOCHS = 3.0  # of 1, 3, 5 and 9.5 epochs, 3 drafted best for SmolLM2 on
 def train(
     target: Path = typer.Argument(..., help="Target GGUF the drafter is for."),
     output: Path = typer.Option(..., "--output", "-o", help="Drafter GGUF to write."),
-    prompts: list[str] = typer.Option(["builtin"], "--prompts", help="'builtin', 'stdlib' (stubs of this Python's "
-                                      "standard library), a folder of Python code (stubs of its functions), or a "
-                                      ".jsonl ({\"prompt\": ...} lines) or .txt (one per line) file; repeat to "
-                                      "combine."),
+    prompts: list[str] = typer.Option(["builtin"], "--prompts", help="'builtin', 'stdlib' (function stubs of this "
+                                      "Python's standard library, raw and in chat requests), a folder of Python code "
+                                      "(the same from its files), or a .jsonl ({\"prompt\": ...} lines) or .txt (one "
+                                      "per line) file; repeat to combine."),
     max_prompts: int = typer.Option(None, "--max-prompts", min=1, help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=2, help="Longest answer the target writes."),
     parallel: int = typer.Option(8, "--parallel", min=1, max=256, help="Prompts the target answers at once, in one "

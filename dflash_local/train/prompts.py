@@ -38,11 +38,17 @@ def training_prompts(sources: list[str], n: int | None = None) -> list[Prompt]:
     return list(prompts.values())[:n]
 
 
+# the chat form of a stub: an instruct model answers it with code and prose about the code, as it continues a
+# HumanEval prompt in raw completion, where library code alone mostly gets the library's code back
+CHAT_REQUEST = "Write the body of this Python function:\n\n```python\n{stub}```"
+
+
 @functools.cache  # parsing the whole stdlib takes seconds
 def code_stubs(folder: str, name: str) -> tuple[Prompt, ...]:
-    """Raw-completion prompts in HumanEval's shape, from the Python files under folder (tests left out): a
-    module's imports, then one documented public function (or a method under its class line) up to the end of
-    its docstring. Prompt ids are name/module.function."""
+    """Prompts from the Python files under folder (tests left out), two per documented public function (or method,
+    under its class line): the module's imports then the function up to the end of its docstring, in HumanEval's
+    shape, as raw completion; and that stub in a chat request (CHAT_REQUEST). Prompt ids are
+    name/module.function, with /chat for the second."""
     root = Path(folder)
     stubs = []
     for path in sorted(root.rglob("*.py")):
@@ -63,13 +69,12 @@ def code_stubs(folder: str, name: str) -> tuple[Prompt, ...]:
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
                 cls = "".join(lines[node.lineno - 1:node.body[0].lineno - 1])
-                for fn in node.body:
-                    if _documented(fn):
-                        stubs.append(Prompt(f"{module}.{node.name}.{fn.name}", head + cls + _stub(fn, lines),
-                                            False))
+                stubs += [(f"{module}.{node.name}.{fn.name}", head + cls + _stub(fn, lines))
+                          for fn in node.body if _documented(fn)]
             elif _documented(node):
-                stubs.append(Prompt(f"{module}.{node.name}", head + _stub(node, lines), False))
-    return tuple(stubs)
+                stubs.append((f"{module}.{node.name}", head + _stub(node, lines)))
+    return tuple(p for id_, stub in stubs
+                 for p in (Prompt(id_, stub, False), Prompt(f"{id_}/chat", CHAT_REQUEST.format(stub=stub), True)))
 
 
 def _documented(node: ast.stmt) -> bool:
