@@ -12,6 +12,7 @@ from dflash_local.bench.prompts import Prompt
 from dflash_local.errors import UserError
 from dflash_local.target import Target
 from dflash_local.train.data import Dataset, prompt_key
+from dflash_local.train.prompts import prompt_group
 
 MAX_PROMPT_TOKENS = 2048  # the context is sized for this plus the answer (within the target's own context)
 
@@ -36,8 +37,8 @@ def fits(target: Target, prompt: list[int], max_new_tokens: int) -> bool:
 
 
 def plan(target: Target, prompts: list[Prompt], ds: Dataset,
-         max_new_tokens: int) -> tuple[list[tuple[str, list[int]]], int]:
-    """Prompts still to answer, as (key, tokens), and how many are too long for the context."""
+         max_new_tokens: int) -> tuple[list[tuple[str, str, list[int]]], int]:
+    """Prompts still to answer, as (key, group, tokens), and how many are too long for the context."""
     done, todo, skipped = ds.keys(), [], 0
     for p in prompts:
         key = prompt_key(p.text, p.chat)
@@ -46,7 +47,7 @@ def plan(target: Target, prompts: list[Prompt], ds: Dataset,
         done.add(key)
         tokens = prompt_tokens(target, p)
         if fits(target, tokens, max_new_tokens):
-            todo.append((key, tokens))
+            todo.append((key, prompt_group(p), tokens))
         else:
             skipped += 1
     return todo, skipped
@@ -59,25 +60,25 @@ class Report:
     seconds: float = 0.0
 
 
-def answer(target: Target, todo: list[tuple[str, list[int]]], ds: Dataset, max_new_tokens: int,
+def answer(target: Target, todo: list[tuple[str, str, list[int]]], ds: Dataset, max_new_tokens: int,
            progress: Progress) -> Report:
     """The target answers the prompts greedily, target.n_seq of them at a time in one batch per token (a GPU
     is nearly as fast for many sequences as for one); each finished answer is stored at once."""
     report = Report()
     task = progress.add_task("target answers", total=len(todo))
     pending = iter(todo)
-    slots: dict[int, tuple[str, list[int], list[int]]] = {}  # sequence id -> (key, prompt, answer so far)
+    slots: dict[int, tuple[str, str, list[int], list[int]]] = {}  # sequence id -> (key, group, prompt, answer so far)
 
     def start(seq: int) -> None:
         if (item := next(pending, None)) is not None:
-            key, prompt = item
-            slots[seq] = (key, prompt, [int(target.decode(prompt, 0, all_logits=False, seq=seq)[0].argmax())])
+            key, group, prompt = item
+            slots[seq] = (key, group, prompt, [int(target.decode(prompt, 0, all_logits=False, seq=seq)[0].argmax())])
 
     def store(seq: int) -> None:
-        key, prompt, ans = slots.pop(seq)
+        key, group, prompt, ans = slots.pop(seq)
         ans = ans[:-1] if target.is_eog(ans[-1]) else ans
         target.clear(seq)
-        ds.append(key, prompt + ans, len(prompt))
+        ds.append(key, group, prompt + ans, len(prompt))
         report.sequences += 1
         report.tokens += len(ans)
         progress.update(task, advance=1, description=f"target answers ({report.tokens} tokens)")
@@ -89,14 +90,14 @@ def answer(target: Target, todo: list[tuple[str, list[int]]], ds: Dataset, max_n
         for seq in range(target.n_seq):
             start(seq)
         while slots:
-            for seq in [s for s, (_, _, a) in slots.items() if target.is_eog(a[-1]) or len(a) >= max_new_tokens]:
+            for seq in [s for s, (*_, a) in slots.items() if target.is_eog(a[-1]) or len(a) >= max_new_tokens]:
                 store(seq)
                 start(seq)
             if active := sorted(slots):  # ascending ids: one ubatch (Target.step)
-                logits = target.step([slots[s][2][-1] for s in active],
-                                     [len(slots[s][1]) + len(slots[s][2]) - 1 for s in active], active)
+                logits = target.step([slots[s][3][-1] for s in active],
+                                     [len(slots[s][2]) + len(slots[s][3]) - 1 for s in active], active)
                 for s, next_token in zip(active, logits.argmax(axis=1)):
-                    slots[s][2].append(int(next_token))
+                    slots[s][3].append(int(next_token))
     finally:
         target.capture.enable(True)
         ds.save()

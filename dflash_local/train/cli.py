@@ -110,7 +110,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     try:
         ds = data.Dataset(data_dir, target, capture, info.n_embd)
         todo, skipped = answers.plan(tg, train_prompts, ds, max_new_tokens)
-        need = sum(len(t) + max_new_tokens for _, t in todo) * ds.row_bytes
+        need = sum(len(t) + max_new_tokens for *_, t in todo) * ds.row_bytes
         console.print(f"data: {len(todo)} prompts to answer ({len(ds.sequences)} done, {skipped} too long), "
                       f"up to {_size(need)} more in {data_dir} (layers {list(capture)}, "
                       f"{ds.width} features per token)", highlight=False)

@@ -3,7 +3,8 @@ drafter's layers for every position (prompt and answer). answers.py fills it; nu
 
 On disk, one folder:
   index.json    what the features are (target file, layers, width) and the sequences in order:
-                {"key": prompt hash, "n_prompt": tokens of the templated prompt, "n_tokens": prompt + answer}
+                {"key": prompt hash, "n_prompt": tokens of the templated prompt, "n_tokens": prompt + answer,
+                 "group": what the prompt came from}
   tokens.i32    int32 tokens of all sequences back to back
   features.f16  float16 [rows, n_extract * n_embd], row i = the position of token i, for the first sequences:
                 features are captured after the answers, in a second pass, so they may lag the tokens
@@ -37,6 +38,7 @@ class Sequence:
     key: str
     n_prompt: int
     n_tokens: int
+    group: str = ""  # what the prompt came from (prompts.prompt_group); "" in older data sets
 
 
 def prompt_key(text: str, chat: bool) -> str:
@@ -85,10 +87,10 @@ class Dataset:
     def keys(self) -> set[str]:
         return {s.key for s in self.sequences}
 
-    def append(self, key: str, tokens: list[int], n_prompt: int) -> None:
+    def append(self, key: str, group: str, tokens: list[int], n_prompt: int) -> None:
         """One answered prompt: its tokens, prompt then answer."""
         _append(self.root / TOKENS, np.asarray(tokens, dtype=np.int32))
-        self.sequences.append(Sequence(key, n_prompt, len(tokens)))
+        self.sequences.append(Sequence(key, n_prompt, len(tokens), group))
         if time.monotonic() - self._saved_at >= SAVE_EVERY:
             self.save()
 

@@ -43,6 +43,12 @@ def training_prompts(sources: list[str], n: int | None = None) -> list[Prompt]:
 CHAT_REQUEST = "Write the body of this Python function:\n\n```python\n{stub}```"
 
 
+def prompt_group(prompt: Prompt) -> str:
+    """What a prompt came from: a code stub's module (its raw and chat forms and the module's other stubs share
+    much text), else the prompt itself. The trainer holds out whole groups."""
+    return prompt.id.split(".", 1)[0]
+
+
 @functools.cache  # parsing the whole stdlib takes seconds
 def code_stubs(folder: str, name: str) -> tuple[Prompt, ...]:
     """Prompts from the Python files under folder (tests left out), two per documented public function (or method,

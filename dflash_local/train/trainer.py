@@ -25,9 +25,10 @@ from dflash_local.reference import Drafter, DrafterConfig
 from dflash_local.train.data import Dataset
 
 IGNORE = -100  # label of block positions past the end of the answer
-# Every HOLD_OUT-th sequence is held out of training: at each checkpoint the teacher-forced tau~ of VAL_BATCHES fixed
-# batches of them picks the weights that are exported, since past a few epochs a small data set is learned by heart
-# (bench/train/README.md: training tau~ 12.5 and HumanEval tau 1.47 at 9.5 epochs, 6.3 and 2.15 at 3).
+# Every HOLD_OUT-th group of sequences (Sequence.group) is held out of training: at each checkpoint the teacher-forced
+# tau~ of VAL_BATCHES fixed batches of them picks the weights that are exported, since past a few epochs a small data
+# set is learned by heart (bench/train/README.md: training tau~ 12.5 and HumanEval tau 1.47 at 9.5 epochs, 6.3 and
+# 2.15 at 3).
 HOLD_OUT = 50
 VAL_BATCHES = 4
 
@@ -111,13 +112,16 @@ class Trainer:
                 self.features = self.features.to(device)
             except torch.OutOfMemoryError:  # a dataset larger than the GPU: steps read the host's copy
                 pass
-        # (first row, prompt length, length) of sequences with at least one anchor that has a label
-        self.seqs = [(int(r), s.n_prompt, s.n_tokens) for r, s in zip(starts, ds.sequences)
-                     if s.n_tokens - s.n_prompt >= 2]
-        if not self.seqs:
+        # sequences with at least one anchor that has a label
+        usable = [(int(r), s) for r, s in zip(starts, ds.sequences) if s.n_tokens - s.n_prompt >= 2]
+        if not usable:
             raise UserError("no answer in the dataset is 2 tokens or longer: nothing to train on")
-        self.held_out = self.seqs[HOLD_OUT - 1::HOLD_OUT]
-        del self.seqs[HOLD_OUT - 1::HOLD_OUT]
+        # whole groups are held out (every HOLD_OUT-th): a held-out answer has no near-copy in training
+        groups = list(dict.fromkeys(s.group or s.key for _, s in usable))
+        held = set(groups[HOLD_OUT - 1::HOLD_OUT])
+        # (first row, prompt length, length)
+        self.seqs = [(r, s.n_prompt, s.n_tokens) for r, s in usable if (s.group or s.key) not in held]
+        self.held_out = [(r, s.n_prompt, s.n_tokens) for r, s in usable if (s.group or s.key) in held]
         self.best: dict[str, Tensor] | None = None  # weights of the best held-out tau~ so far, on the host
         self.best_tau, self.best_step = float("nan"), 0
         self.weights = position_weights(drafter.cfg.block_size).to(device)
