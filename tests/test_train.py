@@ -242,9 +242,11 @@ def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     (["{target}", "--target-layers", "1,x"], "comma-separated"),
     (["{target}", "--steps", "2", "--epochs", "1"], "either --steps or --epochs"),
     (["{target}", "--prompts", "missing.jsonl"], "missing.jsonl is none of them"),
+    (["{target}", "--prompts", "{empty}"], "no .py file under it has a documented public function"),
 ])
 def test_cli_bad_inputs(target, tmp_path, args, message):
-    args = [a.format(target=target) for a in args]
+    (tmp_path / "empty").mkdir()
+    args = [a.format(target=target, empty=tmp_path / "empty") for a in args]
     result = CliRunner().invoke(app, ["train", *args, "-o", str(tmp_path / "d.gguf")])
     assert result.exit_code == 2, result.output
     assert message in result.output

@@ -26,11 +26,13 @@ def training_prompts(sources: list[str], n: int | None = None) -> list[Prompt]:
     for source in sources:
         if source in ("humaneval", "chat"):
             raise UserError(f"--prompts {source} is a benchmark set, kept for evaluation: train on builtin, "
-                            "stdlib or a file")
+                            "stdlib, a folder of Python code or a file")
         if source == "stdlib":
             found = code_stubs(sysconfig.get_paths()["stdlib"], "stdlib")
         elif Path(source).is_dir():
             found = code_stubs(source, Path(source).name)
+            if not found:
+                raise UserError(f"--prompts {source}: no .py file under it has a documented public function")
         else:
             found = load_prompts(str(BUILTIN if source == "builtin" else source), 1 << 30)
         for p in found:
