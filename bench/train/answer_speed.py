@@ -52,7 +52,8 @@ def main() -> None:
                 t.step([42] * n, [pos] * n, seqs).argmax(axis=1)
             pos, steps = pos + 1, steps + 1
         dt = time.perf_counter() - t0
-        print(f"parallel {n:3d}, context {a.context}, {a.sampler} sampler: {steps * n / dt:8.1f} tok/s  ({dt / steps * 1000:.1f} ms per step)", flush=True)
+        print(f"parallel {n:3d}, context {a.context}, {a.sampler} sampler: {steps * n / dt:8.1f} tok/s  "
+              f"({dt / steps * 1000:.1f} ms per step)", flush=True)
         t.close()
 
 

@@ -60,6 +60,15 @@ class Report:
     seconds: float = 0.0
 
 
+@dataclass
+class _Slot:
+    """A prompt being answered in one of the batch's sequences."""
+    key: str
+    group: str
+    prompt: list[int]
+    answer: list[int]
+
+
 def answer(target: Target, todo: list[tuple[str, str, list[int]]], ds: Dataset, max_new_tokens: int,
            progress: Progress) -> Report:
     """The target answers the prompts greedily, target.n_seq of them at a time in one batch per token (a GPU
@@ -67,18 +76,19 @@ def answer(target: Target, todo: list[tuple[str, str, list[int]]], ds: Dataset, 
     report = Report()
     task = progress.add_task("target answers", total=len(todo))
     pending = iter(todo)
-    slots: dict[int, tuple[str, str, list[int], list[int]]] = {}  # sequence id -> (key, group, prompt, answer so far)
+    slots: dict[int, _Slot] = {}  # by sequence id
 
     def start(seq: int) -> None:
         if (item := next(pending, None)) is not None:
             key, group, prompt = item
-            slots[seq] = (key, group, prompt, [int(target.decode(prompt, 0, all_logits=False, seq=seq)[0].argmax())])
+            first = int(target.decode(prompt, 0, all_logits=False, seq=seq)[0].argmax())
+            slots[seq] = _Slot(key, group, prompt, [first])
 
     def store(seq: int) -> None:
-        key, group, prompt, ans = slots.pop(seq)
-        ans = ans[:-1] if target.is_eog(ans[-1]) else ans
+        slot = slots.pop(seq)
+        ans = slot.answer[:-1] if target.is_eog(slot.answer[-1]) else slot.answer
         target.clear(seq)
-        ds.append(key, group, prompt + ans, len(prompt))
+        ds.append(slot.key, slot.group, slot.prompt + ans, len(slot.prompt))
         report.sequences += 1
         report.tokens += len(ans)
         progress.update(task, advance=1, description=f"target answers ({report.tokens} tokens)")
@@ -90,14 +100,15 @@ def answer(target: Target, todo: list[tuple[str, str, list[int]]], ds: Dataset, 
         for seq in range(target.n_seq):
             start(seq)
         while slots:
-            for seq in [s for s, (*_, a) in slots.items() if target.is_eog(a[-1]) or len(a) >= max_new_tokens]:
+            for seq in [s for s, sl in slots.items()
+                        if target.is_eog(sl.answer[-1]) or len(sl.answer) >= max_new_tokens]:
                 store(seq)
                 start(seq)
             if active := sorted(slots):  # ascending ids: one ubatch (Target.step)
-                logits = target.step([slots[s][3][-1] for s in active],
-                                     [len(slots[s][2]) + len(slots[s][3]) - 1 for s in active], active)
+                logits = target.step([slots[s].answer[-1] for s in active],
+                                     [len(slots[s].prompt) + len(slots[s].answer) - 1 for s in active], active)
                 for s, next_token in zip(active, logits.argmax(axis=1)):
-                    slots[s][3].append(int(next_token))
+                    slots[s].answer.append(int(next_token))
     finally:
         target.capture.enable(True)
         ds.save()

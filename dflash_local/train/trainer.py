@@ -229,7 +229,8 @@ class Trainer:
         self.rng.bit_generator.state = ck["rng"]
         self.step_no = ck["step"]
         # checkpoints written before the held-out split have no best weights yet
-        self.best, self.best_tau, self.best_step = ck.get("best"), ck.get("best_tau", float("nan")), ck.get("best_step", 0)
+        self.best, self.best_tau = ck.get("best"), ck.get("best_tau", float("nan"))
+        self.best_step = ck.get("best_step", 0)
 
     def run(self, checkpoint: Path, progress: Progress) -> TrainReport:
         """Steps until opts.steps, saving a checkpoint every opts.checkpoint_every steps and at the end."""
