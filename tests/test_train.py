@@ -23,7 +23,7 @@ from dflash_local.reference import Drafter
 from dflash_local.target import Target, TargetParams
 from dflash_local.train import answers, trainer
 from dflash_local.train.data import FEATURES, Dataset, prompt_key
-from dflash_local.train.prompts import training_prompts
+from dflash_local.train.prompts import prompt_group, training_prompts
 from dflash_local.train.target_layers import auto_target_layers, parse_target_layers
 
 PROMPTS = [Prompt("a", "The quick brown fox", True), Prompt("b", "Once upon a time there was", True),
@@ -156,6 +156,9 @@ def test_training_prompts_are_many_and_leave_the_benchmarks_out():
     # any folder of Python code: numpy's, here
     code = training_prompts([str(Path(np.__file__).parent)])
     assert len(code) >= 200 and code[0].id.startswith("numpy/")
+    # held-out groups: a stub file (both forms of its stubs), or a prompt alone
+    assert prompt_group(raw[0]) == prompt_group(chat[0]) == prompt_group(raw[1]) == raw[0].id.split(":")[0][:-3]
+    assert len({prompt_group(p) for p in builtin}) == len(builtin)
     assert not _signatures(code) & _signatures(humaneval)
     with pytest.raises(UserError, match="benchmark set"):
         training_prompts(["builtin", "humaneval"])

@@ -46,9 +46,9 @@ CHAT_REQUEST = "Write the body of this Python function:\n\n```python\n{stub}```"
 
 
 def prompt_group(prompt: Prompt) -> str:
-    """What a prompt came from: a code stub's module (its raw and chat forms and the module's other stubs share
-    much text), else the prompt itself. The trainer holds out whole groups."""
-    return prompt.id.split(".", 1)[0]
+    """What a prompt came from: a code stub's file (its raw and chat forms and the file's other stubs share much
+    text), else the prompt itself. The trainer holds out whole groups."""
+    return prompt.id.split(".py:", 1)[0]
 
 
 @functools.cache  # parsing the whole stdlib takes seconds
@@ -56,7 +56,7 @@ def code_stubs(folder: str, name: str) -> tuple[Prompt, ...]:
     """Prompts from the Python files under folder (tests left out), two per documented public function (or method,
     under its class line): the module's imports then the function up to the end of its docstring, in HumanEval's
     shape, as raw completion; and that stub in a chat request (CHAT_REQUEST). Prompt ids are
-    name/module.function, with /chat for the second."""
+    name/path.py:function (or :Class.method), with /chat for the second."""
     root = Path(folder)
     stubs = []
     for path in sorted(root.rglob("*.py")):
@@ -73,14 +73,14 @@ def code_stubs(folder: str, name: str) -> tuple[Prompt, ...]:
         imports = ["".join(lines[s.lineno - 1:s.end_lineno]).rstrip()
                    for s in tree.body if isinstance(s, (ast.Import, ast.ImportFrom))][:8]
         head = "\n".join(imports) + "\n\n\n" if imports else ""
-        module = f"{name}/{rel.with_suffix('').as_posix()}"
+        module = f"{name}/{rel.as_posix()}:"
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
                 cls = "".join(lines[node.lineno - 1:node.body[0].lineno - 1])
-                stubs += [(f"{module}.{node.name}.{fn.name}", head + cls + _stub(fn, lines))
+                stubs += [(f"{module}{node.name}.{fn.name}", head + cls + _stub(fn, lines))
                           for fn in node.body if _documented(fn)]
             elif _documented(node):
-                stubs.append((f"{module}.{node.name}", head + _stub(node, lines)))
+                stubs.append((f"{module}{node.name}", head + _stub(node, lines)))
     return tuple(p for id_, stub in stubs
                  for p in (Prompt(id_, stub, False), Prompt(f"{id_}/chat", CHAT_REQUEST.format(stub=stub), True)))
 
