@@ -260,8 +260,8 @@ def test_held_out_sequences_pick_the_exported_weights(target, tmp_path):
 
     rng = np.random.default_rng(0)
     ds = Dataset(tmp_path / "data", target, LAYERS, read_target(target).n_embd)
-    for i in range(2 * trainer.HOLD_OUT):  # 48 sequences alone (no group: their own), then groups of 2
-        ds.append(f"k{i}", f"g{i // 2}" if i >= 48 else "", rng.integers(0, 100, 12).tolist(), 4)
+    for i in range(2 * trainer.HOLD_OUT):  # 48 sequences alone (a group each), then groups of 2
+        ds.append(f"k{i}", f"g{i // 2}" if i >= 48 else f"k{i}", rng.integers(0, 100, 12).tolist(), 4)
         ds.append_features(rng.standard_normal((12, ds.width), np.float32))
     tr = _trainer(target, ds)
     # held out: the 50th of the 74 groups, both its sequences (no near-copy of a held-out answer is trained on)

@@ -38,7 +38,7 @@ class Sequence:
     key: str
     n_prompt: int
     n_tokens: int
-    group: str = ""  # what the prompt came from (prompts.prompt_group); "" in older data sets
+    group: str  # what the prompt came from (prompts.prompt_group); held-out sets take whole groups
 
 
 def prompt_key(text: str, chat: bool) -> str:
@@ -61,12 +61,13 @@ class Dataset:
             if saved["meta"] != self.meta:
                 raise UserError(f"{root} holds data of another target or layer choice ({saved['meta']}); "
                                 "give another --data-dir")
-            self.sequences = [Sequence(**s) for s in saved["sequences"]]
+            # data sets written before groups: each sequence its own group
+            self.sequences = [Sequence(**{"group": s["key"], **s}) for s in saved["sequences"]]
         root.mkdir(parents=True, exist_ok=True)
         with open(root / TOKENS, "ab") as f:
             f.truncate(self.n_rows * 4)
         feature_rows = (root / FEATURES).stat().st_size // (2 * self.width) if (root / FEATURES).is_file() else 0
-        ends = np.cumsum([0] + [s.n_tokens for s in self.sequences])
+        ends = self._offsets()
         self.captured = int(np.searchsorted(ends, feature_rows, side="right")) - 1  # sequences with features
         with open(root / FEATURES, "ab") as f:
             f.truncate(int(ends[self.captured]) * 2 * self.width)
@@ -74,6 +75,10 @@ class Dataset:
     @property
     def n_rows(self) -> int:
         return sum(s.n_tokens for s in self.sequences)
+
+    def _offsets(self) -> np.ndarray:
+        """First row of each sequence, then the row count."""
+        return np.cumsum([0] + [s.n_tokens for s in self.sequences])
 
     @property
     def row_bytes(self) -> int:
@@ -110,10 +115,9 @@ class Dataset:
     def uncaptured(self) -> Iterator[list[int]]:
         """The tokens of each sequence still without features, in order."""
         tokens = np.fromfile(self.root / TOKENS, dtype=np.int32, count=self.n_rows)
-        start = sum(s.n_tokens for s in self.sequences[:self.captured])
-        for s in self.sequences[self.captured:]:
-            yield tokens[start:start + s.n_tokens].tolist()
-            start += s.n_tokens
+        ends = self._offsets()
+        for i in range(self.captured, len(self.sequences)):
+            yield tokens[ends[i]:ends[i + 1]].tolist()
 
     def append_features(self, features: np.ndarray) -> None:
         """The features of the next sequence without them."""
@@ -134,8 +138,7 @@ class Dataset:
         tokens = np.fromfile(self.root / TOKENS, dtype=np.int32, count=n)
         # copy-on-write: writable for torch.from_numpy, which warns on read-only arrays; the file is never changed
         features = np.memmap(self.root / FEATURES, dtype=np.float16, mode="c", shape=(n, self.width))
-        starts = np.cumsum([0] + [s.n_tokens for s in self.sequences[:-1]])
-        return tokens, features, starts
+        return tokens, features, self._offsets()[:-1]
 
 
 def _append(path: Path, data: np.ndarray) -> None:

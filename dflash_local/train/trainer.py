@@ -117,11 +117,11 @@ class Trainer:
         if not usable:
             raise UserError("no answer in the dataset is 2 tokens or longer: nothing to train on")
         # whole groups are held out (every HOLD_OUT-th): a held-out answer has no near-copy in training
-        groups = list(dict.fromkeys(s.group or s.key for _, s in usable))
+        groups = list(dict.fromkeys(s.group for _, s in usable))
         held = set(groups[HOLD_OUT - 1::HOLD_OUT])
         # (first row, prompt length, length)
-        self.seqs = [(r, s.n_prompt, s.n_tokens) for r, s in usable if (s.group or s.key) not in held]
-        self.held_out = [(r, s.n_prompt, s.n_tokens) for r, s in usable if (s.group or s.key) in held]
+        self.seqs = [(r, s.n_prompt, s.n_tokens) for r, s in usable if s.group not in held]
+        self.held_out = [(r, s.n_prompt, s.n_tokens) for r, s in usable if s.group in held]
         self.best: dict[str, Tensor] | None = None  # weights of the best held-out tau~ so far, on the host
         self.best_tau, self.best_step = float("nan"), 0
         self.weights = position_weights(drafter.cfg.block_size).to(device)
