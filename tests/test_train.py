@@ -74,16 +74,55 @@ def test_dataset_holds_the_targets_own_greedy_answers(target, dataset):
             prompt = by_key[seq.key]
             tok = tokens[start:start + seq.n_tokens].tolist()
             assert tok[:seq.n_prompt] == answers.prompt_tokens(tg, prompt)
-            assert 0 < seq.n_tokens - seq.n_prompt <= N_NEW
-            # every answer token is the target's argmax after the tokens before it
-            tg.clear()
-            logits = tg.decode(tok, 0, all_logits=True)
-            assert (logits[seq.n_prompt - 1:-1].argmax(1) == tok[seq.n_prompt:]).all()
+            _assert_greedy(tg, tok, seq.n_prompt)
             want = tg.features()
             got = np.asarray(features[start:start + seq.n_tokens], dtype=np.float32)
             np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
     finally:
         tg.close()
+
+
+def _assert_greedy(tg: Target, tokens: list[int], n_prompt: int) -> None:
+    """Every answer token is the target's argmax after the tokens before it."""
+    assert 0 < len(tokens) - n_prompt <= N_NEW
+    tg.clear()
+    logits = tg.decode(tokens, 0, all_logits=True)
+    assert (logits[n_prompt - 1:-1].argmax(1) == tokens[n_prompt:]).all()
+
+
+def test_target_writes_requests_then_answers_them(smollm2_path, target, tmp_path):
+    """--self-prompts: the target writes chat requests under its own template (sampled), then answers them greedily
+    as any prompt; a run that resumes writes only those still missing."""
+    from rich.progress import Progress
+
+    tg = Target(smollm2_path, TargetParams(n_ctx=512, n_threads=2, n_seq=2), capture_layers=(2,))
+    try:
+        ds = Dataset(tmp_path, smollm2_path, (2,), tg.n_embd)
+        todo, _ = answers.plan(tg, [Prompt("x", "Name a colour.", True)], ds, N_NEW, requests=3)
+        assert len(todo) == 4 and sum(not t.key for t in todo) == 3
+        with Progress(disable=True) as progress:
+            answers.answer(tg, todo, ds, N_NEW, progress)
+        head, tail = answers.request_template(tg)
+        written = [s for s in ds.sequences if s.group.startswith(answers.SELF_GROUP)]
+        assert len(written) == 3 and len({s.group for s in written}) == 3
+        tokens, starts = np.fromfile(tmp_path / "tokens.i32", np.int32), ds._offsets()
+        for start, seq in zip(starts, ds.sequences):
+            tok = tokens[start:start + seq.n_tokens].tolist()
+            if seq in written:
+                prompt = tok[:seq.n_prompt]
+                assert prompt[:len(head)] == head and prompt[-len(tail):] == tail
+                assert 0 < seq.n_prompt - len(head) - len(tail) <= answers.MAX_REQUEST_TOKENS
+            _assert_greedy(tg, tok, seq.n_prompt)
+        assert answers.plan(tg, [], ds, N_NEW, requests=3)[0] == []
+        assert len(answers.plan(tg, [], ds, N_NEW, requests=4)[0]) == 1
+    finally:
+        tg.close()
+    tiny = _open(target)
+    try:
+        with pytest.raises(UserError, match="no chat template"):
+            answers.plan(tiny, [], Dataset(tmp_path / "tiny", target, LAYERS, 64), N_NEW, requests=1)
+    finally:
+        tiny.close()
 
 
 def test_dataset_resumes_without_redoing_work(target, tmp_path):

@@ -27,6 +27,9 @@ def train(
                                       "(the same from its files), or a .jsonl ({\"prompt\": ...} lines) or .txt (one "
                                       "per line) file; repeat to combine."),
     max_prompts: int = typer.Option(None, "--max-prompts", min=1, help="Use only the first N prompts."),
+    self_prompts: int = typer.Option(0, "--self-prompts", min=0, help="Also N chat requests the target writes "
+                                     "itself (sampled, under its chat template) and then answers: varied data in its "
+                                     "own words, with no prompt set."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=2, help="Longest answer the target writes."),
     parallel: int = typer.Option(8, "--parallel", min=1, max=256, help="Prompts the target answers at once, in one "
                                  "batch (llama.cpp allows 256; a GPU takes many nearly as fast as a few)."),
@@ -68,7 +71,8 @@ def train(
         raise _fail(str(e)) from None
 
 
-def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | None, max_new_tokens: int, parallel: int,
+def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | None, self_prompts: int,
+           max_new_tokens: int, parallel: int,
            data_dir: Path | None, layers: int, block_size: int, target_layers: str, steps: int | None,
            epochs: float | None, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int, resume: bool,
            device: str, n_gpu_layers: int, threads: int, outtype: str, eval_source: str, eval_prompts: int) -> None:
@@ -109,13 +113,16 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     tg = Target(target, dataclasses.replace(params, n_seq=parallel), capture_layers=capture)
     try:
         ds = data.Dataset(data_dir, target, capture, info.n_embd)
-        todo, skipped = answers.plan(tg, train_prompts, ds, max_new_tokens)
-        need = sum(len(t) + max_new_tokens for *_, t in todo) * ds.row_bytes
-        console.print(f"data: {len(todo)} prompts to answer ({len(ds.sequences)} done, {skipped} too long), "
+        todo, skipped = answers.plan(tg, train_prompts, ds, max_new_tokens, self_prompts)
+        need = answers.max_rows(todo, max_new_tokens) * ds.row_bytes
+        n_requests = sum(not t.key for t in todo)
+        console.print(f"data: {len(todo)} prompts to answer"
+                      + (f", {n_requests} of them requests the target writes first" if n_requests else "")
+                      + f" ({len(ds.sequences)} done, {skipped} too long), "
                       f"up to {_size(need)} more in {data_dir} (layers {list(capture)}, "
                       f"{ds.width} features per token)", highlight=False)
         with _bar() as progress:
-            gen = answers.answer(tg, todo, ds, max_new_tokens, progress)
+            gen = answers.answer(tg, todo, ds, max_new_tokens, progress, seed)
             cap = answers.capture(tg, ds, progress)
     finally:
         tg.close()
