@@ -25,6 +25,7 @@ from dflash_local.train import answers, trainer
 from dflash_local.train.data import FEATURES, Dataset, prompt_key
 from dflash_local.train.prompts import prompt_group, training_prompts
 from dflash_local.train.target_layers import auto_target_layers, parse_target_layers
+from tiny_targets import write_tiny_target
 
 PROMPTS = [Prompt("a", "The quick brown fox", True), Prompt("b", "Once upon a time there was", True),
            Prompt("c", "what is the water like", True), Prompt("d", "def how_to_make_it():", False)]
@@ -82,47 +83,66 @@ def test_dataset_holds_the_targets_own_greedy_answers(target, dataset):
         tg.close()
 
 
-def _assert_greedy(tg: Target, tokens: list[int], n_prompt: int) -> None:
-    """Every answer token is the target's argmax after the tokens before it."""
+def _assert_greedy(tg: Target, tokens: list[int], n_prompt: int, tolerance: float = 0.0) -> None:
+    """Every answer token is the target's argmax after the tokens before it (its logit within tolerance of the
+    largest, in one prefill of them all)."""
     assert 0 < len(tokens) - n_prompt <= N_NEW
     tg.clear()
-    logits = tg.decode(tokens, 0, all_logits=True)
-    assert (logits[n_prompt - 1:-1].argmax(1) == tokens[n_prompt:]).all()
+    logits = tg.decode(tokens, 0, all_logits=True)[n_prompt - 1:-1]
+    chosen = logits[np.arange(len(logits)), tokens[n_prompt:]]
+    assert (chosen >= logits.max(1) - tolerance).all()
 
 
-def test_target_writes_requests_then_answers_them(smollm2_path, target, tmp_path):
+def test_target_writes_requests_then_answers_them(target, tmp_path):
     """--self-prompts: the target writes chat requests under its own template (sampled), then answers them greedily
     as any prompt; a run that resumes writes only those still missing."""
     from rich.progress import Progress
 
-    tg = Target(smollm2_path, TargetParams(n_ctx=512, n_threads=2, n_seq=2), capture_layers=(2,))
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "<|im_start|>assistant\n")
+    chat_target = write_tiny_target("llama", tmp_path / "chat.gguf", chat_template=chatml)
+    tg = _open(chat_target, n_seq=2)
     try:
-        ds = Dataset(tmp_path, smollm2_path, (2,), tg.n_embd)
-        todo, _ = answers.plan(tg, [Prompt("x", "Name a colour.", True)], ds, N_NEW, requests=3)
+        ds = Dataset(tmp_path / "data", chat_target, LAYERS, tg.n_embd)
+        todo, _ = answers.plan(tg, PROMPTS[:1], ds, N_NEW, requests=3)
         assert len(todo) == 4 and sum(not t.key for t in todo) == 3
         with Progress(disable=True) as progress:
             answers.answer(tg, todo, ds, N_NEW, progress)
         head, tail = answers.request_template(tg)
+        assert tg.tokenize("<|im_start|>user\n") == head
         written = [s for s in ds.sequences if s.group.startswith(answers.SELF_GROUP)]
         assert len(written) == 3 and len({s.group for s in written}) == 3
-        tokens, starts = np.fromfile(tmp_path / "tokens.i32", np.int32), ds._offsets()
+        tokens, starts = np.fromfile(tmp_path / "data" / "tokens.i32", np.int32), ds._offsets()
         for start, seq in zip(starts, ds.sequences):
             tok = tokens[start:start + seq.n_tokens].tolist()
             if seq in written:
                 prompt = tok[:seq.n_prompt]
                 assert prompt[:len(head)] == head and prompt[-len(tail):] == tail
                 assert 0 < seq.n_prompt - len(head) - len(tail) <= answers.MAX_REQUEST_TOKENS
-            _assert_greedy(tg, tok, seq.n_prompt)
+            # a request is decoded token by token as it is written, which rounds otherwise than a prefill (f16 KV
+            # cache, other kernels): seen 0.02 apart here (logits of std 4), 0.19 with SmolLM2 Q4_1
+            _assert_greedy(tg, tok, seq.n_prompt, tolerance=0.1 if seq in written else 0.0)
         assert answers.plan(tg, [], ds, N_NEW, requests=3)[0] == []
         assert len(answers.plan(tg, [], ds, N_NEW, requests=4)[0]) == 1
     finally:
         tg.close()
-    tiny = _open(target)
+    plain = _open(target)
     try:
         with pytest.raises(UserError, match="no chat template"):
-            answers.plan(tiny, [], Dataset(tmp_path / "tiny", target, LAYERS, 64), N_NEW, requests=1)
+            answers.plan(plain, [], Dataset(tmp_path / "plain", target, LAYERS, 64), N_NEW, requests=1)
     finally:
-        tiny.close()
+        plain.close()
+
+
+def test_request_tokens_are_min_p_samples():
+    """The target's own requests are sampled at temperature 1 among the tokens within REQUEST_MIN_P of the likeliest
+    (0.05 of 0.5 here), renormalised."""
+    rng = np.random.default_rng(0)
+    probs = np.array([[0.5, 0.3, 0.15, 0.04, 0.01], [0.01, 0.01, 0.9, 0.05, 0.03]])
+    draws = np.stack([answers.sample_requests(np.log(probs).astype(np.float32), rng) for _ in range(20000)])
+    np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=5) / len(draws),
+                               [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0, 0], atol=0.015)
+    assert (draws[:, 1] == 2).all()
 
 
 def test_dataset_resumes_without_redoing_work(target, tmp_path):

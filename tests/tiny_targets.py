@@ -99,11 +99,13 @@ def write_tiny_target(
     head_dim: int | None = None,
     n_ff: int | None = None,
     tied: bool | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a tiny random target of `arch` (one of ARCHS) to `path` and return `path`.
 
     `head_dim` defaults to 32 for qwen3, gemma3 and qwen35, else to n_embd // n_head (llama and
-    qwen2 require that); `tied` defaults per arch (_TIED); `n_ff` defaults to 3 * n_embd.
+    qwen2 require that); `tied` defaults per arch (_TIED); `n_ff` defaults to 3 * n_embd; no chat
+    template unless one is given.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
@@ -153,6 +155,8 @@ def write_tiny_target(
     w.add_bool("tokenizer.ggml.add_bos_token", True)
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     w.add_bool("tokenizer.ggml.add_space_prefix", True)
+    if chat_template:
+        w.add_chat_template(chat_template)
 
     t = _Weights(w, rng)
     # gemma3 multiplies embeddings by sqrt(n_embd) before the first layer

