@@ -3,7 +3,7 @@
 # dflash-local against it, build upstream llama.cpp's llama-speculative-simple with CUDA, then run the
 # native micro-benchmark and `dflash bench` without and with the upstream comparison.
 #
-#   bench/gpu/run.sh [STEP ...]   steps: deps lcp dflash upstream models train native bench compare
+#   bench/gpu/run.sh [STEP ...]   steps: deps lcp dflash upstream models data train native bench compare
 #                                 (default: all of them but train, in that order)
 #
 # Every step can be rerun; the builds keep their trees under $BUILD, so a build cut off by a time limit
@@ -101,6 +101,23 @@ step_models() {
             > "$BUILD/models/$name"
     done
     ls -l "$BUILD/models"
+}
+
+step_data() {
+    # answers kept from an earlier run (its index.json and tokens.i32, compressed to travel: 2 MB for 11,867
+    # answers), so that train goes on from them; the features are captured again
+    local src=${DATA:-$BUNDLE/data}
+    [ -f "$src/index.json.gz" ] || { echo "no $src/index.json.gz" >&2; exit 1; }
+    [ ! -f "$BUILD/data/index.json" ] || { echo "$BUILD/data already holds a data set" >&2; exit 1; }
+    log "answers from $src into $BUILD/data"
+    mkdir -p "$BUILD/data"
+    "$PY" - "$src" "$BUILD/data" <<'PY'
+import gzip, lzma, shutil, sys
+src, dst = sys.argv[1:]
+shutil.copyfileobj(gzip.open(f"{src}/index.json.gz"), open(f"{dst}/index.json", "wb"))
+shutil.copyfileobj(lzma.open(f"{src}/tokens.i32.xz"), open(f"{dst}/tokens.i32", "wb"))
+PY
+    ls -l "$BUILD/data"
 }
 
 step_train() {
