@@ -120,7 +120,7 @@ class _Slot:
 
 def sample_requests(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One request token per row of logits: temperature 1, min-p REQUEST_MIN_P. Gumbel-max over the kept tokens
-    alone (a few per row): over the whole vocabulary it took 17x longer (64 rows of 49,152 logits, dev CPU)."""
+    alone (a few per row): noise over the whole vocabulary took 67 ms against 8.5 (64 rows of 49,152, dev CPU)."""
     rows, cols = np.nonzero(logits >= logits.max(axis=1, keepdims=True) + np.log(REQUEST_MIN_P))
     score = logits[rows, cols] + rng.gumbel(size=rows.size)
     order = np.lexsort((score, rows))  # by row, then score: the last of each row wins
