@@ -305,6 +305,7 @@ def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     (["{target}", "--steps", "2", "--epochs", "1"], "either --steps or --epochs"),
     (["{target}", "--prompts", "missing.jsonl"], "missing.jsonl is none of them"),
     (["{target}", "--prompts", "{empty}"], "no .py file under it has a documented public function"),
+    (["{target}", "--self-prompts", "2"], "no chat template"),
 ])
 def test_cli_bad_inputs(target, tmp_path, args, message):
     (tmp_path / "empty").mkdir()

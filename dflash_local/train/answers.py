@@ -87,7 +87,8 @@ def plan(target: Target, prompts: list[Prompt], ds: Dataset, max_new_tokens: int
 
 
 def max_rows(todo: list[Todo], max_new_tokens: int) -> int:
-    """Most tokens the sequences of todo can hold."""
+    """Most tokens the sequences of todo can hold (a request: its template's head, the request, and up to 16 tokens
+    of the template's tail)."""
     return sum(len(t.prompt) + max_new_tokens + (0 if t.key else MAX_REQUEST_TOKENS + 16) for t in todo)
 
 

@@ -72,10 +72,10 @@ def train(
 
 
 def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | None, self_prompts: int,
-           max_new_tokens: int, parallel: int,
-           data_dir: Path | None, layers: int, block_size: int, target_layers: str, steps: int | None,
-           epochs: float | None, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int, resume: bool,
-           device: str, n_gpu_layers: int, threads: int, outtype: str, eval_source: str, eval_prompts: int) -> None:
+           max_new_tokens: int, parallel: int, data_dir: Path | None, layers: int, block_size: int, target_layers: str,
+           steps: int | None, epochs: float | None, batch: int, anchors: int, lr: float, seed: int,
+           checkpoint_every: int, resume: bool, device: str, n_gpu_layers: int, threads: int, outtype: str,
+           eval_source: str, eval_prompts: int) -> None:
     import dataclasses
 
     from rich.table import Table
