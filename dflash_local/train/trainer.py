@@ -22,7 +22,7 @@ from torch import Tensor
 from dflash_local.convert.gguf_target import read_gguf, read_target
 from dflash_local.errors import UserError
 from dflash_local.reference import Drafter, DrafterConfig
-from dflash_local.train.data import Dataset
+from dflash_local.train.data import Dataset, Sequence
 
 IGNORE = -100  # label of block positions past the end of the answer
 # Every HOLD_OUT-th group of sequences (Sequence.group) is held out of training: at each checkpoint the teacher-forced
@@ -31,6 +31,13 @@ IGNORE = -100  # label of block positions past the end of the answer
 # 2.15 at 3).
 HOLD_OUT = 50
 VAL_BATCHES = 4
+
+
+def held_out_groups(sequences: list[Sequence]) -> set[str]:
+    """Every HOLD_OUT-th group, in order of first appearance: whole groups, so that a held-out answer has no
+    near-copy in training."""
+    groups = list(dict.fromkeys(s.group for s in sequences))
+    return set(groups[HOLD_OUT - 1::HOLD_OUT])
 
 
 def mask_token(target_gguf: Path) -> int:
@@ -116,9 +123,7 @@ class Trainer:
         usable = [(int(r), s) for r, s in zip(starts, ds.sequences) if s.n_tokens - s.n_prompt >= 2]
         if not usable:
             raise UserError("no answer in the dataset is 2 tokens or longer: nothing to train on")
-        # whole groups are held out (every HOLD_OUT-th): a held-out answer has no near-copy in training
-        groups = list(dict.fromkeys(s.group for _, s in usable))
-        held = set(groups[HOLD_OUT - 1::HOLD_OUT])
+        held = held_out_groups([s for _, s in usable])
         # (first row, prompt length, length)
         self.seqs = [(r, s.n_prompt, s.n_tokens) for r, s in usable if s.group not in held]
         self.held_out = [(r, s.n_prompt, s.n_tokens) for r, s in usable if s.group in held]
