@@ -25,7 +25,7 @@ from dflash_local.target import Target, TargetParams
 from dflash_local.train import answers, trainer
 from dflash_local.train.data import Dataset, Sequence
 
-BATCHES = 6  # of 16 sequences x 32 blocks per kind (about 4 minutes on the dev CPU)
+BATCHES = 6  # of 16 sequences x 32 blocks per kind
 
 
 def kind(s: Sequence) -> str:
