@@ -48,7 +48,7 @@ def main() -> None:
     held = trainer.held_out_groups(usable)
     work = Dataset(a.work or a.data.with_name(a.data.name + "-held-out"), a.target, layers, width)
     if not work.sequences:
-        tokens = {s.key: t for s, t in zip(src.sequences[src.captured:], src.uncaptured())}
+        tokens = {s.key: t for s, t in zip(src.sequences, src.token_lists())}
         for s in usable:
             if s.group in held:
                 work.append(s.key, s.group, tokens[s.key], s.n_prompt)

@@ -218,7 +218,7 @@ def capture(target: Target, ds: Dataset, progress: Progress) -> Report:
     report = Report()
     t0 = time.perf_counter()
     task = progress.add_task("capture features", total=len(ds.sequences) - ds.captured)
-    for tokens in ds.uncaptured():
+    for tokens in ds.token_lists(ds.captured):
         target.clear(0)
         target.decode(tokens, 0, all_logits=False, seq=0)
         ds.append_features(target.features())

@@ -112,11 +112,11 @@ class Dataset:
         os.replace(tmp, self.root / INDEX)
         self._saved_at = time.monotonic()
 
-    def uncaptured(self) -> Iterator[list[int]]:
-        """The tokens of each sequence still without features, in order."""
+    def token_lists(self, first: int = 0) -> Iterator[list[int]]:
+        """The tokens of each sequence from the first-th on, in order (from captured on: those without features)."""
         tokens = np.fromfile(self.root / TOKENS, dtype=np.int32, count=self.n_rows)
         ends = self._offsets()
-        for i in range(self.captured, len(self.sequences)):
+        for i in range(first, len(self.sequences)):
             yield tokens[ends[i]:ends[i + 1]].tolist()
 
     def append_features(self, features: np.ndarray) -> None:
