@@ -120,6 +120,7 @@ class Target:
         self._batch_cap = lc.llama_n_batch(self.ctx)
         self._batch = lc.llama_batch_init(self._batch_cap, 0, 1)
         self._saved: ctypes.Array | None = None
+        self._greedy: list[ctypes.c_void_p] = []  # per-sequence sampler chains while greedy_on_device
 
     # ---- text --------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -171,13 +172,32 @@ class Target:
             last_chunk = start + self._batch_cap >= len(tokens)
             self._run(chunk, range(pos0 + start, pos0 + start + len(chunk)), [seq] * len(chunk),
                       [all_logits or (last_chunk and i == len(chunk) - 1) for i in range(len(chunk))])
-        return self._logits(len(tokens) if all_logits else 1)
+        return self.logits(len(tokens) if all_logits else 1)
 
-    def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> np.ndarray:
-        """One token for each of several sequences, in one batch; a logits row per token, as a view. Ascending,
-        consecutive sequence ids make one ubatch (see __init__)."""
+    def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> None:
+        """One token for each of several sequences, in one batch, each an output (logits(n) or sampled(n)).
+        Ascending, consecutive sequence ids make one ubatch (see __init__)."""
         self._run(tokens, positions, seqs, [True] * len(tokens))
-        return self._logits(len(tokens))
+
+    def greedy_on_device(self, on: bool) -> None:
+        """While on, llama.cpp picks every sequence's argmax inside the graph (its backend sampling), where the
+        model runs, and no logits come back to the host: 49,152 floats per token for SmolLM2. Read the tokens
+        with sampled(); logits() is not filled."""
+        if on and not self._greedy:
+            for seq in range(self.n_seq):
+                chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+                self._greedy.append(chain)
+                if not lc.llama_set_sampler(self.ctx, seq, chain):
+                    raise RuntimeError("llama.cpp did not take a backend greedy sampler")
+        elif not on and self._greedy:
+            for seq in range(self.n_seq):
+                lc.llama_set_sampler(self.ctx, seq, None)
+            self._free_samplers()
+
+    def sampled(self, n_out: int) -> np.ndarray:
+        """The argmax tokens of the last decode's n_out outputs, in order (greedy_on_device)."""
+        return np.array([lc.llama_get_sampled_token_ith(self.ctx, i - n_out) for i in range(n_out)], dtype=np.int64)
 
     def _run(self, tokens: list[int], positions: Sequence[int], seqs: list[int], logits: list[bool]) -> None:
         """One llama_decode of a batch: token i at positions[i] of sequence seqs[i], its logits kept if logits[i]."""
@@ -189,7 +209,8 @@ class Target:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) at position {min(positions)}")
 
-    def _logits(self, n_out: int) -> np.ndarray:
+    def logits(self, n_out: int) -> np.ndarray:
+        """Logits rows of the last decode's n_out outputs, as a view."""
         return np.ctypeslib.as_array(lc.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
 
     def features(self) -> np.ndarray:
@@ -237,11 +258,17 @@ class Target:
             lc.llama_batch_free(self._batch)
             lc.llama_free(self.ctx)
             self.ctx = None
+            self._free_samplers()  # after the context, which holds them
         if getattr(self, "model", None):
             lc.llama_model_free(self.model)
             self.model = None
         if getattr(self, "capture", None):
             self.capture.close()
+
+    def _free_samplers(self) -> None:
+        for chain in self._greedy:
+            lc.llama_sampler_free(chain)
+        self._greedy = []
 
     def __del__(self) -> None:
         self.close()

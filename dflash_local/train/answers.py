@@ -4,6 +4,7 @@ over prompt + answer are captured for the Dataset."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,7 @@ def fits(target: Target, prompt: list[int], max_new_tokens: int) -> bool:
 
 @dataclass(frozen=True)
 class Todo:
-    """A prompt to answer, or (key "") a request for the target to write first: prompt is then its chat template
-    up to the user's text."""
+    """A prompt to continue, with the key and group its sequence gets in the Dataset."""
     key: str
     group: str
     prompt: list[int]
@@ -62,10 +62,8 @@ def request_template(target: Target) -> tuple[list[int], list[int]]:
     return target.tokenize(head), target.tokenize(tail, add_special=False)
 
 
-def plan(target: Target, prompts: list[Prompt], ds: Dataset, max_new_tokens: int,
-         requests: int = 0) -> tuple[list[Todo], int]:
-    """Prompts still to answer, with the requests the target is still to write (of `requests` in all) spread
-    evenly among them, so a run cut short has some of each; and how many prompts are too long for the context."""
+def plan(target: Target, prompts: list[Prompt], ds: Dataset, max_new_tokens: int) -> tuple[list[Todo], int]:
+    """Prompts still to answer, and how many are too long for the context."""
     done, todo, skipped = ds.keys(), [], 0
     for p in prompts:
         key = prompt_key(p.text, p.chat)
@@ -77,19 +75,25 @@ def plan(target: Target, prompts: list[Prompt], ds: Dataset, max_new_tokens: int
             todo.append(Todo(key, prompt_group(p), tokens))
         else:
             skipped += 1
-    requests -= sum(s.group.startswith(SELF_GROUP) for s in ds.sequences)
-    if requests <= 0:
-        return todo, skipped
-    head = Todo("", SELF_GROUP, request_template(target)[0])
-    spread = [((i + 0.5) / len(todo), t) for i, t in enumerate(todo)]
-    spread += [((i + 0.5) / requests, head) for i in range(requests)]
-    return [t for _, t in sorted(spread, key=lambda x: x[0])], skipped
+    return todo, skipped
 
 
-def max_rows(todo: list[Todo], max_new_tokens: int) -> int:
-    """Most tokens the sequences of todo can hold (a request: its template's head, the request, and up to 16 tokens
-    of the template's tail)."""
-    return sum(len(t.prompt) + max_new_tokens + (0 if t.key else MAX_REQUEST_TOKENS + 16) for t in todo)
+def requests_missing(ds: Dataset, requests: int) -> int:
+    """Of `requests` the target is to write in all, those whose answers are not in ds yet."""
+    return max(0, requests - sum(s.group.startswith(SELF_GROUP) for s in ds.sequences))
+
+
+def max_rows(target: Target, todo: list[Todo], requests: int, max_new_tokens: int) -> int:
+    """Most tokens the sequences of todo and of `requests` requests to write can hold."""
+    request = len(request_template(target)[0]) + MAX_REQUEST_TOKENS + 16 if requests else 0  # 16: the template's tail
+    return sum(len(t.prompt) for t in todo) + requests * request + (len(todo) + requests) * max_new_tokens
+
+
+def spread(todo: list[Todo], requests: list[Todo]) -> list[Todo]:
+    """The requests spread evenly among the prompts, so a run cut short has answered some of each."""
+    at = [((i + 0.5) / len(todo), t) for i, t in enumerate(todo)]
+    at += [((i + 0.5) / len(requests), t) for i, t in enumerate(requests)]
+    return [t for _, t in sorted(at, key=lambda x: x[0])]
 
 
 @dataclass
@@ -101,22 +105,49 @@ class Report:
 
 @dataclass
 class _Slot:
-    """A prompt being answered in one of the batch's sequences. While the target still writes the request, its
-    tokens so far end prompt and answer is empty. The last token is not in the KV cache yet: the next step decodes
-    it."""
-    key: str
-    group: str
-    prompt: list[int]
-    answer: list[int]
-    request_from: int = 0  # where the request the target writes begins in prompt (0: none, or written)
-
-    @property
-    def last(self) -> int:
-        return self.answer[-1] if self.answer else self.prompt[-1]
+    """A prompt being continued in one of the batch's sequences. The last token is not in the KV cache yet: the next
+    step decodes it."""
+    todo: Todo
+    out: list[int]
 
     @property
     def n_tokens(self) -> int:
-        return len(self.prompt) + len(self.answer)
+        return len(self.todo.prompt) + len(self.out)
+
+
+def _continue(target: Target, next_todo: Callable[[], Todo | None], pick: Callable[[int], np.ndarray],
+              max_tokens: int, done: Callable[[Todo, list[int]], None]) -> None:
+    """Continue prompts target.n_seq at a time, in one batch per token (a GPU is nearly as fast for many sequences
+    as for one), each until an end-of-generation token or max_tokens; pick(n) chooses the tokens of the last decode's
+    n outputs. done(todo, out) gets each finished one (its end-of-generation token left off)."""
+    slots: dict[int, _Slot] = {}  # by sequence id
+
+    def start(seq: int) -> None:
+        if (todo := next_todo()) is not None:
+            target.decode(todo.prompt, 0, all_logits=False, seq=seq)
+            slots[seq] = _Slot(todo, [int(pick(1)[0])])
+
+    def finished(slot: _Slot) -> bool:
+        return target.is_eog(slot.out[-1]) or len(slot.out) >= max_tokens
+
+    target.clear()
+    target.capture.enable(False)  # features come later, from one prefill per sequence (capture)
+    try:
+        for seq in range(target.n_seq):
+            start(seq)
+        while slots:
+            while ready := [s for s, slot in slots.items() if finished(slot)]:  # a new slot may be done at once
+                for seq in ready:
+                    slot = slots.pop(seq)
+                    target.clear(seq)
+                    done(slot.todo, slot.out[:-1] if target.is_eog(slot.out[-1]) else slot.out)
+                    start(seq)
+            if active := sorted(slots):  # ascending ids: one ubatch (Target.step)
+                target.step([slots[s].out[-1] for s in active], [slots[s].n_tokens - 1 for s in active], active)
+                for s, token in zip(active, pick(len(active))):
+                    slots[s].out.append(int(token))
+    finally:
+        target.capture.enable(True)
 
 
 def sample_requests(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -129,84 +160,55 @@ def sample_requests(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cols[np.append(rows[1:] != rows[:-1], True)]
 
 
-def answer(target: Target, todo: list[Todo], ds: Dataset, max_new_tokens: int, progress: Progress,
-           seed: int = 0) -> Report:
-    """The target writes the requests of todo and answers todo's prompts greedily, target.n_seq of them at a time
-    in one batch per token (a GPU is nearly as fast for many sequences as for one); each finished answer is stored
-    at once."""
+def write_requests(target: Target, n: int, ds: Dataset, max_new_tokens: int, progress: Progress,
+                   seed: int = 0) -> list[Todo]:
+    """n chat requests the target writes itself under its chat template, each new (not in ds, not repeated, not
+    empty), as prompts to answer."""
+    head = Todo("", SELF_GROUP, request_template(target)[0])
+    rng = np.random.default_rng([seed, len(ds.sequences)])  # a run that resumes writes other requests
+    seen, requests, issued = ds.keys(), [], 0
+    task = progress.add_task("target writes requests", total=n)
+
+    def next_head() -> Todo | None:
+        nonlocal issued
+        issued += 1
+        return head if issued <= n else None
+
+    def done(_: Todo, request: list[int]) -> None:
+        nonlocal issued
+        text = b"".join(target.piece(t) for t in request).decode(errors="replace")
+        key = prompt_key(text, True)
+        tokens = prompt_tokens(target, Prompt(key, text, True))
+        if not text.strip() or key in seen or not fits(target, tokens, max_new_tokens):
+            issued -= 1  # another one instead
+            return
+        seen.add(key)
+        requests.append(Todo(key, SELF_GROUP + key, tokens))
+        progress.update(task, advance=1)
+
+    _continue(target, next_head, lambda k: sample_requests(target.logits(k), rng), MAX_REQUEST_TOKENS, done)
+    return requests
+
+
+def answer(target: Target, todo: list[Todo], ds: Dataset, max_new_tokens: int, progress: Progress) -> Report:
+    """The target answers todo's prompts greedily, picking its tokens on its own device; each finished answer is
+    stored at once."""
     report = Report()
     task = progress.add_task("target answers", total=len(todo))
-    pending = iter(todo)
-    slots: dict[int, _Slot] = {}  # by sequence id
-    seen = ds.keys()
-    rng = np.random.default_rng([seed, len(ds.sequences)])  # a run that resumes writes other requests
-    tail = request_template(target)[1] if any(not t.key for t in todo) else []
 
-    def start(seq: int) -> None:
-        if (item := next(pending, None)) is None:
-            return
-        logits = target.decode(item.prompt, 0, all_logits=False, seq=seq)
-        if item.key:
-            slots[seq] = _Slot(item.key, item.group, item.prompt, [int(logits[0].argmax())])
-        else:
-            slots[seq] = _Slot("", item.group, item.prompt + [int(sample_requests(logits, rng)[0])], [],
-                               request_from=len(item.prompt))
-
-    def finished(slot: _Slot) -> bool:
-        if slot.request_from:
-            return target.is_eog(slot.last) or len(slot.prompt) - slot.request_from >= MAX_REQUEST_TOKENS
-        return target.is_eog(slot.last) or len(slot.answer) >= max_new_tokens
-
-    def asked(seq: int) -> None:
-        """The request is written: the template's tail follows it and the answer starts, unless the request is
-        empty or a repeat."""
-        slot, n_cached = slots[seq], len(slots[seq].prompt) - 1
-        request = slot.prompt[slot.request_from:]
-        if target.is_eog(request[-1]):
-            request.pop()
-        text = b"".join(target.piece(t) for t in request).decode(errors="replace")
-        slot.key = prompt_key(text, True)
-        if not text.strip() or slot.key in seen:
-            del slots[seq]
-            target.clear(seq)
-            progress.update(task, advance=1)
-            start(seq)
-            return
-        seen.add(slot.key)
-        slot.group += slot.key
-        slot.prompt = slot.prompt[:slot.request_from] + request + tail
-        slot.answer = [int(target.decode(slot.prompt[n_cached:], n_cached, all_logits=False, seq=seq)[0].argmax())]
-        slot.request_from = 0
-
-    def store(seq: int) -> None:
-        slot = slots.pop(seq)
-        ans = slot.answer[:-1] if target.is_eog(slot.answer[-1]) else slot.answer
-        target.clear(seq)
-        ds.append(slot.key, slot.group, slot.prompt + ans, len(slot.prompt))
+    def store(item: Todo, ans: list[int]) -> None:
+        ds.append(item.key, item.group, item.prompt + ans, len(item.prompt))
         report.sequences += 1
         report.tokens += len(ans)
         progress.update(task, advance=1, description=f"target answers ({report.tokens} tokens)")
-        start(seq)
 
     t0 = time.perf_counter()
-    target.clear()
-    target.capture.enable(False)
+    pending = iter(todo)
+    target.greedy_on_device(True)
     try:
-        for seq in range(target.n_seq):
-            start(seq)
-        while slots:
-            while ready := [s for s, slot in slots.items() if finished(slot)]:  # a new slot may be done at once
-                for seq in ready:
-                    (asked if slots[seq].request_from else store)(seq)
-            if active := sorted(slots):  # ascending ids: one ubatch (Target.step)
-                logits = target.step([slots[s].last for s in active], [slots[s].n_tokens - 1 for s in active], active)
-                chosen = logits.argmax(axis=1)
-                if asking := [i for i, s in enumerate(active) if slots[s].request_from]:
-                    chosen[asking] = sample_requests(logits[asking], rng)
-                for s, token in zip(active, chosen):
-                    (slots[s].prompt if slots[s].request_from else slots[s].answer).append(int(token))
+        _continue(target, lambda: next(pending, None), target.sampled, max_new_tokens, store)
     finally:
-        target.capture.enable(True)
+        target.greedy_on_device(False)
         ds.save()
     report.seconds = time.perf_counter() - t0
     return report

@@ -113,16 +113,18 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     tg = Target(target, dataclasses.replace(params, n_seq=parallel), capture_layers=capture)
     try:
         ds = data.Dataset(data_dir, target, capture, info.n_embd)
-        todo, skipped = answers.plan(tg, train_prompts, ds, max_new_tokens, self_prompts)
-        need = answers.max_rows(todo, max_new_tokens) * ds.row_bytes
-        n_requests = sum(not t.key for t in todo)
-        console.print(f"data: {len(todo)} prompts to answer"
+        todo, skipped = answers.plan(tg, train_prompts, ds, max_new_tokens)
+        n_requests = answers.requests_missing(ds, self_prompts)
+        need = answers.max_rows(tg, todo, n_requests, max_new_tokens) * ds.row_bytes
+        console.print(f"data: {len(todo) + n_requests} prompts to answer"
                       + (f", {n_requests} of them requests the target writes first" if n_requests else "")
                       + f" ({len(ds.sequences)} done, {skipped} too long), "
                       f"up to {_size(need)} more in {data_dir} (layers {list(capture)}, "
                       f"{ds.width} features per token)", highlight=False)
         with _bar() as progress:
-            gen = answers.answer(tg, todo, ds, max_new_tokens, progress, seed)
+            if n_requests:
+                todo = answers.spread(todo, answers.write_requests(tg, n_requests, ds, max_new_tokens, progress, seed))
+            gen = answers.answer(tg, todo, ds, max_new_tokens, progress)
             cap = answers.capture(tg, ds, progress)
     finally:
         tg.close()
