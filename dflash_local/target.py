@@ -179,21 +179,24 @@ class Target:
         Ascending, consecutive sequence ids make one ubatch (see __init__)."""
         self._run(tokens, positions, seqs, [True] * len(tokens))
 
-    def greedy_on_device(self, on: bool) -> None:
+    def greedy_on_device(self, on: bool) -> bool:
         """While on, llama.cpp picks every sequence's argmax inside the graph (its backend sampling), where the
         model runs, and no logits come back to the host: 49,152 floats per token for SmolLM2. Read the tokens
-        with sampled(); logits() is not filled."""
+        with sampled(); logits() is not filled. False when llama.cpp cannot (a backend without the ops): then it
+        stays off."""
         if on and not self._greedy:
             for seq in range(self.n_seq):
                 chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
                 lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
                 self._greedy.append(chain)
                 if not lc.llama_set_sampler(self.ctx, seq, chain):
-                    raise RuntimeError("llama.cpp did not take a backend greedy sampler")
+                    self.greedy_on_device(False)
+                    return False
         elif not on and self._greedy:
             for seq in range(self.n_seq):
                 lc.llama_set_sampler(self.ctx, seq, None)
             self._free_samplers()
+        return on
 
     def sampled(self, n_out: int) -> np.ndarray:
         """The argmax tokens of the last decode's n_out outputs, in order (greedy_on_device)."""

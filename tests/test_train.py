@@ -108,7 +108,7 @@ def test_greedy_on_device_picks_the_logits_argmax(target):
             return [first, pick(3)]
 
         on_host = run(lambda n: tg.logits(n).argmax(axis=1))
-        tg.greedy_on_device(True)
+        assert tg.greedy_on_device(True)
         on_device = run(tg.sampled)
         tg.greedy_on_device(False)
         for want, got in zip(on_host, on_device):

@@ -31,7 +31,8 @@ def main() -> None:
     for n in map(int, a.parallel.split(",")):
         t = Target(a.target, TargetParams(n_ctx=a.context + 512, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers,
                                           n_seq=n))
-        t.greedy_on_device(a.sampler == "backend")
+        if a.sampler == "backend" and not t.greedy_on_device(True):
+            raise SystemExit("llama.cpp cannot run the greedy sampler on this backend")
         pick = t.sampled if a.sampler == "backend" else lambda k: t.logits(k).argmax(axis=1)
         prompt = (t.tokenize("def f(x):\n    return x * 2\n" * (a.context // 8 + 1)))[:a.context]
         for s in range(n):

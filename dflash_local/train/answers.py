@@ -191,8 +191,8 @@ def write_requests(target: Target, n: int, ds: Dataset, max_new_tokens: int, pro
 
 
 def answer(target: Target, todo: list[Todo], ds: Dataset, max_new_tokens: int, progress: Progress) -> Report:
-    """The target answers todo's prompts greedily, picking its tokens on its own device; each finished answer is
-    stored at once."""
+    """The target answers todo's prompts greedily, picking its tokens on its own device where llama.cpp can; each
+    finished answer is stored at once."""
     report = Report()
     task = progress.add_task("target answers", total=len(todo))
 
@@ -204,9 +204,9 @@ def answer(target: Target, todo: list[Todo], ds: Dataset, max_new_tokens: int, p
 
     t0 = time.perf_counter()
     pending = iter(todo)
-    target.greedy_on_device(True)
+    pick = target.sampled if target.greedy_on_device(True) else lambda n: target.logits(n).argmax(axis=1)
     try:
-        _continue(target, lambda: next(pending, None), target.sampled, max_new_tokens, store)
+        _continue(target, lambda: next(pending, None), pick, max_new_tokens, store)
     finally:
         target.greedy_on_device(False)
         ds.save()
