@@ -120,7 +120,7 @@ class Target:
         self._batch_cap = lc.llama_n_batch(self.ctx)
         self._batch = lc.llama_batch_init(self._batch_cap, 0, 1)
         self._saved: ctypes.Array | None = None
-        self._greedy: list[ctypes.c_void_p] = []  # per-sequence sampler chains while greedy_on_device
+        self._samplers: list[ctypes.c_void_p] = []  # a sampler chain per sequence while sample_on_device
 
     # ---- text --------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -175,32 +175,37 @@ class Target:
         return self.logits(len(tokens) if all_logits else 1)
 
     def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> None:
-        """One token for each of several sequences, in one batch, each an output (logits(n) or sampled(n)).
+        """One token for each of several sequences, in one batch, each an output (logits(n), or sampled(seqs)).
         Ascending, consecutive sequence ids make one ubatch (see __init__)."""
         self._run(tokens, positions, seqs, [True] * len(tokens))
 
-    def greedy_on_device(self, on: bool) -> bool:
-        """While on, llama.cpp picks every sequence's argmax inside the graph (its backend sampling), where the
-        model runs, and no logits come back to the host: 49,152 floats per token for SmolLM2. Read the tokens
-        with sampled(); logits() is not filled. False when llama.cpp cannot (a backend without the ops): then it
-        stays off."""
-        if on and not self._greedy:
-            for seq in range(self.n_seq):
-                chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-                self._greedy.append(chain)
-                if not lc.llama_set_sampler(self.ctx, seq, chain):
-                    self.greedy_on_device(False)
-                    return False
-        elif not on and self._greedy:
+    def sample_on_device(self, min_p: float | None, seed: int = 0) -> bool:
+        """While min_p is given, llama.cpp samples every sequence's next token inside the graph (its backend
+        sampling, where the model runs), at temperature 1 among the tokens within min_p of the likeliest; read them
+        with sampled(). None: off again. False (and off) when llama.cpp cannot sample on this backend."""
+        if self._samplers:
             for seq in range(self.n_seq):
                 lc.llama_set_sampler(self.ctx, seq, None)
             self._free_samplers()
-        return on
+        if min_p is None:
+            return True
+        for seq in range(self.n_seq):
+            chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(min_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist((seed + seq) % 2**32))
+            self._samplers.append(chain)
+            if not lc.llama_set_sampler(self.ctx, seq, chain):
+                self.sample_on_device(None)
+                return False
+        return True
 
-    def sampled(self, n_out: int) -> np.ndarray:
-        """The argmax tokens of the last decode's n_out outputs, in order (greedy_on_device)."""
-        return np.array([lc.llama_get_sampled_token_ith(self.ctx, i - n_out) for i in range(n_out)], dtype=np.int64)
+    def sampled(self, seqs: list[int]) -> np.ndarray:
+        """The tokens sampled for the last decode's outputs, one per sequence of seqs in order (sample_on_device).
+        Each is accepted, which moves its sampler's random state on (else the next decode draws the same number)."""
+        tokens = np.array([lc.llama_get_sampled_token_ith(self.ctx, i - len(seqs)) for i in range(len(seqs))])
+        for seq, token in zip(seqs, tokens):
+            lc.llama_sampler_accept(self._samplers[seq], int(token))
+        return tokens
 
     def _run(self, tokens: list[int], positions: Sequence[int], seqs: list[int], logits: list[bool]) -> None:
         """One llama_decode of a batch: token i at positions[i] of sequence seqs[i], its logits kept if logits[i]."""
@@ -269,9 +274,9 @@ class Target:
             self.capture.close()
 
     def _free_samplers(self) -> None:
-        for chain in self._greedy:
+        for chain in self._samplers:
             lc.llama_sampler_free(chain)
-        self._greedy = []
+        self._samplers = []
 
     def __del__(self) -> None:
         self.close()

@@ -115,17 +115,18 @@ class _Slot:
         return len(self.todo.prompt) + len(self.out)
 
 
-def _continue(target: Target, next_todo: Callable[[], Todo | None], pick: Callable[[int], np.ndarray],
+def _continue(target: Target, next_todo: Callable[[], Todo | None], pick: Callable[[list[int]], np.ndarray],
               max_tokens: int, done: Callable[[Todo, list[int]], None]) -> None:
     """Continue prompts target.n_seq at a time, in one batch per token (a GPU is nearly as fast for many sequences
-    as for one), each until an end-of-generation token or max_tokens; pick(n) chooses the tokens of the last decode's
-    n outputs. done(todo, out) gets each finished one (its end-of-generation token left off)."""
+    as for one), each until an end-of-generation token or max_tokens; pick(seqs) chooses the tokens of the last
+    decode's outputs, one per sequence of seqs. done(todo, out) gets each finished one (its end-of-generation token
+    left off)."""
     slots: dict[int, _Slot] = {}  # by sequence id
 
     def start(seq: int) -> None:
         if (todo := next_todo()) is not None:
             target.decode(todo.prompt, 0, all_logits=False, seq=seq)
-            slots[seq] = _Slot(todo, [int(pick(1)[0])])
+            slots[seq] = _Slot(todo, [int(pick([seq])[0])])
 
     def finished(slot: _Slot) -> bool:
         return target.is_eog(slot.out[-1]) or len(slot.out) >= max_tokens
@@ -144,28 +145,18 @@ def _continue(target: Target, next_todo: Callable[[], Todo | None], pick: Callab
                     start(seq)
             if active := sorted(slots):  # ascending ids: one ubatch (Target.step)
                 target.step([slots[s].out[-1] for s in active], [slots[s].n_tokens - 1 for s in active], active)
-                for s, token in zip(active, pick(len(active))):
+                for s, token in zip(active, pick(active)):
                     slots[s].out.append(int(token))
     finally:
         target.capture.enable(True)
 
 
-def sample_requests(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One request token per row of logits: temperature 1, min-p REQUEST_MIN_P. Gumbel-max over the kept tokens
-    alone (a few per row): noise over the whole vocabulary took 67 ms against 8.5 (64 rows of 49,152, dev CPU)."""
-    rows, cols = np.nonzero(logits >= logits.max(axis=1, keepdims=True) + np.log(REQUEST_MIN_P))
-    score = logits[rows, cols] + rng.gumbel(size=rows.size)
-    order = np.lexsort((score, rows))  # by row, then score: the last of each row wins
-    rows, cols = rows[order], cols[order]
-    return cols[np.append(rows[1:] != rows[:-1], True)]
-
-
 def write_requests(target: Target, n: int, ds: Dataset, max_new_tokens: int, progress: Progress,
                    seed: int = 0) -> list[Todo]:
     """n chat requests the target writes itself under its chat template, each new (not in ds, not repeated, not
-    empty), as prompts to answer."""
+    empty), as prompts to answer. llama.cpp samples them where the model runs: with numpy, min-p over 256 rows of
+    49,152 logits took 44 ms a step (dev CPU), twice the H200's whole step."""
     head = Todo("", SELF_GROUP, request_template(target)[0])
-    rng = np.random.default_rng([seed, len(ds.sequences)])  # a run that resumes writes other requests
     seen, requests, issued = ds.keys(), [], 0
     task = progress.add_task("target writes requests", total=n)
 
@@ -186,13 +177,18 @@ def write_requests(target: Target, n: int, ds: Dataset, max_new_tokens: int, pro
         requests.append(Todo(key, SELF_GROUP + key, tokens))
         progress.update(task, advance=1)
 
-    _continue(target, next_head, lambda k: sample_requests(target.logits(k), rng), MAX_REQUEST_TOKENS, done)
+    # another seed for each run that resumes: it writes other requests
+    if not target.sample_on_device(REQUEST_MIN_P, seed * 1_000_003 + len(ds.sequences) * 1009):
+        raise UserError("--self-prompts: llama.cpp cannot sample on this backend (try --n-gpu-layers 0)")
+    try:
+        _continue(target, next_head, target.sampled, MAX_REQUEST_TOKENS, done)
+    finally:
+        target.sample_on_device(None)
     return requests
 
 
 def answer(target: Target, todo: list[Todo], ds: Dataset, max_new_tokens: int, progress: Progress) -> Report:
-    """The target answers todo's prompts greedily, picking its tokens on its own device where llama.cpp can; each
-    finished answer is stored at once."""
+    """The target answers todo's prompts greedily; each finished answer is stored at once."""
     report = Report()
     task = progress.add_task("target answers", total=len(todo))
 
@@ -204,11 +200,10 @@ def answer(target: Target, todo: list[Todo], ds: Dataset, max_new_tokens: int, p
 
     t0 = time.perf_counter()
     pending = iter(todo)
-    pick = target.sampled if target.greedy_on_device(True) else lambda n: target.logits(n).argmax(axis=1)
     try:
-        _continue(target, lambda: next(pending, None), pick, max_new_tokens, store)
+        _continue(target, lambda: next(pending, None), lambda seqs: target.logits(len(seqs)).argmax(axis=1),
+                  max_new_tokens, store)
     finally:
-        target.greedy_on_device(False)
         ds.save()
     report.seconds = time.perf_counter() - t0
     return report
