@@ -40,6 +40,7 @@ def _load() -> ctypes.CDLL:
         "dflash_capture_enable": ([ctypes.c_void_p, ctypes.c_bool], None),
         "dflash_capture_n_rows": ([ctypes.c_void_p], c_int),
         "dflash_capture_data": ([ctypes.c_void_p], c_float_p),
+        "dflash_capture_rows_f16": ([ctypes.c_void_p, ctypes.c_void_p], c_int),
         "dflash_capture_seconds": ([ctypes.c_void_p], ctypes.c_double),
         "dflash_drafter_load": ([ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, c_int, c_int], ctypes.c_void_p),
         "dflash_drafter_free": ([ctypes.c_void_p], None),
@@ -119,6 +120,12 @@ class Capture:
         if n == 0:
             return np.zeros((0, self.width), dtype=np.float32)
         return np.ctypeslib.as_array(lib.dflash_capture_data(self._ptr), shape=(n, self.width))
+
+    def rows_f16(self) -> np.ndarray:
+        """rows() as float16, a new array."""
+        out = np.empty((_check(lib.dflash_capture_n_rows(self._ptr)), self.width), dtype=np.float16)
+        _check(lib.dflash_capture_rows_f16(self._ptr, out.ctypes.data))
+        return out
 
     @property
     def seconds(self) -> float:

@@ -6,6 +6,7 @@
 #include "common.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpu.h"
 #include "ggml.h"
 
 #include <chrono>
@@ -66,6 +67,15 @@ void dflash_capture_enable(dflash_capture * cap, bool enabled) { cap->enabled = 
 int32_t dflash_capture_n_rows(const dflash_capture * cap) { return cap->failed ? -1 : cap->n_rows; }
 
 const float * dflash_capture_data(const dflash_capture * cap) { return cap->rows.data(); }
+
+int32_t dflash_capture_rows_f16(const dflash_capture * cap, uint16_t * out) {
+    if (cap->failed) {
+        return -1;
+    }
+    ggml_cpu_fp32_to_fp16(cap->rows.data(), reinterpret_cast<ggml_fp16_t *>(out),
+                          (int64_t) cap->n_rows * (int64_t) cap->node_layers.size() * cap->n_embd);
+    return cap->n_rows;
+}
 
 double dflash_capture_seconds(const dflash_capture * cap) { return cap->seconds; }
 

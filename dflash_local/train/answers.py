@@ -218,7 +218,7 @@ def capture(target: Target, ds: Dataset, progress: Progress) -> Report:
     for tokens in ds.token_lists(ds.captured):
         target.clear(0)
         target.decode(tokens, 0, all_logits=False, seq=0)
-        ds.append_features(target.features())
+        ds.append_features(target.capture.rows_f16())
         report.sequences += 1
         report.tokens += len(tokens)
         progress.update(task, advance=1)

@@ -124,7 +124,7 @@ class Dataset:
         n = self.sequences[self.captured].n_tokens
         if features.shape != (n, self.width):
             raise ValueError(f"features {features.shape} do not match {n} tokens x {self.width}")
-        _append(self.root / FEATURES, features.astype(np.float16))
+        _append(self.root / FEATURES, np.asarray(features, dtype=np.float16))
         self.captured += 1
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -143,4 +143,4 @@ class Dataset:
 
 def _append(path: Path, data: np.ndarray) -> None:
     with open(path, "ab") as f:
-        f.write(data.tobytes())
+        f.write(np.ascontiguousarray(data))
