@@ -292,10 +292,13 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     out = tmp_path / "d.gguf"
     args = ["train", str(target), "-o", str(out), "--prompts", str(prompts), "--max-new-tokens", "16",
             "--layers", "1", "--threads", "2", "--checkpoint-every", "2", "--eval", str(prompts), "--eval-prompts", "2"]
+    result = _run_cli([*args, "--data-only"])
+    assert result.returncode == 0, result.stdout
+    assert "4 prompts to answer" in result.stdout and "4 sequences" in result.stdout and not out.exists()
     result = _run_cli([*args, "--steps", "3"])
     assert result.returncode == 0, result.stdout
     assert out.is_file() and out.with_suffix(".ckpt").is_file()
-    assert "tau" in result.stdout and "4 prompts to answer" in result.stdout
+    assert "tau" in result.stdout and "0 prompts to answer (4 done" in result.stdout
     assert NativeDrafter(out, target).info.target_layers == (2,)  # auto for a 4-layer target
 
     result = _run_cli([*args, "--steps", "5", "--resume", "--eval", "none"])

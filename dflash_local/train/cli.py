@@ -55,6 +55,8 @@ def train(
     eval_source: str = typer.Option("chat", "--eval", help="Held-out prompts for tau, as `dflash bench --prompts`: "
                                     "humaneval, chat, a .jsonl/.txt file; or none."),
     eval_prompts: int = typer.Option(16, "--eval-prompts", min=1, help="Evaluate on the first N of them."),
+    data_only: bool = typer.Option(False, "--data-only", help="Stop after the data phase (answers and their "
+                                   "features): e.g. to fill the data set over several runs cut short, then train."),
 ) -> None:
     """Train a DFlash drafter for TARGET on the target's own answers, write it as GGUF, and measure tau."""
     args = dict(locals())
@@ -75,7 +77,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
            max_new_tokens: int, parallel: int, data_dir: Path | None, layers: int, block_size: int, target_layers: str,
            steps: int | None, epochs: float | None, batch: int, anchors: int, lr: float, seed: int,
            checkpoint_every: int, resume: bool, device: str, n_gpu_layers: int, threads: int, outtype: str,
-           eval_source: str, eval_prompts: int) -> None:
+           eval_source: str, eval_prompts: int, data_only: bool) -> None:
     import dataclasses
 
     from rich.table import Table
@@ -129,6 +131,17 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     finally:
         tg.close()
 
+    table = Table(title=f"dflash train: {output}")
+    for col in ("phase", "amount", "time", "rate"):
+        table.add_column(col)
+    table.add_row("answers", f"{gen.sequences} answers, {gen.tokens} tokens (total {len(ds.sequences)} sequences)",
+                  *_timing(gen.tokens, gen.seconds, "tok/s"))
+    table.add_row("capture", f"{cap.sequences} sequences, {cap.tokens} positions (total "
+                  f"{_size(ds.n_rows * ds.row_bytes)})", *_timing(cap.tokens, cap.seconds, "tok/s"))
+    if data_only:
+        console.print(table)
+        return
+
     # 2. training, 3. export
     steps = steps or max(1, round((epochs or DEFAULT_EPOCHS) * ds.anchor_positions / (batch * anchors)))
     fit, step_no = _in_child(_fit, target, output, data_dir, capture, info.n_embd, layers, block_size, steps, batch,
@@ -142,13 +155,6 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
         with _bar() as progress:
             ev = evaluate.measure_tau(target, output, held_out, max_new_tokens, params, dr_device, progress)
 
-    table = Table(title=f"dflash train: {output}")
-    for col in ("phase", "amount", "time", "rate"):
-        table.add_column(col)
-    table.add_row("answers", f"{gen.sequences} answers, {gen.tokens} tokens (total {len(ds.sequences)} sequences)",
-                  *_timing(gen.tokens, gen.seconds, "tok/s"))
-    table.add_row("capture", f"{cap.sequences} sequences, {cap.tokens} positions (total "
-                  f"{_size(ds.n_rows * ds.row_bytes)})", *_timing(cap.tokens, cap.seconds, "tok/s"))
     trained = (f"{fit['steps']} steps (to step {step_no}), loss {fit['loss']:.3f}, tau~{fit['tau']:.2f}"
                if fit["steps"] else f"none: the checkpoint is at step {step_no}, --steps {steps}")
     if fit["best_step"]:
