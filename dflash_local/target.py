@@ -44,6 +44,7 @@ class TargetParams:
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()
     n_seq: int = 1  # parallel sequences, each with n_ctx tokens
+    kv_unified: bool = False  # one KV buffer of n_ctx for all sequences: a batch of several keeps its order
 
 
 def read_gguf_arch(path: Path) -> str:
@@ -68,6 +69,8 @@ class Target:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"target model not found: {path}")
+        if params.n_seq > params.n_batch:  # llama.cpp reserves an output per sequence in a batch, and aborts
+            raise ValueError(f"{params.n_seq} sequences need a batch of as many tokens, not {params.n_batch}")
         self.arch = read_gguf_arch(path)
         if self.arch == "dflash":
             raise UserError(f"{path} is a DFlash drafter, not a target model")
@@ -92,14 +95,15 @@ class Target:
 
         self.capture = Capture(self.n_embd, list(capture_layers)) if capture_layers else None
         cp = lc.llama_context_default_params()
-        cp.n_ctx = params.n_ctx * params.n_seq
+        cp.n_ctx = params.n_ctx if params.kv_unified else params.n_ctx * params.n_seq
         cp.n_batch = params.n_batch
         cp.n_ubatch = params.n_ubatch or params.n_batch
         cp.n_seq_max = params.n_seq
-        # a KV buffer per sequence: in one shared buffer every token's attention runs over all sequences' cells
-        # (masked), which grows with the square of n_seq. llama.cpp cuts a batch into one ubatch per run of
-        # consecutive sequence ids, so step() wants them ascending.
-        cp.kv_unified = False
+        # by default a KV buffer per sequence: in one shared buffer every token's attention runs over all
+        # sequences' cells (masked), which grows with the square of n_seq. llama.cpp then cuts a batch into one
+        # ubatch per run of consecutive sequence ids (so step() wants them ascending) and regroups a batch of
+        # unequal sequences; a shared buffer keeps the batch's order (prefill()).
+        cp.kv_unified = params.kv_unified
         if params.n_threads > 0:
             cp.n_threads = cp.n_threads_batch = params.n_threads
         if self.recurrent and rollback > 0:
@@ -112,13 +116,14 @@ class Target:
             lc.llama_model_free(self.model)
             raise UserError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {path}")
         self.n_seq = params.n_seq
-        self.n_ctx = lc.llama_n_ctx(self.ctx) // params.n_seq  # per sequence
+        self.kv_unified = params.kv_unified
+        self.n_ctx = lc.llama_n_ctx(self.ctx) // (1 if params.kv_unified else params.n_seq)  # per sequence
         self.mem = lc.llama_get_memory(self.ctx)
         # recurrent state rolls back through llama.cpp's snapshots when it keeps enough of them
         self.snapshots = self.recurrent and rollback > 0 and lc.llama_n_rs_seq(self.ctx) >= rollback
         # llama.cpp clamps n_batch to the context size
-        self._batch_cap = lc.llama_n_batch(self.ctx)
-        self._batch = lc.llama_batch_init(self._batch_cap, 0, 1)
+        self.n_batch = lc.llama_n_batch(self.ctx)
+        self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._saved: ctypes.Array | None = None
         self._samplers: list[ctypes.c_void_p] = []  # a sampler chain per sequence while sample_on_device
 
@@ -161,18 +166,29 @@ class Target:
     # ---- evaluation --------------------------------------------------------------------------
     def decode(self, tokens: list[int], pos0: int, all_logits: bool, seq: int = 0) -> np.ndarray:
         """Run tokens of sequence seq at positions pos0.. and return logits rows (all, or the last) as a view."""
-        if all_logits and len(tokens) > self._batch_cap:
+        if all_logits and len(tokens) > self.n_batch:
             raise ValueError("all_logits needs the tokens to fit one batch")
         if pos0 + len(tokens) > self.n_ctx:
             raise UserError(f"context is full: {pos0 + len(tokens)} tokens exceed --ctx-size {self.n_ctx}")
         if self.capture:
             self.capture.reset()
-        for start in range(0, len(tokens), self._batch_cap):
-            chunk = tokens[start:start + self._batch_cap]
-            last_chunk = start + self._batch_cap >= len(tokens)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(tokens)
             self._run(chunk, range(pos0 + start, pos0 + start + len(chunk)), [seq] * len(chunk),
                       [all_logits or (last_chunk and i == len(chunk) - 1) for i in range(len(chunk))])
         return self.logits(len(tokens) if all_logits else 1)
+
+    def prefill(self, sequences: list[list[int]]) -> None:
+        """Several sequences from position 0 in one batch of at most n_batch tokens, the i-th as sequence i (in a
+        kv_unified context: the capture's rows then come in the order of the batch)."""
+        tokens = [t for seq in sequences for t in seq]
+        if len(sequences) > 1 and not self.kv_unified or len(tokens) > self.n_batch:
+            raise ValueError("prefill wants a kv_unified context and at most n_batch tokens")
+        if self.capture:
+            self.capture.reset()
+        self._run(tokens, [p for seq in sequences for p in range(len(seq))],
+                  [i for i, seq in enumerate(sequences) for _ in seq], [False] * (len(tokens) - 1) + [True])
 
     def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> None:
         """One token for each of several sequences, in one batch, each an output (logits(n), or sampled(seqs)).

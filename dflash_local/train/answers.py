@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from rich.progress import Progress
 
 from dflash_local.bench.prompts import Prompt
 from dflash_local.errors import UserError
-from dflash_local.target import Target
+from dflash_local.target import Target, TargetParams
 from dflash_local.train.data import Dataset, prompt_key
 from dflash_local.train.prompts import prompt_group
 
@@ -23,6 +23,7 @@ MAX_PROMPT_TOKENS = 2048  # the context is sized for this plus the answer (withi
 REQUEST_MIN_P = 0.1
 MAX_REQUEST_TOKENS = 128
 SELF_GROUP = "self/"  # group prefix of those requests' sequences (each its own group)
+CAPTURE_SEQUENCES = 32  # most sequences capture() packs into one batch
 
 
 def prompt_tokens(target: Target, prompt: Prompt) -> list[int]:
@@ -209,20 +210,46 @@ def answer(target: Target, todo: list[Todo], ds: Dataset, max_new_tokens: int, p
     return report
 
 
+def capture_params(params: TargetParams) -> TargetParams:
+    """The context capture() packs sequences in. On a GPU a prefill of a few hundred tokens is too small to keep it
+    busy (an H200 spent its capture launching kernels, py-spy --native), so sequences go up to 2048 tokens to a batch;
+    a CPU is busy with any, and there the packed batch's attention (each token against all of it, masked) would
+    cost."""
+    n_batch = 2048 if params.n_gpu_layers else params.n_batch
+    return replace(params, n_seq=min(CAPTURE_SEQUENCES, n_batch), n_batch=n_batch, kv_unified=True)
+
+
 def capture(target: Target, ds: Dataset, progress: Progress) -> Report:
-    """The features of every sequence that has none yet: one prefill over prompt + answer each, far cheaper than
-    capturing while answering token by token."""
+    """The features of every sequence that has none yet: prefills over prompt + answer, far cheaper than capturing
+    while answering token by token; several sequences to a batch in a kv_unified context (capture_params)."""
     report = Report()
     t0 = time.perf_counter()
     task = progress.add_task("capture features", total=len(ds.sequences) - ds.captured)
+    pack: list[list[int]] = []
+
+    def flush() -> None:
+        target.clear()
+        if len(pack) == 1:  # also one longer than a batch
+            target.decode(pack[0], 0, all_logits=False)
+        else:
+            target.prefill(pack)
+        rows, start = target.capture.rows_f16(), 0
+        for tokens in pack:
+            ds.append_features(rows[start:start + len(tokens)])
+            start += len(tokens)
+            report.sequences += 1
+            report.tokens += len(tokens)
+        progress.update(task, advance=len(pack))
+        pack.clear()
+
+    most = target.n_seq if target.kv_unified else 1
     for tokens in ds.token_lists(ds.captured):
-        target.clear(0)
-        target.decode(tokens, 0, all_logits=False, seq=0)
-        ds.append_features(target.capture.rows_f16())
-        report.sequences += 1
-        report.tokens += len(tokens)
-        progress.update(task, advance=1)
-    target.clear(0)
+        if pack and (len(pack) == most or sum(map(len, pack)) + len(tokens) > target.n_batch):
+            flush()
+        pack.append(tokens)
+    if pack:
+        flush()
+    target.clear()
     ds.save()
     report.seconds = time.perf_counter() - t0
     return report

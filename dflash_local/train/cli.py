@@ -127,6 +127,11 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
             if n_requests:
                 todo = answers.spread(todo, answers.write_requests(tg, n_requests, ds, max_new_tokens, progress, seed))
             gen = answers.answer(tg, todo, ds, max_new_tokens, progress)
+    finally:
+        tg.close()
+    tg = Target(target, answers.capture_params(params), capture_layers=capture)
+    try:
+        with _bar() as progress:
             cap = answers.capture(tg, ds, progress)
     finally:
         tg.close()
