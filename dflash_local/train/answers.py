@@ -154,17 +154,18 @@ def _continue(target: Target, next_todo: Callable[[], Todo | None], pick: Callab
 
 def write_requests(target: Target, n: int, ds: Dataset, max_new_tokens: int, progress: Progress,
                    seed: int = 0) -> list[Todo]:
-    """n chat requests the target writes itself under its chat template, each new (not in ds, not repeated, not
-    empty), as prompts to answer. llama.cpp samples them where the model runs: with numpy, min-p over 256 rows of
-    49,152 logits took 44 ms a step (dev CPU), twice the H200's whole step."""
+    """Up to n chat requests the target writes itself under its chat template, each new (not in ds, not repeated,
+    not empty), as prompts to answer; fewer if it keeps repeating itself (4 n + 64 tries). llama.cpp samples them
+    where the model runs: with numpy, min-p over 256 rows of 49,152 logits took 44 ms a step (dev CPU), twice the
+    H200's whole step."""
     head = Todo("", SELF_GROUP, request_template(target)[0])
-    seen, requests, issued = ds.keys(), [], 0
+    seen, requests, issued, tries = ds.keys(), [], 0, 0
     task = progress.add_task("target writes requests", total=n)
 
     def next_head() -> Todo | None:
-        nonlocal issued
-        issued += 1
-        return head if issued <= n else None
+        nonlocal issued, tries
+        issued, tries = issued + 1, tries + 1
+        return head if issued <= n and tries <= 4 * n + 64 else None
 
     def done(_: Todo, request: list[int]) -> None:
         nonlocal issued
