@@ -183,7 +183,7 @@ class Target:
         """Several sequences from position 0 in one batch of at most n_batch tokens, the i-th as sequence i (in a
         kv_unified context: the capture's rows then come in the order of the batch)."""
         tokens = [t for seq in sequences for t in seq]
-        if len(sequences) > 1 and not self.kv_unified or len(tokens) > self.n_batch:
+        if (len(sequences) > 1 and not self.kv_unified) or len(tokens) > self.n_batch:
             raise ValueError("prefill wants a kv_unified context and at most n_batch tokens")
         if self.capture:
             self.capture.reset()

@@ -38,8 +38,9 @@ def target(tiny_target) -> Path:
     return tiny_target("llama")
 
 
-def _open(target: Path, n_seq: int = 1) -> Target:
-    return Target(target, TargetParams(n_ctx=256, n_threads=2, n_seq=n_seq), capture_layers=LAYERS)
+def _open(target: Path, n_seq: int = 1, capture: bool = True) -> Target:
+    """The tiny target; without capture as `dflash train` answers and writes requests."""
+    return Target(target, TargetParams(n_ctx=256, n_threads=2, n_seq=n_seq), capture_layers=LAYERS if capture else ())
 
 
 def _fill(target: Path, root: Path, prompts: list[Prompt], capture: bool = True) -> tuple[Dataset, int, int]:
@@ -47,7 +48,7 @@ def _fill(target: Path, root: Path, prompts: list[Prompt], capture: bool = True)
     returns the dataset and how many were answered and captured."""
     from rich.progress import Progress
 
-    tg = _open(target, n_seq=3)  # 3 answers at a time: 4 prompts also reuse a finished sequence's slot
+    tg = _open(target, n_seq=3, capture=False)  # 3 answers at a time: 4 prompts also reuse a finished sequence's slot
     try:
         ds = Dataset(root, target, LAYERS, tg.n_embd)
         todo, _ = answers.plan(tg, prompts, ds, N_NEW)
@@ -115,7 +116,7 @@ def test_target_writes_requests_then_answers_them(target, tmp_path):
     chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
               "<|im_start|>assistant\n")
     chat_target = write_tiny_target("llama", tmp_path / "chat.gguf", chat_template=chatml)
-    tg = _open(chat_target, n_seq=2)
+    tg = _open(chat_target, n_seq=2, capture=False)
     try:
         ds = Dataset(tmp_path / "data", chat_target, LAYERS, tg.n_embd)
         with Progress(disable=True) as progress:
@@ -124,7 +125,7 @@ def test_target_writes_requests_then_answers_them(target, tmp_path):
             todo = answers.spread(answers.plan(tg, PROMPTS[:1], ds, N_NEW)[0], requests)
             assert len(todo) == 4 and todo[-1] == requests[-1]
             answers.answer(tg, todo, ds, N_NEW, progress)
-        assert answers.request_template(tg)[0] == tg.tokenize("<|im_start|>user\n")
+        assert answers.request_head(tg) == tg.tokenize("<|im_start|>user\n")
         written = [s for s in ds.sequences if s.group.startswith(answers.SELF_GROUP)]
         assert {s.group for s in written} == {r.group for r in requests}
         tokens, starts = np.fromfile(tmp_path / "data" / "tokens.i32", np.int32), ds._offsets()
@@ -152,7 +153,7 @@ def test_requests_are_min_p_samples(target):
     REQUEST_MIN_P of the likeliest: the first token after a prompt, drawn 600 times, against the probabilities its
     logits give, renormalised over those tokens."""
     n = 600
-    tg = _open(target, n_seq=2)
+    tg = _open(target, n_seq=2, capture=False)
     try:
         def kept_probs(prompt: list[int]) -> np.ndarray:
             tg.clear()

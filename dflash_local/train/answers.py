@@ -53,14 +53,13 @@ class Todo:
     prompt: list[int]
 
 
-def request_template(target: Target) -> tuple[list[int], list[int]]:
-    """The tokens of the target's chat template before and after the user's text."""
+def request_head(target: Target) -> list[int]:
+    """The tokens of the target's chat template before the user's text."""
     mark = "USER_TEXT_7f3a"
     text = target.chat_prompt([("user", mark)])
     if text is None:
         raise UserError("--self-prompts: the target has no chat template to write requests under")
-    head, tail = text.split(mark)
-    return target.tokenize(head), target.tokenize(tail, add_special=False)
+    return target.tokenize(text.split(mark)[0])
 
 
 def plan(target: Target, prompts: list[Prompt], ds: Dataset, max_new_tokens: int) -> tuple[list[Todo], int]:
@@ -86,7 +85,7 @@ def requests_missing(ds: Dataset, requests: int) -> int:
 
 def max_rows(target: Target, todo: list[Todo], requests: int, max_new_tokens: int) -> int:
     """Most tokens the sequences of todo and of `requests` requests to write can hold."""
-    request = len(request_template(target)[0]) + MAX_REQUEST_TOKENS + 16 if requests else 0  # 16: the template's tail
+    request = len(request_head(target)) + MAX_REQUEST_TOKENS + 16 if requests else 0  # 16: the template's tail
     return sum(len(t.prompt) for t in todo) + requests * request + (len(todo) + requests) * max_new_tokens
 
 
@@ -121,7 +120,7 @@ def _continue(target: Target, next_todo: Callable[[], Todo | None], pick: Callab
     """Continue prompts target.n_seq at a time, in one batch per token (a GPU is nearly as fast for many sequences
     as for one), each until an end-of-generation token or max_tokens; pick(seqs) chooses the tokens of the last
     decode's outputs, one per sequence of seqs. done(todo, out) gets each finished one (its end-of-generation token
-    left off)."""
+    left off). The target has no capture: features come later, from prefills (capture)."""
     slots: dict[int, _Slot] = {}  # by sequence id
 
     def start(seq: int) -> None:
@@ -133,23 +132,19 @@ def _continue(target: Target, next_todo: Callable[[], Todo | None], pick: Callab
         return target.is_eog(slot.out[-1]) or len(slot.out) >= max_tokens
 
     target.clear()
-    target.capture.enable(False)  # features come later, from one prefill per sequence (capture)
-    try:
-        for seq in range(target.n_seq):
-            start(seq)
-        while slots:
-            while ready := [s for s, slot in slots.items() if finished(slot)]:  # a new slot may be done at once
-                for seq in ready:
-                    slot = slots.pop(seq)
-                    target.clear(seq)
-                    done(slot.todo, slot.out[:-1] if target.is_eog(slot.out[-1]) else slot.out)
-                    start(seq)
-            if active := sorted(slots):  # ascending ids: one ubatch (Target.step)
-                target.step([slots[s].out[-1] for s in active], [slots[s].n_tokens - 1 for s in active], active)
-                for s, token in zip(active, pick(active)):
-                    slots[s].out.append(int(token))
-    finally:
-        target.capture.enable(True)
+    for seq in range(target.n_seq):
+        start(seq)
+    while slots:
+        while ready := [s for s, slot in slots.items() if finished(slot)]:  # a new slot may be done at once
+            for seq in ready:
+                slot = slots.pop(seq)
+                target.clear(seq)
+                done(slot.todo, slot.out[:-1] if target.is_eog(slot.out[-1]) else slot.out)
+                start(seq)
+        if active := sorted(slots):  # ascending ids: one ubatch (Target.step)
+            target.step([slots[s].out[-1] for s in active], [slots[s].n_tokens - 1 for s in active], active)
+            for s, token in zip(active, pick(active)):
+                slots[s].out.append(int(token))
 
 
 def write_requests(target: Target, n: int, ds: Dataset, max_new_tokens: int, progress: Progress,
@@ -158,7 +153,7 @@ def write_requests(target: Target, n: int, ds: Dataset, max_new_tokens: int, pro
     not empty), as prompts to answer; fewer if it keeps repeating itself (4 n + 64 tries). llama.cpp samples them
     where the model runs: with numpy, min-p over 256 rows of 49,152 logits took 44 ms a step (dev CPU), twice the
     H200's whole step."""
-    head = Todo("", SELF_GROUP, request_template(target)[0])
+    head = Todo("", SELF_GROUP, request_head(target))
     seen, requests, issued, tries = ds.keys(), [], 0, 0
     task = progress.add_task("target writes requests", total=n)
 

@@ -112,7 +112,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
                           n_threads=threads)
 
     # 1. the target answers the prompts; its hidden states are stored
-    tg = Target(target, dataclasses.replace(params, n_seq=parallel), capture_layers=capture)
+    tg = Target(target, dataclasses.replace(params, n_seq=parallel))
     try:
         ds = data.Dataset(data_dir, target, capture, info.n_embd)
         todo, skipped = answers.plan(tg, train_prompts, ds, max_new_tokens)
