@@ -289,6 +289,29 @@ def test_training_steps_lower_the_loss(target, dataset):
     assert last < 0.6 * first
 
 
+def test_held_out_tau_simulates_greedy_decoding(target, dataset):
+    # passes anchored at answer positions 0, 3 and 9: 11 tokens in 3 passes
+    assert trainer.decoding_tau([2, 0, 0, 5, 0, 0, 0, 0, 0, 1]) == 11 / 3
+    tr = _trainer(target, dataset, block_size=8)
+    seq = tr.seqs[0]
+    start, n_prompt, n = seq
+    for _ in range(40):  # learn this answer by heart, so that blocks accept drafts
+        tr.step(tr.blocks([(start, n, np.arange(n_prompt, n - 1))]))
+    # the drafts the engine would get accepted, one block at a time, each seeing the features before its anchor
+    d, tokens, acc = tr.drafter.eval(), torch.from_numpy(tr.tokens[start:start + n].astype(np.int64)), []
+    for a in range(n_prompt, min(n - 1, n_prompt + trainer.WALK_TOKENS)):
+        block = torch.full((1, 8), d.cfg.mask_token_id)
+        block[0, 0] = tokens[a]
+        with torch.no_grad():
+            drafts = (d.hidden_batch(tr.features[start:start + a].float(), torch.tensor([a]), block)[0, 1:] @ d.lm_head.T)
+        k = 0
+        while k < 7 and a + 1 + k < n and drafts[k].argmax() == tokens[a + 1 + k]:
+            k += 1
+        acc.append(k)
+    assert max(acc) > 0
+    assert tr.held_out_tau([seq]) == pytest.approx(trainer.decoding_tau(acc))
+
+
 def test_export_matches_native_drafter(target, dataset, tmp_path):
     tr = _trainer(target, dataset, block_size=16)
     for _ in range(3):

@@ -163,7 +163,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     trained = (f"{fit['steps']} steps (to step {step_no}), loss {fit['loss']:.3f}, tau~{fit['tau']:.2f}"
                if fit["steps"] else f"none: the checkpoint is at step {step_no}, --steps {steps}")
     if fit["best_step"]:
-        trained += f"; exported: step {fit['best_step']}, held-out tau~{fit['held_out_tau']:.2f}"
+        trained += f"; exported: step {fit['best_step']}, held-out tau {fit['held_out_tau']:.2f}"
     table.add_row("training", trained, *_timing(fit["steps"], fit["seconds"], "steps/s"))
     if ev:
         table.add_row(f"eval ({eval_source})", f"{ev.prompts} prompts, tau {ev.tau:.2f}", f"{ev.seconds:.0f} s",

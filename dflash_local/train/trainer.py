@@ -25,12 +25,16 @@ from dflash_local.reference import Drafter, DrafterConfig
 from dflash_local.train.data import Dataset, Sequence
 
 IGNORE = -100  # label of block positions past the end of the answer
-# Every HOLD_OUT-th group of sequences (Sequence.group) is held out of training: at each checkpoint the teacher-forced
-# tau~ of VAL_BATCHES fixed batches of them picks the weights that are exported, since past a few epochs a small data
-# set is learned by heart (bench/train/README.md: training tau~ 12.5 and HumanEval tau 1.47 at 9.5 epochs, 6.3 and
-# 2.15 at 3).
+# Every HOLD_OUT-th group of sequences (Sequence.group) is held out of training: at each checkpoint, the tau of
+# decoding WALK_SEQS of them picks the weights that are exported, since past a few epochs a small data set is learned by
+# heart (bench/train/README.md: training tau~ 12.5 and HumanEval tau 1.47 at 9.5 epochs, 6.3 and 2.15 at 3).
 HOLD_OUT = 50
-VAL_BATCHES = 4
+WALK_SEQS = 32
+# answer tokens each of them is decoded for: as `bench/train/tau.py` and the HumanEval goal (first 128 tokens). Blocks
+# anchored at random answer positions would flatter the drafter: a run of easy tokens (a loop, a copied line) is
+# crossed in one pass when decoding but is most of the random anchors (held-out tau~ 6.32 by those, tau 2.67 on
+# HumanEval; bench/train/README.md)
+WALK_TOKENS = 128
 
 
 def held_out_groups(sequences: list[Sequence]) -> set[str]:
@@ -103,7 +107,7 @@ class TrainReport:
     seconds: float = 0.0
     loss: float = float("nan")  # moving averages at the end
     tau: float = float("nan")
-    held_out_tau: float = float("nan")  # best teacher-forced tau~ of the held-out sequences, and its step
+    held_out_tau: float = float("nan")  # best tau of decoding held-out answers (held_out_tau), and its step
     best_step: int = 0
 
 
@@ -127,7 +131,7 @@ class Trainer:
         # (first row, prompt length, length)
         self.seqs = [(r, s.n_prompt, s.n_tokens) for r, s in usable if s.group not in held]
         self.held_out = [(r, s.n_prompt, s.n_tokens) for r, s in usable if s.group in held]
-        self.best: dict[str, Tensor] | None = None  # weights of the best held-out tau~ so far, on the host
+        self.best: dict[str, Tensor] | None = None  # weights of the best held-out tau so far, on the host
         self.best_tau, self.best_step = float("nan"), 0
         self.weights = position_weights(drafter.cfg.block_size).to(device)
         self.rng = np.random.default_rng(opts.seed)
@@ -144,16 +148,25 @@ class Trainer:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, self.opts.steps - warm))))
 
     def sample(self, pool: list[tuple[int, int, int]] | None = None, rng: np.random.Generator | None = None) -> Blocks:
-        """Blocks of o.batch sequences of pool (the training sequences), drawn with rng (the trainer's)."""
-        cfg, o = self.drafter.cfg, self.opts
+        """Blocks of o.batch sequences of pool (the training sequences) at o.anchors random answer positions each,
+        drawn with rng (the trainer's)."""
+        o = self.opts
         pool = self.seqs if pool is None else pool
         rng = self.rng if rng is None else rng
-        seqs = []
+        picks = []
         for i in rng.choice(len(pool), size=min(o.batch, len(pool)), replace=False):
             start, n_prompt, n = pool[i]
-            tok = self.tokens[start:start + n]
             candidates = np.arange(n_prompt, n - 1)  # the last token has nothing after it to predict
-            a = np.sort(rng.choice(candidates, size=min(o.anchors, len(candidates)), replace=False))
+            picks.append((start, n, np.sort(rng.choice(candidates, size=min(o.anchors, len(candidates)),
+                                                       replace=False))))
+        return self.blocks(picks)
+
+    def blocks(self, picks: list[tuple[int, int, np.ndarray]]) -> Blocks:
+        """The blocks of sequences (first row, length, ascending anchors)."""
+        cfg = self.drafter.cfg
+        seqs = []
+        for start, n, a in picks:
+            tok = self.tokens[start:start + n]
             blk = np.full((len(a), cfg.block_size), cfg.mask_token_id, dtype=np.int64)
             blk[:, 0] = tok[a]
             nxt = a[:, None] + np.arange(1, cfg.block_size)
@@ -164,20 +177,23 @@ class Trainer:
         for i, (start, a, _, _) in enumerate(seqs):
             features[i, :a[-1]] = self.features[start:start + a[-1]].to(self.device)
         return Blocks(features, *(torch.from_numpy(pad_stack([s[k] for s in seqs], fill)).to(self.device)
-                                  for k, fill in ((1, 0), (2, cfg.mask_token_id), (3, IGNORE))))
+                                  for k, fill in ((1, 0), (2, self.drafter.cfg.mask_token_id), (3, IGNORE))))
 
     def loss(self, b: Blocks) -> tuple[Tensor, Tensor]:
         """Weighted cross-entropy of the masked positions, and the mean accepted prefix + 1 (a tau estimate)."""
-        d = self.drafter
-        real = b.labels[..., 0] != IGNORE  # [S, N]: not a padding block
-        h = d.hidden_seqs(b.features, b.anchors, b.tokens)[real][:, 1:]  # the anchor's own output is not a draft
-        labels = b.labels[real]
-        logits = (h @ d.lm_head.T).float()
+        logits, labels = self._draft_logits(b)
+        logits = logits.float()
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                                reduction="none").view_as(labels)
         w = self.weights * (labels != IGNORE)
-        hits = (logits.argmax(-1) == labels).long()
-        return (ce * w).sum() / w.sum(), hits.cumprod(1).sum(1).float().mean() + 1
+        return (ce * w).sum() / w.sum(), accepted(logits, labels).float().mean() + 1
+
+    def _draft_logits(self, b: Blocks) -> tuple[Tensor, Tensor]:
+        """Logits [blocks, B-1, n_vocab] of the drafts of b's real blocks (not padding), and their labels."""
+        d = self.drafter
+        real = b.labels[..., 0] != IGNORE  # [S, N]: not a padding block
+        h = d.hidden_seqs(b.features, b.anchors, b.tokens)[real][:, 1:]  # the anchor's own output is not a draft
+        return h @ d.lm_head.T, b.labels[real]
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -195,15 +211,22 @@ class Trainer:
         self.step_no += 1
         return loss.item(), tau.item()
 
-    def held_out_tau(self) -> float:
-        """Teacher-forced tau~ of the held-out sequences: the same blocks every time."""
-        rng = np.random.default_rng(self.opts.seed + 1)
+    def held_out_tau(self, pool: list[tuple[int, int, int]] | None = None) -> float:
+        """tau of greedy decoding of pool's first WALK_TOKENS answer tokens (default: WALK_SEQS of the held-out
+        sequences, spread over them), simulated on their stored answers and features: each pass is anchored where
+        the last one's accepted drafts end, as in the engine (bench/train/README.md: the two agree)."""
+        pool = self.held_out[::max(1, len(self.held_out) // WALK_SEQS)][:WALK_SEQS] if pool is None else pool
         self.drafter.eval()
+        taus = []
         with torch.no_grad(), self._autocast():
-            return float(np.mean([self.loss(self.sample(self.held_out, rng))[1].item() for _ in range(VAL_BATCHES)]))
+            for start, n_prompt, n in pool:  # one sequence at a time: a block at every answer position
+                end = min(n - 1, n_prompt + WALK_TOKENS)
+                logits, labels = self._draft_logits(self.blocks([(start, n, np.arange(n_prompt, end))]))
+                taus.append(decoding_tau(accepted(logits.float(), labels).tolist()))
+        return float(np.mean(taus))
 
     def checkpoint(self, path: Path) -> None:
-        """Keep the weights if held-out tau~ is the best so far, then save the checkpoint."""
+        """Keep the weights if held-out tau is the best so far, then save the checkpoint."""
         if self.held_out:
             tau = self.held_out_tau()
             if not tau <= self.best_tau:  # also the first time (nan)
@@ -212,7 +235,7 @@ class Trainer:
         self.save(path)
 
     def use_best(self) -> None:
-        """The weights of the best held-out tau~ into the drafter, for the export."""
+        """The weights of the best held-out tau into the drafter, for the export."""
         if self.best is not None:
             self.drafter.load_state_dict(self.best)
 
@@ -251,12 +274,26 @@ class Trainer:
             report.steps += 1
             if self.step_no % self.opts.checkpoint_every == 0 or self.step_no == self.opts.steps:
                 self.checkpoint(checkpoint)
-            held_out = f", held-out tau~{self.best_tau:.2f} at step {self.best_step}" if self.best_step else ""
+            held_out = f", held-out tau {self.best_tau:.2f} at step {self.best_step}" if self.best_step else ""
             progress.update(task, advance=1,
                             description=f"training (loss {report.loss:.3f}, tau~{report.tau:.2f}{held_out})")
         report.seconds = time.perf_counter() - t0
         report.held_out_tau, report.best_step = self.best_tau, self.best_step
         return report
+
+
+def accepted(logits: Tensor, labels: Tensor) -> Tensor:
+    """Drafts accepted per block: the length of the prefix whose argmax equals the label."""
+    return (logits.argmax(-1) == labels).long().cumprod(1).sum(1)
+
+
+def decoding_tau(acc: list[int]) -> float:
+    """Tokens per pass of greedy decoding where a block anchored at answer position i gets acc[i] drafts accepted:
+    each pass is anchored where the last one's accepted drafts end, after the target's own token."""
+    a = passes = 0
+    while a < len(acc):
+        a, passes = a + acc[a] + 1, passes + 1
+    return a / passes
 
 
 def pad_stack(arrays: list[np.ndarray], fill: float) -> np.ndarray:
