@@ -225,14 +225,17 @@ class Trainer:
                 taus.append(decoding_tau(accepted(logits.float(), labels).tolist()))
         return float(np.mean(taus))
 
-    def checkpoint(self, path: Path) -> None:
-        """Keep the weights if held-out tau is the best so far, then save the checkpoint."""
+    def checkpoint(self, path: Path) -> float:
+        """Keep the weights if held-out tau is the best so far, then save the checkpoint; returns held-out tau
+        (nan when nothing is held out)."""
+        tau = float("nan")
         if self.held_out:
             tau = self.held_out_tau()
             if not tau <= self.best_tau:  # also the first time (nan)
                 self.best_tau, self.best_step = tau, self.step_no
                 self.best = {k: v.detach().to("cpu", copy=True) for k, v in self.drafter.state_dict().items()}
         self.save(path)
+        return tau
 
     def use_best(self) -> None:
         """The weights of the best held-out tau into the drafter, for the export."""
@@ -273,7 +276,10 @@ class Trainer:
             report.tau = tau if first else 0.95 * report.tau + 0.05 * tau
             report.steps += 1
             if self.step_no % self.opts.checkpoint_every == 0 or self.step_no == self.opts.steps:
-                self.checkpoint(checkpoint)
+                held_tau = self.checkpoint(checkpoint)
+                if self.held_out:  # a line per checkpoint: the curve stays in the log
+                    progress.console.print(f"step {self.step_no}: loss {report.loss:.3f}, held-out tau {held_tau:.2f}",
+                                           highlight=False)
             held_out = f", held-out tau {self.best_tau:.2f} at step {self.best_step}" if self.best_step else ""
             progress.update(task, advance=1,
                             description=f"training (loss {report.loss:.3f}, tau~{report.tau:.2f}{held_out})")
