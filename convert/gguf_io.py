@@ -79,37 +79,6 @@ def target_embeddings(target_gguf: Path | str, dtype: torch.dtype = torch.float3
     return embd, embd if out is None else torch.tensor(_dequantize(out), dtype=dtype)
 
 
-# architectures whose GGUF converter permutes the Q and K rows for llama.cpp's interleaved RoPE; the drafter ropes
-# halves (NeoX), as the Hugging Face layout does
-_PERMUTED_QK = {"llama"}
-
-
-def init_from_target(drafter: Drafter, target_gguf: Path | str, blocks: list[int]) -> None:
-    """Drafter layer i takes the weights of the target's block blocks[i] (blk.N): a start that already models the
-    target's language. A Q/K norm the target lacks stays the identity (ones)."""
-    cfg = drafter.cfg
-    if len(blocks) != cfg.n_layer:
-        raise ConversionError(f"{len(blocks)} target blocks for {cfg.n_layer} drafter layers")
-    target = read_target(target_gguf)
-    tensors = {t.name: t for t in read_gguf(target_gguf).tensors}
-    params = drafter.state_dict()
-    with torch.no_grad():
-        for i, b in enumerate(blocks):
-            for hf, gg in _LAYER_NAMES.items():
-                t = tensors.get(f"blk.{b}.{gg}.weight")
-                if t is None and gg in ("attn_q_norm", "attn_k_norm"):
-                    continue
-                dst = params[f"layers.{i}.{hf}.weight"]
-                w = None if t is None else _dequantize(t)
-                if w is None or w.shape != tuple(dst.shape):
-                    raise ConversionError(f"target block {b} has no {gg} of shape {tuple(dst.shape)} to start "
-                                          f"drafter layer {i} from")
-                if target.arch in _PERMUTED_QK and gg in ("attn_q", "attn_k"):
-                    n = w.shape[0] // cfg.head_dim
-                    w = w.reshape(n, cfg.head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
-                dst.copy_(torch.tensor(w))
-
-
 def check_config(cfg: DrafterConfig) -> None:
     """Internal consistency of a drafter configuration."""
     if cfg.n_head % cfg.n_head_kv:

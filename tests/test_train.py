@@ -15,16 +15,16 @@ from typer.testing import CliRunner
 
 from dflash_local.bench.prompts import Prompt, load_prompts
 from dflash_local.cli import app
-from dflash_local.convert.gguf_io import init_from_target, load_drafter_gguf, save_drafter_gguf, target_embeddings
+from dflash_local.convert.gguf_io import load_drafter_gguf, save_drafter_gguf, target_embeddings
 from dflash_local.convert.gguf_target import read_target
 from dflash_local.errors import UserError
 from dflash_local.native import Drafter as NativeDrafter
-from dflash_local.reference import Drafter, rope
+from dflash_local.reference import Drafter
 from dflash_local.target import Target, TargetParams
 from dflash_local.train import answers, trainer
 from dflash_local.train.data import FEATURES, Dataset, prompt_key
 from dflash_local.train.prompts import prompt_group, training_prompts
-from dflash_local.train.target_layers import auto_target_layers, parse_init_blocks, parse_target_layers
+from dflash_local.train.target_layers import auto_target_layers, parse_target_layers
 from tiny_targets import write_tiny_target
 
 PROMPTS = [Prompt("a", "The quick brown fox", True), Prompt("b", "Once upon a time there was", True),
@@ -310,37 +310,6 @@ def test_held_out_tau_simulates_greedy_decoding(target, dataset):
         acc.append(k)
     assert max(acc) > 0
     assert tr.held_out_tau([seq]) == pytest.approx(trainer.decoding_tau(acc))
-
-
-def test_init_blocks_start_the_drafter_from_the_targets_own_layers(target):
-    cfg = trainer.drafter_config(target, 1, (1,), 16)
-    d = Drafter(cfg, *target_embeddings(target))
-    init_from_target(d, target, [0])
-    tokens = list(range(5, 25))
-    tg = Target(target, TargetParams(n_ctx=64, n_threads=2), capture_layers=(1,))
-    try:
-        tg.decode(tokens, 0, all_logits=False)
-        want = torch.from_numpy(tg.features().copy())  # the input of block 1: the output of block 0
-    finally:
-        tg.close()
-    # block 0 as a causal layer in torch, with the drafter layer's weights (its Q/K norms, ones, left out)
-    layer, n, hd = d.layers[0], len(tokens), cfg.head_dim
-    x = d.tok_embd[tokens]
-    h = layer.input_layernorm(x)
-    pos = torch.arange(n)
-    q = rope(layer.self_attn.q_proj(h).view(n, cfg.n_head, hd), pos, cfg.rope_base).transpose(0, 1)
-    k = rope(layer.self_attn.k_proj(h).view(n, cfg.n_head_kv, hd), pos, cfg.rope_base).transpose(0, 1)
-    v = layer.self_attn.v_proj(h).view(n, cfg.n_head_kv, hd).transpose(0, 1)
-    rep = cfg.n_head // cfg.n_head_kv
-    att = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0),
-                                                           is_causal=True)
-    x = x + layer.self_attn.o_proj(att.transpose(0, 1).reshape(n, -1))
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
-    assert torch.allclose(x.detach(), want, atol=5e-3 * want.abs().max())  # unpermuted Q/K rows: off by 1-4
-    with pytest.raises(UserError, match="2 target blocks for 1 drafter layers"):
-        parse_init_blocks("0,1", 4, 1)
-    with pytest.raises(UserError, match="outside 0..3"):
-        parse_init_blocks("4", 4, 1)
 
 
 def test_export_matches_native_drafter(target, dataset, tmp_path):

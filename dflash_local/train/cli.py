@@ -39,8 +39,6 @@ def train(
     block_size: int = typer.Option(16, "--block-size", min=2, max=64),
     target_layers: str = typer.Option("auto", "--target-layers", help="Target layers whose hidden states the "
                                       "drafter reads: 'auto' or GGUF ids (HF id + 1), e.g. 2,8,15,22,28."),
-    init_blocks: str = typer.Option(None, "--init-blocks", help="Start the drafter's layers from these target blocks "
-                                    "(blk.N, one per layer, e.g. 0,1,2,3,4,5) instead of random weights."),
     steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: from --epochs)."),
     epochs: float = typer.Option(None, "--epochs", min=0.01,
                                  help=f"Passes over the answer positions (default {DEFAULT_EPOCHS:g})."),
@@ -77,7 +75,7 @@ def train(
 
 def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | None, self_prompts: int,
            max_new_tokens: int, parallel: int, data_dir: Path | None, layers: int, block_size: int, target_layers: str,
-           init_blocks: str | None, steps: int | None, epochs: float | None, batch: int, anchors: int, lr: float, seed: int,
+           steps: int | None, epochs: float | None, batch: int, anchors: int, lr: float, seed: int,
            checkpoint_every: int, resume: bool, device: str, n_gpu_layers: int, threads: int, outtype: str,
            eval_source: str, eval_prompts: int, data_only: bool) -> None:
     import dataclasses
@@ -92,7 +90,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     from dflash_local.target import Target, TargetParams
     from dflash_local.train import answers, data, evaluate
     from dflash_local.train.prompts import training_prompts
-    from dflash_local.train.target_layers import parse_init_blocks, parse_target_layers
+    from dflash_local.train.target_layers import parse_target_layers
 
     # every input is checked before the hours of work start
     if not target.is_file():
@@ -107,7 +105,6 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
     info = read_target(target)
     capture = parse_target_layers(target_layers, info.n_layer)
-    init = parse_init_blocks(init_blocks, info.n_layer, layers)
     train_prompts = training_prompts(prompts, max_prompts)
     held_out = [] if eval_source == "none" else load_prompts(eval_source, eval_prompts)
     data_dir = data_dir or output.parent / f"{output.stem}-data"
@@ -152,8 +149,8 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
 
     # 2. training, 3. export
     steps = steps or max(1, round((epochs or DEFAULT_EPOCHS) * ds.anchor_positions / (batch * anchors)))
-    fit, step_no = _in_child(_fit, target, output, data_dir, capture, info.n_embd, layers, init, block_size, steps,
-                             batch, anchors, lr, seed, checkpoint_every, resume, device, threads, outtype)
+    fit, step_no = _in_child(_fit, target, output, data_dir, capture, info.n_embd, layers, block_size, steps, batch,
+                             anchors, lr, seed, checkpoint_every, resume, device, threads, outtype)
 
     # 4. evaluation
     ev = None
@@ -191,7 +188,7 @@ def _cuda_available() -> bool:
 
 
 def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n_embd: int, layers: int,
-         init: tuple[int, ...], block_size: int, steps: int, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int,
+         block_size: int, steps: int, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int,
          resume: bool, device: str, threads: int, outtype: str) -> tuple[dict[str, float], int]:
     """Training and export, in the child process: the TrainReport as a dict (unpickling the class would import
     torch in the parent) and the step reached."""
@@ -200,7 +197,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     import torch
 
     from dflash_local.cli import console
-    from dflash_local.convert.gguf_io import init_from_target, save_drafter_gguf, target_embeddings
+    from dflash_local.convert.gguf_io import save_drafter_gguf, target_embeddings
     from dflash_local.reference import Drafter
     from dflash_local.train import data, trainer
 
@@ -209,10 +206,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     torch.manual_seed(seed)
     dev = torch.device(device)
     ds = data.Dataset(data_dir, target, capture, n_embd)
-    drafter = Drafter(trainer.drafter_config(target, layers, capture, block_size), *target_embeddings(target))
-    if init:
-        init_from_target(drafter, target, list(init))
-    drafter = drafter.to(dev)
+    drafter = Drafter(trainer.drafter_config(target, layers, capture, block_size), *target_embeddings(target)).to(dev)
     opts = trainer.TrainOptions(steps=steps, batch=batch, anchors=anchors, lr=lr, seed=seed,
                                 checkpoint_every=checkpoint_every)
     tr = trainer.Trainer(drafter, ds, opts, dev)

@@ -32,18 +32,3 @@ def parse_target_layers(spec: str, depth: int) -> tuple[int, ...]:
     if len(set(ids)) != len(ids):
         raise UserError(f"--target-layers repeats a layer: {spec}")
     return ids
-
-
-def parse_init_blocks(spec: str | None, depth: int, n_layer: int) -> tuple[int, ...]:
-    """--init-blocks: none (random weights), or one target block (blk.N, 0-based) per drafter layer."""
-    if spec is None:
-        return ()
-    try:
-        ids = tuple(int(x) for x in spec.split(","))
-    except ValueError:
-        raise UserError(f"--init-blocks must be comma-separated target blocks, not {spec!r}") from None
-    if len(ids) != n_layer:
-        raise UserError(f"--init-blocks gives {len(ids)} target blocks for {n_layer} drafter layers (--layers)")
-    if bad := [i for i in ids if not 0 <= i < depth]:
-        raise UserError(f"--init-blocks {bad} are outside 0..{depth - 1}: the target has {depth} blocks")
-    return ids
