@@ -138,7 +138,7 @@ print(s.submodule_search_locations[0] if s and s.submodule_search_locations else
     "$PY" -P -m dflash_local train "$target" -o "$BUILD/models/$(basename "$target" .gguf)-dflash.gguf" \
         --device cuda -ngl "$NGL" --data-dir "$BUILD/data" --prompts builtin --prompts stdlib "${code[@]}" \
         --max-prompts 40000 --self-prompts 4000 --parallel 256 --layers 6 --batch 32 --anchors 32 --lr 1e-3 \
-        --epochs 1.1 --outtype q8_0 --eval none \
+        --epochs 2 --outtype q8_0 --eval none \
         --checkpoint-every 200 ${TRAIN_ARGS:-}
 }
 
