@@ -1,6 +1,7 @@
 """Held-out tau of a drafter on a `dflash train` data set, as the trainer measures it (greedy decoding of the first
-trainer.WALK_TOKENS answer tokens, simulated on the stored answers: the same sequences), and by kind of prompt (a sequence group's first path component: `self` for the target's own requests,
-`stdlib`, a package name...; `ungrouped` for an index written before groups). The held-out sequences' features are
+trainer.WALK_TOKENS answer tokens, simulated on the stored answers: the same sequences), and by kind of prompt (a
+sequence group's first path component: `self` for the target's own requests, `stdlib`, a package name...;
+`ungrouped` for an index written before groups). The held-out sequences' features are
 captured again here, so `index.json` and `tokens.i32` are enough: e.g. a data set brought back from a GPU.
 
     python bench/train/held_out.py TARGET.gguf DRAFTER.gguf DATA_DIR [--work DIR] [--threads N] [--json F]
@@ -69,8 +70,7 @@ def main() -> None:
     for seq in tr.held_out:
         by_kind[kind(first_row[seq[0]])].append(seq)
     for name, pool in sorted(by_kind.items()):
-        pool = pool[::max(1, len(pool) // PER_KIND)][:PER_KIND]
-        rows.append({"kind": name, "sequences": len(pool), "tau": tr.held_out_tau(pool)})
+        rows.append({"kind": name, "sequences": min(PER_KIND, len(pool)), "tau": tr.held_out_tau(pool, PER_KIND)})
 
     table = Table(title=f"held-out tau of {a.drafter.name} (greedy decoding simulated on the stored answers, "
                         f"block {drafter.cfg.block_size}, first {trainer.WALK_TOKENS} tokens)")

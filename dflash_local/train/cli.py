@@ -111,7 +111,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     params = TargetParams(n_ctx=answers.context_size(info.n_ctx, max_new_tokens), n_gpu_layers=n_gpu_layers,
                           n_threads=threads)
 
-    # 1. the target answers the prompts; its hidden states are stored
+    # 1. the target answers the prompts; then a second context captures the hidden states of prompt + answer
     tg = Target(target, dataclasses.replace(params, n_seq=parallel))
     try:
         ds = data.Dataset(data_dir, target, capture, info.n_embd)

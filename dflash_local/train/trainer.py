@@ -177,7 +177,7 @@ class Trainer:
         for i, (start, a, _, _) in enumerate(seqs):
             features[i, :a[-1]] = self.features[start:start + a[-1]].to(self.device)
         return Blocks(features, *(torch.from_numpy(pad_stack([s[k] for s in seqs], fill)).to(self.device)
-                                  for k, fill in ((1, 0), (2, self.drafter.cfg.mask_token_id), (3, IGNORE))))
+                                  for k, fill in ((1, 0), (2, cfg.mask_token_id), (3, IGNORE))))
 
     def loss(self, b: Blocks) -> tuple[Tensor, Tensor]:
         """Weighted cross-entropy of the masked positions, and the mean accepted prefix + 1 (a tau estimate)."""
@@ -211,11 +211,12 @@ class Trainer:
         self.step_no += 1
         return loss.item(), tau.item()
 
-    def held_out_tau(self, pool: list[tuple[int, int, int]] | None = None) -> float:
-        """tau of greedy decoding of pool's first WALK_TOKENS answer tokens (default: WALK_SEQS of the held-out
-        sequences, spread over them), simulated on their stored answers and features: each pass is anchored where
-        the last one's accepted drafts end, as in the engine (bench/train/README.md: the two agree)."""
-        pool = self.held_out[::max(1, len(self.held_out) // WALK_SEQS)][:WALK_SEQS] if pool is None else pool
+    def held_out_tau(self, pool: list[tuple[int, int, int]] | None = None, n: int = WALK_SEQS) -> float:
+        """tau of greedy decoding of the first WALK_TOKENS answer tokens of n sequences spread over pool (default:
+        the held-out ones), simulated on their stored answers and features: each pass is anchored where the last
+        one's accepted drafts end, as in the engine (bench/train/README.md: the two agree)."""
+        pool = self.held_out if pool is None else pool
+        pool = pool[::max(1, len(pool) // n)][:n]
         self.drafter.eval()
         taus = []
         with torch.no_grad(), self._autocast():
