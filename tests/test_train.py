@@ -3,6 +3,7 @@ against the native drafter, and the command end to end."""
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -241,6 +242,10 @@ def _signatures(prompts: list[Prompt]) -> set[str]:
     return {line.strip() for p in prompts for line in p.text.splitlines() if line.lstrip().startswith("def ")}
 
 
+def _stripped(text: str) -> str:
+    return "\n".join(line.strip() for line in text.splitlines())
+
+
 def test_training_prompts_are_many_and_leave_the_benchmarks_out():
     builtin = training_prompts(["builtin"])
     train = [p.text for p in builtin]
@@ -253,18 +258,26 @@ def test_training_prompts_are_many_and_leave_the_benchmarks_out():
     assert len(names) >= 100 and not {n for n in names if f"def {n}(" in "\n".join(p.text for p in humaneval)}
     stdlib = training_prompts(["stdlib"])
     assert len(stdlib) >= 2000 and not _signatures(stdlib) & _signatures(humaneval)
-    # each stub twice: raw completion, then the same stub in a chat request
-    raw, chat = stdlib[0::2], stdlib[1::2]
+    # each stub as raw completion after the module's imports, in a chat request, and alone (where that differs)
+    by_id = {p.id: p for p in stdlib}
+    unique = collections.Counter(p.id for p in stdlib)  # a few functions are defined twice in one file
+    raw = [p for p in stdlib if not p.id.endswith(("/bare", "/chat")) and unique[p.id] == 1]
+    chat = [by_id[f"{r.id}/chat"] for r in raw]
+    bare = [(r, by_id[f"{r.id}/bare"]) for r in raw if f"{r.id}/bare" in by_id]
+    assert len(bare) > 0.8 * len(raw)
     assert not any(p.chat for p in raw) and all(p.chat for p in chat)
-    assert all(c.id == f"{r.id}/chat" and f"```python\n{r.text}```" in c.text for r, c in zip(raw, chat))
+    assert all(f"```python\n{r.text}```" in c.text for r, c in zip(raw, chat))
+    assert all(not b.chat and b.text.startswith(("def ", "@")) and _stripped(r.text).endswith(_stripped(b.text))
+               for r, b in bare)
     both = training_prompts(["builtin", "stdlib", "builtin"])
     assert len(both) == len({(p.text, p.chat) for p in builtin + stdlib})
     assert training_prompts(["stdlib", "builtin"], 5) == stdlib[:5]
     # any folder of Python code: numpy's, here
     code = training_prompts([str(Path(np.__file__).parent)])
     assert len(code) >= 200 and code[0].id.startswith("numpy/")
-    # held-out groups: a stub file (both forms of its stubs), or a prompt alone
-    assert prompt_group(raw[0]) == prompt_group(chat[0]) == prompt_group(raw[1]) == raw[0].id.split(":")[0][:-3]
+    # held-out groups: a stub file (all forms of its stubs), or a prompt alone
+    assert (prompt_group(raw[0]) == prompt_group(bare[0][1]) == prompt_group(chat[0]) == prompt_group(raw[1])
+            == raw[0].id.split(":")[0][:-3])
     assert len({prompt_group(p) for p in builtin}) == len(builtin)
     assert not _signatures(code) & _signatures(humaneval)
     with pytest.raises(UserError, match="benchmark set"):

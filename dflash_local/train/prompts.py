@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import functools
 import sysconfig
+import textwrap
 from pathlib import Path
 
 from dflash_local.bench.prompts import Prompt, load_prompts
@@ -53,10 +54,15 @@ def prompt_group(prompt: Prompt) -> str:
 
 @functools.cache  # parsing the whole stdlib takes seconds
 def code_stubs(folder: str, name: str) -> tuple[Prompt, ...]:
-    """Prompts from the Python files under folder (tests left out), two per documented public function (or method,
-    under its class line): the module's imports then the function up to the end of its docstring, in HumanEval's
-    shape, as raw completion; and that stub in a chat request (CHAT_REQUEST). Prompt ids are
-    name/path.py:function (or :Class.method), with /chat for the second."""
+    """Prompts from the Python files under folder (tests left out), three per documented public function (or
+    method, under its class line): the module's imports then the function up to the end of its docstring, in
+    HumanEval's shape, as raw completion; the function alone (dedented, no imports or class), also raw, where that
+    differs; and the first in a chat request (CHAT_REQUEST). Prompt ids are name/path.py:function (or
+    :Class.method), with /bare and /chat for the others.
+
+    The two raw forms are continued differently: after the library's own imports SmolLM2 mostly writes the file's
+    next function (57 of 60 stdlib stubs), after the function alone it mostly closes a code fence and explains the
+    code (19 of 30), as it continues most HumanEval prompts (bench/train/README.md)."""
     root = Path(folder)
     stubs = []
     for path in sorted(root.rglob("*.py")):
@@ -77,12 +83,18 @@ def code_stubs(folder: str, name: str) -> tuple[Prompt, ...]:
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
                 cls = "".join(lines[node.lineno - 1:node.body[0].lineno - 1])
-                stubs += [(f"{module}{node.name}.{fn.name}", head + cls + _stub(fn, lines))
+                stubs += [(f"{module}{node.name}.{fn.name}", head + cls, _stub(fn, lines))
                           for fn in node.body if _documented(fn)]
             elif _documented(node):
-                stubs.append((f"{module}{node.name}", head + _stub(node, lines)))
-    return tuple(p for id_, stub in stubs
-                 for p in (Prompt(id_, stub, False), Prompt(f"{id_}/chat", CHAT_REQUEST.format(stub=stub), True)))
+                stubs.append((f"{module}{node.name}", head, _stub(node, lines)))
+    prompts = []
+    for id_, context, fn in stubs:
+        prompts.append(Prompt(id_, context + fn, False))
+        bare = textwrap.dedent(fn)
+        if context and not bare[0].isspace():  # else the same text as the first, or a docstring left of its def
+            prompts.append(Prompt(f"{id_}/bare", bare, False))
+        prompts.append(Prompt(f"{id_}/chat", CHAT_REQUEST.format(stub=context + fn), True))
+    return tuple(prompts)
 
 
 def _documented(node: ast.stmt) -> bool:
