@@ -1,10 +1,11 @@
 """What the target writes after a function stub: its greedy continuation (raw completion), classified by the first
 line that leaves the function's body. Shows which training prompts are continued as HumanEval's are.
 
-    python bench/train/continuations.py TARGET.gguf SET:N [...] [--tokens 24] [--threads N] [--json F]
+    python bench/train/continuations.py TARGET.gguf SET:N [...] [--tokens 48] [--threads N] [--json F]
 
-SET is humaneval, or stdlib:raw / stdlib:bare (the module's imports then the stub, or the stub alone, as
-`dflash train --prompts stdlib` cuts them), N the number of prompts, spread over the set.
+SET is humaneval, stdlib:raw / stdlib:bare (the module's imports then the stub, or the stub alone, as
+`dflash train --prompts stdlib` cuts them) or a prompt file; N the number of prompts, spread over the set. Every
+prompt is continued as raw text.
 """
 
 from __future__ import annotations
@@ -44,23 +45,21 @@ def mode(continuation: str) -> str:
 
 
 def stubs(spec: str, n: int) -> list[str]:
-    if spec == "humaneval":
-        texts = [p.text for p in load_prompts("humaneval", 1 << 30)]
-    elif spec in ("stdlib:raw", "stdlib:bare"):
+    if spec in ("stdlib:raw", "stdlib:bare"):
         bare = spec == "stdlib:bare"
         texts = [p.text for p in training_prompts(["stdlib"]) if not p.chat and p.id.endswith("/bare") == bare]
-    else:
-        raise SystemExit(f"unknown set {spec}: humaneval, stdlib:raw or stdlib:bare")
+    else:  # raw completion, whatever the file's lines say
+        texts = [p.text for p in load_prompts(spec, 1 << 30)]
     return texts[::max(1, len(texts) // n)][:n]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", type=Path)
     ap.add_argument("sets", nargs="+", help="SET:N")
-    ap.add_argument("--tokens", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--tokens", type=int, default=48, help="tokens generated per prompt")
+    ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: its default)")
+    ap.add_argument("--json", type=Path, help="also write the counts here")
     a = ap.parse_args()
     engine = Engine(Target(a.target, TargetParams(n_ctx=4096, n_threads=a.threads)))
     rows = {}

@@ -60,9 +60,9 @@ def code_stubs(folder: str, name: str) -> tuple[Prompt, ...]:
     differs; and the first in a chat request (CHAT_REQUEST). Prompt ids are name/path.py:function (or
     :Class.method), with /bare and /chat for the others.
 
-    The two raw forms are continued differently: after the library's own imports SmolLM2 mostly writes the file's
-    next function (57 of 60 stdlib stubs), after the function alone it mostly closes a code fence and explains the
-    code (19 of 30), as it continues most HumanEval prompts (bench/train/README.md)."""
+    The two raw forms are continued differently: after the module's imports SmolLM2 mostly writes more of the
+    library (49 of 60 stdlib stubs), after the function alone it mostly closes a code fence and explains the code
+    (52 of 60), as after 59 of HumanEval's 164 prompts (bench/train/continuations.py)."""
     root = Path(folder)
     stubs = []
     for path in sorted(root.rglob("*.py")):
