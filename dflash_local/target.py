@@ -145,6 +145,10 @@ class Target:
             n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def text(self, tokens: list[int]) -> str:
+        """The text of whole tokens; a character cut by the end shows as U+FFFD."""
+        return b"".join(self.piece(t) for t in tokens).decode(errors="replace")
+
     def chat_prompt(self, messages: list[tuple[str, str]]) -> str | None:
         """(role, content) messages under the GGUF's chat template, ending with the assistant's
         turn; None when the model has no template llama.cpp knows."""

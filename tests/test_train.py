@@ -316,7 +316,8 @@ def test_held_out_tau_simulates_greedy_decoding(target, dataset):
         block = torch.full((1, 8), d.cfg.mask_token_id)
         block[0, 0] = tokens[a]
         with torch.no_grad():
-            drafts = (d.hidden_batch(tr.features[start:start + a].float(), torch.tensor([a]), block)[0, 1:] @ d.lm_head.T)
+            hidden = d.hidden_batch(tr.features[start:start + a].float(), torch.tensor([a]), block)
+            drafts = hidden[0, 1:] @ d.lm_head.T
         k = 0
         while k < 7 and a + 1 + k < n and drafts[k].argmax() == tokens[a + 1 + k]:
             k += 1

@@ -68,7 +68,7 @@ def main() -> None:
         counts = collections.Counter()
         for text in track(stubs(spec, int(n)), description=spec):
             gen = engine.generate(engine.target.tokenize(text), a.tokens)
-            counts[mode(b"".join(engine.target.piece(t) for t in gen.tokens).decode(errors="replace"))] += 1
+            counts[mode(engine.target.text(gen.tokens))] += 1
         rows[s] = {m: counts[m] for m in MODES}
     table = Table(title=f"what the target writes after a stub (greedy, {a.tokens} tokens)")
     for col in ("prompts", *MODES):

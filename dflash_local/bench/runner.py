@@ -192,7 +192,7 @@ def run_bench(cfg: BenchConfig, console: Console,
                 progress.update(task, description=rec.id)
                 ref = target_only(toks, cfg.max_tokens)
                 totals["target"].add(ref.stats, ref.stop)
-                rec.target_text = b"".join(tg.piece(t) for t in ref.tokens).decode(errors="replace")
+                rec.target_text = tg.text(ref.tokens)
                 rec.runs["target"] = {"generated": ref.stats.generated, "decode_tps": ref.stats.decode_tps}
                 progress.advance(task)
                 for b, eng in engines.items():

@@ -164,7 +164,7 @@ def write_requests(target: Target, n: int, ds: Dataset, max_new_tokens: int, pro
 
     def done(_: Todo, request: list[int]) -> None:
         nonlocal issued
-        text = b"".join(target.piece(t) for t in request).decode(errors="replace")
+        text = target.text(request)
         key = prompt_key(text, True)
         tokens = prompt_tokens(target, Prompt(key, text, True))
         if not text.strip() or key in seen or not fits(target, tokens, max_new_tokens):

@@ -23,9 +23,9 @@ def train(
     target: Path = typer.Argument(..., help="Target GGUF the drafter is for."),
     output: Path = typer.Option(..., "--output", "-o", help="Drafter GGUF to write."),
     prompts: list[str] = typer.Option(["builtin"], "--prompts", help="'builtin', 'stdlib' (function stubs of this "
-                                      "Python's standard library, raw, alone and in chat requests), a folder of Python code "
-                                      "(the same from its files), or a .jsonl ({\"prompt\": ...} lines) or .txt (one "
-                                      "per line) file; repeat to combine."),
+                                      "Python's standard library, raw, alone and in chat requests), a folder of "
+                                      "Python code (the same from its files), or a .jsonl ({\"prompt\": ...} lines) "
+                                      "or .txt (one per line) file; repeat to combine."),
     max_prompts: int = typer.Option(None, "--max-prompts", min=1, help="Use only the first N prompts."),
     self_prompts: int = typer.Option(0, "--self-prompts", min=0, help="Also N chat requests the target writes "
                                      "itself (sampled, under its chat template) and then answers: varied data in its "

@@ -220,9 +220,9 @@ class Trainer:
         self.drafter.eval()
         taus = []
         with torch.no_grad(), self._autocast():
-            for start, n_prompt, n in pool:  # one sequence at a time: a block at every answer position
-                end = min(n - 1, n_prompt + WALK_TOKENS)
-                logits, labels = self._draft_logits(self.blocks([(start, n, np.arange(n_prompt, end))]))
+            for start, n_prompt, length in pool:  # one sequence at a time: a block at every answer position
+                end = min(length - 1, n_prompt + WALK_TOKENS)
+                logits, labels = self._draft_logits(self.blocks([(start, length, np.arange(n_prompt, end))]))
                 taus.append(decoding_tau(accepted(logits.float(), labels).tolist()))
         return float(np.mean(taus))
 
