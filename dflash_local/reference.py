@@ -64,24 +64,21 @@ class Attention(nn.Module):
         k = rope(self.k_norm(self.k_proj(x).view(shape)), pos, self.cfg.rope_base)
         return k, self.v_proj(x).view(shape)
 
-    def forward(self, x: Tensor, pos: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_visible: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, k_ctx: Tensor, v_ctx: Tensor, visible: Tensor) -> Tensor:
         """For each of S sequences, blocks x [S, N, B, n_embd] at pos [S, N, B] attend to the sequence's context
-        K/V [S, T, n_head_kv, head_dim] where ctx_visible [S, N, T] is true, and to their own whole block."""
+        K/V [S, T, n_head_kv, head_dim] and to its blocks where visible [S, N * B, T + N * B] is true."""
         c = self.cfg
         s, n, b = x.shape[:3]
         q = rope(self.q_norm(self.q_proj(x).view(s, n, b, c.n_head, c.head_dim)), pos, c.rope_base)
-        # GQA: q head h reads kv head h // group
-        q = q.view(s, n, b, c.n_head_kv, c.n_head // c.n_head_kv, c.head_dim)
         k_blk, v_blk = self.kv(x, pos)
-        scale = c.head_dim**-0.5
-        s_ctx = torch.einsum("snbkgd,stkd->snkgbt", q, k_ctx) * scale
-        s_ctx = s_ctx.masked_fill(~ctx_visible[:, :, None, None, None, :], float("-inf"))
-        s_blk = torch.einsum("snbkgd,snckd->snkgbc", q, k_blk) * scale
-        p = torch.softmax(torch.cat([s_ctx, s_blk], -1), dim=-1)
-        t = k_ctx.shape[1]
-        out = (torch.einsum("snkgbt,stkd->snbkgd", p[..., :t], v_ctx)
-               + torch.einsum("snkgbc,snckd->snbkgd", p[..., t:], v_blk))
-        return self.o_proj(out.reshape(s, n, b, c.n_head * c.head_dim))
+        # [S, head, token, head_dim], the context's tokens then the blocks'; GQA: q head h reads kv head h // group
+        # (repeated here: a fused attention kernel takes the mask but not always the grouping)
+        k, v = (torch.cat([ctx, blk.flatten(1, 2)], 1).transpose(1, 2).repeat_interleave(c.n_head // c.n_head_kv, 1)
+                for ctx, blk in ((k_ctx, k_blk), (v_ctx, v_blk)))
+        # one fused kernel: the scores of every block against its sequence's context are never stored
+        out = nn.functional.scaled_dot_product_attention(q.flatten(1, 2).transpose(1, 2), k, v,
+                                                         attn_mask=visible[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(s, n, b, c.n_head * c.head_dim))
 
 
 class MLP(nn.Module):
@@ -103,9 +100,9 @@ class Layer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, pos: Tensor, g: Tensor, ctx_pos: Tensor, ctx_visible: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, g: Tensor, ctx_pos: Tensor, visible: Tensor) -> Tensor:
         k_ctx, v_ctx = self.self_attn.kv(g, ctx_pos)  # the context skips input_layernorm
-        x = x + self.self_attn(self.input_layernorm(x), pos, k_ctx, v_ctx, ctx_visible)
+        x = x + self.self_attn(self.input_layernorm(x), pos, k_ctx, v_ctx, visible)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,13 +132,17 @@ class Drafter(nn.Module):
         dev = features.device
         ctx_pos = torch.arange(features.shape[1], device=dev).expand(features.shape[:2])
         pos = anchors[..., None] + torch.arange(block_tokens.shape[2], device=dev)
-        ctx_visible = ctx_pos[:, None, :] < anchors[..., None]
+        s, n, b = block_tokens.shape
+        # a block's tokens see the context before its anchor and their own block, not the sequence's other blocks
+        ctx_visible = (ctx_pos[:, None, :] < anchors[..., None])[:, :, None, :].expand(s, n, b, -1)
+        own_block = torch.eye(n, dtype=torch.bool, device=dev)[:, None, :, None].expand(n, b, n, b)
+        visible = torch.cat([ctx_visible, own_block.expand(s, n, b, n, b).flatten(3)], -1).flatten(1, 2)
         g = self.hidden_norm(self.fc(features))
         x = self.tok_embd[block_tokens]
         if self.cfg.embedding_scale is not None:
             x = x * self.cfg.embedding_scale
         for layer in self.layers:
-            x = layer(x, pos, g, ctx_pos, ctx_visible)
+            x = layer(x, pos, g, ctx_pos, visible)
         return self.norm(x)
 
     def forward_batch(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:

@@ -267,7 +267,7 @@ def test_training_prompts_are_many_and_leave_the_benchmarks_out():
     assert len(bare) > 0.8 * len(raw)
     assert not any(p.chat for p in raw) and all(p.chat for p in chat)
     assert all(f"```python\n{r.text}```" in c.text for r, c in zip(raw, chat))
-    assert all(not b.chat and b.text.startswith(("def ", "@")) and _stripped(r.text).endswith(_stripped(b.text))
+    assert all(not b.chat and b.text.startswith(("\ndef ", "\n@")) and _stripped(r.text).endswith(_stripped(b.text))
                for r, b in bare)
     both = training_prompts(["builtin", "stdlib", "builtin"])
     assert len(both) == len({(p.text, p.chat) for p in builtin + stdlib})
