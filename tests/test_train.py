@@ -375,6 +375,17 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     assert result.returncode == 0, result.stdout
     assert "none: the checkpoint is at step 5" in result.stdout
 
+    # another drafter starting from that one's weights: with a learning rate of 0 it stays that drafter
+    again = tmp_path / "again.gguf"
+    result = _run_cli([*args, "-o", str(again), "--init", str(out), "--steps", "1", "--lr", "0", "--eval", "none",
+                       "--outtype", "f32", "--data-dir", str(tmp_path / "d-data")])
+    assert result.returncode == 0, result.stdout
+    assert f"from {out}" in result.stdout.replace("\n", "")
+    for name, t in load_drafter_gguf(out, target).state_dict().items():
+        assert torch.equal(load_drafter_gguf(again, target).state_dict()[name], t), name
+    result = _run_cli([*args, "--init", str(out), "--layers", "2"])
+    assert result.returncode == 2 and "give the same --layers" in result.stdout, result.stdout
+
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     """`dflash` in a fresh process (this one has torch), which must not import torch: training runs in a child
@@ -394,6 +405,7 @@ def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     (["{target}", "--prompts", "missing.jsonl"], "missing.jsonl is none of them"),
     (["{target}", "--prompts", "{empty}"], "no .py file under it has a documented public function"),
     (["{target}", "--self-prompts", "2"], "no chat template"),
+    (["{target}", "--init", "missing.gguf"], "--init: drafter not found"),
 ])
 def test_cli_bad_inputs(target, tmp_path, args, message):
     (tmp_path / "empty").mkdir()

@@ -48,6 +48,9 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1),
     resume: bool = typer.Option(False, "--resume", help="Continue training from <output>.ckpt."),
+    init: Path = typer.Option(None, "--init", help="Start from this drafter GGUF's weights (e.g. the shipped one, to "
+                              "train it further or on other data) instead of random ones; it must have the shape "
+                              "asked for (--layers, --target-layers, --block-size)."),
     device: str = typer.Option("cpu", "--device", help="Torch device for training: cpu or cuda."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers llama.cpp offloads to the GPU."),
     threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: default)."),
@@ -76,8 +79,8 @@ def train(
 def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | None, self_prompts: int,
            max_new_tokens: int, parallel: int, data_dir: Path | None, layers: int, block_size: int, target_layers: str,
            steps: int | None, epochs: float | None, batch: int, anchors: int, lr: float, seed: int,
-           checkpoint_every: int, resume: bool, device: str, n_gpu_layers: int, threads: int, outtype: str,
-           eval_source: str, eval_prompts: int, data_only: bool) -> None:
+           checkpoint_every: int, resume: bool, init: Path | None, device: str, n_gpu_layers: int, threads: int,
+           outtype: str, eval_source: str, eval_prompts: int, data_only: bool) -> None:
     import dataclasses
 
     from rich.table import Table
@@ -105,6 +108,8 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
     info = read_target(target)
     capture = parse_target_layers(target_layers, info.n_layer)
+    if init is not None:
+        _in_child(_check_init, target, init, layers, capture, block_size)
     train_prompts = training_prompts(prompts, max_prompts)
     held_out = [] if eval_source == "none" else load_prompts(eval_source, eval_prompts)
     data_dir = data_dir or output.parent / f"{output.stem}-data"
@@ -150,7 +155,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     # 2. training, 3. export
     steps = steps or max(1, round((epochs or DEFAULT_EPOCHS) * ds.anchor_positions / (batch * anchors)))
     fit, step_no = _in_child(_fit, target, output, data_dir, capture, info.n_embd, layers, block_size, steps, batch,
-                             anchors, lr, seed, checkpoint_every, resume, device, threads, outtype)
+                             anchors, lr, seed, checkpoint_every, resume, init, device, threads, outtype)
 
     # 4. evaluation
     ev = None
@@ -189,7 +194,7 @@ def _cuda_available() -> bool:
 
 def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n_embd: int, layers: int,
          block_size: int, steps: int, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int,
-         resume: bool, device: str, threads: int, outtype: str) -> tuple[dict[str, float], int]:
+         resume: bool, init: Path | None, device: str, threads: int, outtype: str) -> tuple[dict[str, float], int]:
     """Training and export, in the child process: the TrainReport as a dict (unpickling the class would import
     torch in the parent) and the step reached."""
     import dataclasses
@@ -197,8 +202,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     import torch
 
     from dflash_local.cli import console
-    from dflash_local.convert.gguf_io import save_drafter_gguf, target_embeddings
-    from dflash_local.reference import Drafter
+    from dflash_local.convert.gguf_io import save_drafter_gguf
     from dflash_local.train import data, trainer
 
     if threads:
@@ -206,7 +210,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     torch.manual_seed(seed)
     dev = torch.device(device)
     ds = data.Dataset(data_dir, target, capture, n_embd)
-    drafter = Drafter(trainer.drafter_config(target, layers, capture, block_size), *target_embeddings(target)).to(dev)
+    drafter = _initial_drafter(target, init, layers, capture, block_size).to(dev)
     opts = trainer.TrainOptions(steps=steps, batch=batch, anchors=anchors, lr=lr, seed=seed,
                                 checkpoint_every=checkpoint_every)
     tr = trainer.Trainer(drafter, ds, opts, dev)
@@ -217,9 +221,10 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     elif resume:
         console.print(f"[yellow]note:[/yellow] no checkpoint at {checkpoint}: training from the start", highlight=False)
     n_params = sum(p.numel() for p in drafter.parameters())
-    console.print(f"training: {layers}-layer drafter ({n_params / 1e6:.1f} M parameters), {opts.steps} steps of "
-                  f"{batch} x {anchors} blocks of {block_size} on {device}; {ds.anchor_positions} answer positions in "
-                  f"{len(tr.seqs) + len(tr.held_out)} sequences, {len(tr.held_out)} of them held out to pick the "
+    start = f", from {init}" if init else ""
+    console.print(f"training: {layers}-layer drafter ({n_params / 1e6:.1f} M parameters{start}), {opts.steps} steps "
+                  f"of {batch} x {anchors} blocks of {block_size} on {device}; {ds.anchor_positions} answer positions "
+                  f"in {len(tr.seqs) + len(tr.held_out)} sequences, {len(tr.held_out)} of them held out to pick the "
                   "exported weights",
                   highlight=False)
     with _bar() as progress:
@@ -227,6 +232,35 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     tr.use_best()
     save_drafter_gguf(drafter, output, target, outtype, name=f"{target.stem} DFlash drafter")
     return dataclasses.asdict(fit), tr.step_no
+
+
+def _initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple[int, ...],
+                     block_size: int) -> Any:
+    """The drafter training starts from: random weights of the shape asked for, or init's (a Drafter; Any: the
+    parent process never imports torch)."""
+    from dflash_local.convert.gguf_io import load_drafter_gguf, target_embeddings
+    from dflash_local.errors import UserError
+    from dflash_local.reference import Drafter
+    from dflash_local.train import trainer
+
+    cfg = trainer.drafter_config(target, layers, capture, block_size)
+    if init is None:
+        return Drafter(cfg, *target_embeddings(target))
+    if not init.is_file():
+        raise UserError(f"--init: drafter not found: {init}")
+    drafter = load_drafter_gguf(init, target)
+    if drafter.cfg != cfg:
+        have = drafter.cfg
+        raise UserError(f"--init {init} has {have.n_layer} layers, target layers "
+                        f"{','.join(map(str, have.target_layers))} and block size {have.block_size}, not the "
+                        f"{layers}, {','.join(map(str, capture))} and {block_size} of this run: give the same "
+                        "--layers, --target-layers and --block-size")
+    return drafter
+
+
+def _check_init(target: Path, init: Path, layers: int, capture: tuple[int, ...], block_size: int) -> None:
+    """_initial_drafter's checks, before the data phase: a Drafter itself would bring torch into the parent."""
+    _initial_drafter(target, init, layers, capture, block_size)
 
 
 def _bar() -> Progress:

@@ -35,6 +35,8 @@ WALK_SEQS = 32
 # crossed in one pass when decoding but is most of the random anchors (held-out tau~ 6.32 by those, tau 2.67 on
 # HumanEval; bench/train/README.md)
 WALK_TOKENS = 128
+# steps between readings of the moving averages for the progress bar: each reading waits for the GPU
+SHOW_EVERY = 25
 
 
 def held_out_groups(sequences: list[Sequence]) -> set[str]:
@@ -176,30 +178,37 @@ class Trainer:
                                device=self.device)
         for i, (start, a, _, _) in enumerate(seqs):
             features[i, :a[-1]] = self.features[start:start + a[-1]].to(self.device)
-        return Blocks(features, *(torch.from_numpy(pad_stack([s[k] for s in seqs], fill)).to(self.device)
+        return Blocks(features, *(self._to_device(pad_stack([s[k] for s in seqs], fill))
                                   for k, fill in ((1, 0), (2, cfg.mask_token_id), (3, IGNORE))))
+
+    def _to_device(self, a: np.ndarray) -> Tensor:
+        t = torch.from_numpy(a)
+        # from pinned memory the copy is queued behind the GPU's work instead of waiting for it
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def loss(self, b: Blocks) -> tuple[Tensor, Tensor]:
         """Weighted cross-entropy of the masked positions, and the mean accepted prefix + 1 (a tau estimate)."""
-        logits, labels = self._draft_logits(b)
-        logits = logits.float()
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                               reduction="none").view_as(labels)
-        w = self.weights * (labels != IGNORE)
-        return (ce * w).sum() / w.sum(), accepted(logits, labels).float().mean() + 1
+        logits = self._draft_logits(b).float()
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), b.labels.flatten(), ignore_index=IGNORE,
+                                               reduction="none").view_as(b.labels)
+        w = self.weights * (b.labels != IGNORE)
+        # padding blocks (labels all IGNORE) are computed and left out here: selecting the real ones would make the
+        # host wait for the GPU to learn how many there are
+        real = b.labels[..., 0] != IGNORE
+        return (ce * w).sum() / w.sum(), (accepted(logits, b.labels) * real).sum() / real.sum() + 1
 
-    def _draft_logits(self, b: Blocks) -> tuple[Tensor, Tensor]:
-        """Logits [blocks, B-1, n_vocab] of the drafts of b's real blocks (not padding), and their labels."""
+    def _draft_logits(self, b: Blocks) -> Tensor:
+        """Logits [S, N, B-1, n_vocab] of the drafts of b's blocks (b.labels are theirs)."""
         d = self.drafter
-        real = b.labels[..., 0] != IGNORE  # [S, N]: not a padding block
-        h = d.hidden_seqs(b.features, b.anchors, b.tokens)[real][:, 1:]  # the anchor's own output is not a draft
-        return h @ d.lm_head.T, b.labels[real]
+        h = d.hidden_seqs(b.features, b.anchors, b.tokens)[:, :, 1:]  # the anchor's own output is not a draft
+        return h @ d.lm_head.T
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def step(self, batch: Blocks) -> tuple[float, float]:
-        """One optimizer step; returns the loss and tau estimate of the batch before the update."""
+    def step(self, batch: Blocks) -> tuple[Tensor, Tensor]:
+        """One optimizer step; returns the loss and tau estimate of the batch before the update, on the device:
+        reading them waits for the step, which a GPU otherwise runs while the host samples the next batch."""
         self.drafter.train()
         self.opt.zero_grad(set_to_none=True)
         with self._autocast():
@@ -209,7 +218,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.step_no += 1
-        return loss.item(), tau.item()
+        return loss.detach(), tau.detach()
 
     def held_out_tau(self, pool: list[tuple[int, int, int]] | None = None, n: int = WALK_SEQS) -> float:
         """tau of greedy decoding of the first WALK_TOKENS answer tokens of n sequences spread over pool (default:
@@ -222,8 +231,8 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             for start, n_prompt, length in pool:  # one sequence at a time: a block at every answer position
                 end = min(length - 1, n_prompt + WALK_TOKENS)
-                logits, labels = self._draft_logits(self.blocks([(start, length, np.arange(n_prompt, end))]))
-                taus.append(decoding_tau(accepted(logits.float(), labels).tolist()))
+                b = self.blocks([(start, length, np.arange(n_prompt, end))])
+                taus.append(decoding_tau(accepted(self._draft_logits(b).float(), b.labels)[0].tolist()))
         return float(np.mean(taus))
 
     def checkpoint(self, path: Path) -> float:
@@ -269,14 +278,15 @@ class Trainer:
         report = TrainReport()
         task = progress.add_task("training", total=self.opts.steps, completed=self.step_no)
         t0 = time.perf_counter()
+        avg = None  # moving averages of loss and tau~ over ~20 steps (single batches are noisy), on the device
         while self.step_no < self.opts.steps:
-            loss, tau = self.step(self.sample())
-            # moving averages over ~20 steps: single batches are noisy
-            first = report.steps == 0
-            report.loss = loss if first else 0.95 * report.loss + 0.05 * loss
-            report.tau = tau if first else 0.95 * report.tau + 0.05 * tau
+            now = torch.stack(self.step(self.sample()))
+            avg = now if avg is None else 0.95 * avg + 0.05 * now
             report.steps += 1
-            if self.step_no % self.opts.checkpoint_every == 0 or self.step_no == self.opts.steps:
+            saving = self.step_no % self.opts.checkpoint_every == 0 or self.step_no == self.opts.steps
+            if saving or report.steps % SHOW_EVERY == 1:
+                report.loss, report.tau = avg.tolist()
+            if saving:
                 held_tau = self.checkpoint(checkpoint)
                 if self.held_out:  # a line per checkpoint: the curve stays in the log
                     progress.console.print(f"step {self.step_no}: loss {report.loss:.3f}, held-out tau {held_tau:.2f}",
@@ -291,7 +301,7 @@ class Trainer:
 
 def accepted(logits: Tensor, labels: Tensor) -> Tensor:
     """Drafts accepted per block: the length of the prefix whose argmax equals the label."""
-    return (logits.argmax(-1) == labels).long().cumprod(1).sum(1)
+    return (logits.argmax(-1) == labels).long().cumprod(-1).sum(-1)
 
 
 def decoding_tau(acc: list[int]) -> float:
