@@ -3,9 +3,9 @@ line that leaves the function's body. Shows which training prompts are continued
 
     python bench/train/continuations.py TARGET.gguf SET:N [...] [--tokens 48] [--threads N] [--json F]
 
-SET is humaneval, stdlib:raw / stdlib:bare (the module's imports then the stub, or the stub alone, as
-`dflash train --prompts stdlib` cuts them) or a prompt file; N the number of prompts, spread over the set. Every
-prompt is continued as raw text.
+SET is humaneval, stdlib:raw / stdlib:bare (the module's imports then the stub, or the stub alone after a blank
+line, as `dflash train --prompts stdlib` cuts them) or a prompt file; N the number of prompts, spread over the set.
+Every prompt is continued as raw text.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ import typer
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+    from dflash_local.reference import Drafter
+
 DEFAULT_EPOCHS = 3.0  # of 1, 3, 5 and 9.5 epochs, 3 drafted best for SmolLM2 on held-out prompts (bench/train)
 
 
@@ -235,9 +237,10 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
 
 
 def _initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple[int, ...],
-                     block_size: int) -> Any:
-    """The drafter training starts from: random weights of the shape asked for, or init's (a Drafter; Any: the
-    parent process never imports torch)."""
+                     block_size: int) -> Drafter:
+    """The drafter training starts from: random weights of the shape asked for, or init's."""
+    import dataclasses
+
     from dflash_local.convert.gguf_io import load_drafter_gguf, target_embeddings
     from dflash_local.errors import UserError
     from dflash_local.reference import Drafter
@@ -249,12 +252,10 @@ def _initial_drafter(target: Path, init: Path | None, layers: int, capture: tupl
     if not init.is_file():
         raise UserError(f"--init: drafter not found: {init}")
     drafter = load_drafter_gguf(init, target)
-    if drafter.cfg != cfg:
-        have = drafter.cfg
-        raise UserError(f"--init {init} has {have.n_layer} layers, target layers "
-                        f"{','.join(map(str, have.target_layers))} and block size {have.block_size}, not the "
-                        f"{layers}, {','.join(map(str, capture))} and {block_size} of this run: give the same "
-                        "--layers, --target-layers and --block-size")
+    have, want = dataclasses.asdict(drafter.cfg), dataclasses.asdict(cfg)
+    if diff := [f"{k} {have[k]} (this run: {want[k]})" for k in want if have[k] != want[k]]:
+        raise UserError(f"--init {init} is another shape of drafter: {', '.join(diff)}; give the same --layers, "
+                        "--target-layers and --block-size")
     return drafter
 
 
