@@ -40,7 +40,7 @@ def _load() -> ctypes.CDLL:
         "dflash_capture_enable": ([ctypes.c_void_p, ctypes.c_bool], None),
         "dflash_capture_n_rows": ([ctypes.c_void_p], c_int),
         "dflash_capture_data": ([ctypes.c_void_p], c_float_p),
-        "dflash_capture_rows_f16": ([ctypes.c_void_p, ctypes.c_void_p], c_int),
+        "dflash_capture_rows_e4m3": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], c_int),
         "dflash_capture_seconds": ([ctypes.c_void_p], ctypes.c_double),
         "dflash_drafter_load": ([ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, c_int, c_int], ctypes.c_void_p),
         "dflash_drafter_free": ([ctypes.c_void_p], None),
@@ -102,7 +102,7 @@ class Capture:
         self._ptr = lib.dflash_capture_new(n_embd, arr, len(target_layers))
         if not self._ptr:
             raise NativeError(lib.dflash_last_error().decode())
-        self.width = n_embd * len(target_layers)
+        self.n_extract, self.width = len(target_layers), n_embd * len(target_layers)
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(
             ctypes.cast(lib.dflash_capture_eval, ctypes.c_void_p).value
         )
@@ -121,11 +121,14 @@ class Capture:
             return np.zeros((0, self.width), dtype=np.float32)
         return np.ctypeslib.as_array(lib.dflash_capture_data(self._ptr), shape=(n, self.width))
 
-    def rows_f16(self) -> np.ndarray:
-        """rows() as float16, a new array."""
-        out = np.empty((_check(lib.dflash_capture_n_rows(self._ptr)), self.width), dtype=np.float16)
-        _check(lib.dflash_capture_rows_f16(self._ptr, out.ctypes.data))
-        return out
+    def rows_e4m3(self) -> tuple[np.ndarray, np.ndarray]:
+        """rows() as float8 e4m3 codes (uint8, same shape) and a scale per row and layer ([n_rows, n_extract]
+        float32): value = code's value * scale."""
+        n = _check(lib.dflash_capture_n_rows(self._ptr))
+        codes = np.empty((n, self.width), dtype=np.uint8)
+        scales = np.empty((n, self.n_extract), dtype=np.float32)
+        _check(lib.dflash_capture_rows_e4m3(self._ptr, codes.ctypes.data, scales.ctypes.data))
+        return codes, scales
 
     @property
     def seconds(self) -> float:

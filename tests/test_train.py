@@ -23,7 +23,7 @@ from dflash_local.native import Drafter as NativeDrafter
 from dflash_local.reference import Drafter
 from dflash_local.target import Target, TargetParams
 from dflash_local.train import answers, trainer
-from dflash_local.train.data import FEATURES, Dataset, prompt_key
+from dflash_local.train.data import FEATURES, SCALES, Dataset, prompt_key
 from dflash_local.train.prompts import prompt_group, training_prompts
 from dflash_local.train.target_layers import auto_target_layers, parse_target_layers
 from tiny_targets import write_tiny_target
@@ -78,9 +78,16 @@ def dataset(target, tmp_path_factory) -> Dataset:
     return _fill(target, tmp_path_factory.mktemp("data"), PROMPTS)[0]
 
 
+def _features(ds: Dataset) -> np.ndarray:
+    """The data set's features as float32, as the trainer reads them."""
+    return trainer.decode_features(*(torch.from_numpy(a) for a in ds.arrays()[1:3])).numpy()
+
+
 def test_dataset_holds_the_targets_own_greedy_answers(target, dataset):
-    tokens, features, starts = dataset.arrays()
-    assert features.shape == (dataset.n_rows, len(LAYERS) * 64) and features.dtype == np.float16
+    tokens, codes, scales, starts = dataset.arrays()
+    assert codes.shape == (dataset.n_rows, len(LAYERS) * 64) and codes.dtype == np.uint8
+    assert scales.shape == (dataset.n_rows, len(LAYERS)) and scales.dtype == np.float32
+    features = _features(dataset)
     assert len(dataset.sequences) == len(PROMPTS) and tokens.shape == (dataset.n_rows,)
     tg = _open(target)
     try:
@@ -91,11 +98,11 @@ def test_dataset_holds_the_targets_own_greedy_answers(target, dataset):
             assert tok[:seq.n_prompt] == answers.prompt_tokens(tg, prompt)
             _assert_greedy(tg, tok, seq.n_prompt)
             want = tg.features()
-            got = np.asarray(features[start:start + seq.n_tokens], dtype=np.float32)
+            got = features[start:start + seq.n_tokens]
             # captured 4 sequences to a batch: ggml's CPU matmul rounds a batch of some 120 rows otherwise than one of
             # 30 (seen 0.7 % of the largest value; the first 30 rows of a 116-token prefill differ as much), where a
-            # wrong row or layer would be off by O(1)
-            np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-2 * np.abs(want).max())
+            # wrong row or layer would be off by O(1); float8 rounds to 1/16 of a value at most
+            np.testing.assert_allclose(got, want, rtol=1 / 16 + 2e-3, atol=1e-2 * np.abs(want).max())
     finally:
         tg.close()
 
@@ -189,9 +196,9 @@ def test_capture_packs_sequences_in_order(target, dataset, tmp_path, n_batch):
         (root / name).write_bytes((dataset.root / name).read_bytes())
     ds = Dataset(root, target, LAYERS, 64)
     assert _capture(target, ds, n_batch) == len(PROMPTS)
-    want, got = dataset.arrays()[1], ds.arrays()[1]
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               atol=1e-2 * float(np.abs(np.asarray(want, np.float32)).max()))  # as above
+    want, got = _features(dataset), _features(ds)
+    # as above, where float8 may round each the other way: a step of 1/8 of a value at most
+    np.testing.assert_allclose(got, want, rtol=1 / 8 + 2e-3, atol=1e-2 * np.abs(want).max())
 
 
 def test_dataset_resumes_without_redoing_work(target, tmp_path):
@@ -204,7 +211,8 @@ def test_dataset_resumes_without_redoing_work(target, tmp_path):
     ds2, n, captured = _fill(target, root, PROMPTS[:3])
     assert n == captured == 1 and len(ds2.sequences) == 3
     assert ds2.sequences[:2] == ds.sequences
-    assert (root / FEATURES).stat().st_size == ds2.n_rows * ds2.width * 2
+    assert (root / FEATURES).stat().st_size == ds2.n_rows * ds2.width
+    assert (root / SCALES).stat().st_size == ds2.n_rows * 4 * len(LAYERS)
     with pytest.raises(UserError, match="another target or layer choice"):
         Dataset(root, target, (2,), 64)
 
@@ -218,12 +226,14 @@ def test_answers_alone_travel_and_get_their_features_again(target, dataset, tmp_
     with pytest.raises(UserError, match="4 sequences have no features yet"):
         ds.arrays()
     (root / FEATURES).unlink()
+    (root / SCALES).unlink()
     ds, _, captured = _fill(target, root, PROMPTS)
     assert captured == 4 and ds.captured == 4
     assert ds.sequences == dataset.sequences  # the same greedy answers, in the same order
     want, got = dataset.arrays(), ds.arrays()
     np.testing.assert_array_equal(want[0], got[0])
     np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
 
 
 def test_target_layers():
@@ -316,7 +326,8 @@ def test_held_out_tau_simulates_greedy_decoding(target, dataset):
         block = torch.full((1, 8), d.cfg.mask_token_id)
         block[0, 0] = tokens[a]
         with torch.no_grad():
-            hidden = d.hidden_batch(tr.features[start:start + a].float(), torch.tensor([a]), block)
+            context = trainer.decode_features(tr.codes[start:start + a], tr.scales[start:start + a])
+            hidden = d.hidden_batch(context, torch.tensor([a]), block)
             drafts = hidden[0, 1:] @ d.lm_head.T
         k = 0
         while k < 7 and a + 1 + k < n and drafts[k].argmax() == tokens[a + 1 + k]:
@@ -336,8 +347,7 @@ def test_export_matches_native_drafter(target, dataset, tmp_path):
     for name, t in drafter.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
 
-    tokens, features, _ = dataset.arrays()
-    ctx = np.asarray(features[:9], dtype=np.float32)
+    tokens, ctx = dataset.arrays()[0], _features(dataset)[:9]
     nd = NativeDrafter(out, target, n_ctx=64, n_threads=2)
     try:
         assert nd.info.target_layers == LAYERS and nd.info.block_size == 16
@@ -422,7 +432,7 @@ def test_held_out_sequences_pick_the_exported_weights(target, tmp_path):
     ds = Dataset(tmp_path / "data", target, LAYERS, read_target(target).n_embd)
     for i in range(2 * trainer.HOLD_OUT):  # 48 sequences alone (a group each), then groups of 2
         ds.append(f"k{i}", f"g{i // 2}" if i >= 48 else f"k{i}", rng.integers(0, 100, 12).tolist(), 4)
-        ds.append_features(rng.standard_normal((12, ds.width), np.float32))
+        ds.append_features(rng.integers(0, 126, (12, ds.width), np.uint8), np.ones((12, len(LAYERS)), np.float32))
     tr = _trainer(target, ds)
     # held out: the 50th of the 74 groups, both its sequences (no near-copy of a held-out answer is trained on)
     assert len(tr.held_out) == 2 and len(tr.seqs) == 2 * trainer.HOLD_OUT - 2

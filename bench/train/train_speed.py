@@ -34,7 +34,7 @@ def main() -> None:
     for i in range(48):  # prompts of 60 tokens, answers of 256 (the default --max-new-tokens)
         n = 60 + 256
         ds.append(str(i), str(i), rng.integers(0, 49152, n).tolist(), 60)
-        ds.append_features(rng.standard_normal((n, len(LAYERS) * 576)).astype(np.float32))
+        ds.append_features(rng.integers(0, 126, (n, ds.width), np.uint8), np.ones((n, len(LAYERS)), np.float32))
     n_steps = 5 if dev.type == "cpu" else 30
     for spec in sys.argv[2:]:
         n_layer, batch, anchors = map(int, spec.split("x"))

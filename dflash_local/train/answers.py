@@ -229,10 +229,11 @@ def capture(target: Target, ds: Dataset, progress: Progress) -> Report:
             target.decode(pack[0], 0, all_logits=False)
         else:
             target.prefill(pack)
-        rows, start = target.capture.rows_f16(), 0
+        (codes, scales), start = target.capture.rows_e4m3(), 0
         for tokens in pack:
-            ds.append_features(rows[start:start + len(tokens)])
-            start += len(tokens)
+            end = start + len(tokens)
+            ds.append_features(codes[start:end], scales[start:end])
+            start = end
             report.sequences += 1
             report.tokens += len(tokens)
         progress.update(task, advance=len(pack))

@@ -6,8 +6,11 @@ On disk, one folder:
                 {"key": prompt hash, "n_prompt": tokens of the templated prompt, "n_tokens": prompt + answer,
                  "group": what the prompt came from}
   tokens.i32    int32 tokens of all sequences back to back
-  features.f16  float16 [rows, n_extract * n_embd], row i = the position of token i, for the first sequences:
-                features are captured after the answers, in a second pass, so they may lag the tokens
+  features.e4m3 float8 e4m3 codes [rows, n_extract * n_embd], row i = the position of token i, for the first
+                sequences: features are captured after the answers, in a second pass, so they may lag the tokens
+  scales.f32    float32 [rows, n_extract]: a row's values at one layer are their codes' values times its scale
+                (native.Capture.rows_e4m3). Half the room of float16, which filled a lent GPU machine's disk, and
+                a drafter's held-out tau on such features equals its tau on float16 ones (bench/train/README.md)
 Answers are appended and the index is rewritten every few seconds (SAVE_EVERY), so an interrupted run resumes
 about where it stopped; rows past the index, or past the last whole sequence of features (a write cut short),
 are dropped when the folder is opened again. index.json and tokens.i32 alone (a few MB) are enough to move a data
@@ -28,7 +31,7 @@ import numpy as np
 
 from dflash_local.errors import UserError
 
-INDEX, TOKENS, FEATURES = "index.json", "tokens.i32", "features.f16"
+INDEX, TOKENS, FEATURES, SCALES = "index.json", "tokens.i32", "features.e4m3", "scales.f32"
 # seconds between index rewrites: rewritten after every answer, it cost 43 ms per answer at 6,348 answers (dev CPU)
 SAVE_EVERY = 5.0
 
@@ -52,7 +55,7 @@ class Dataset:
         self.root = root
         self.meta = {"target": target.name, "target_bytes": target.stat().st_size,
                      "target_layers": list(target_layers), "n_embd": n_embd}
-        self.width = len(target_layers) * n_embd
+        self.n_extract, self.width = len(target_layers), len(target_layers) * n_embd
         self.sequences: list[Sequence] = []
         self._saved_at = time.monotonic()
         index = root / INDEX
@@ -66,11 +69,12 @@ class Dataset:
         root.mkdir(parents=True, exist_ok=True)
         with open(root / TOKENS, "ab") as f:
             f.truncate(self.n_rows * 4)
-        feature_rows = (root / FEATURES).stat().st_size // (2 * self.width) if (root / FEATURES).is_file() else 0
+        feature_rows = min(_size(root / name) // size for name, size in self._feature_files())
         ends = self._offsets()
         self.captured = int(np.searchsorted(ends, feature_rows, side="right")) - 1  # sequences with features
-        with open(root / FEATURES, "ab") as f:
-            f.truncate(int(ends[self.captured]) * 2 * self.width)
+        for name, size in self._feature_files():
+            with open(root / name, "ab") as f:
+                f.truncate(int(ends[self.captured]) * size)
 
     @property
     def n_rows(self) -> int:
@@ -80,9 +84,13 @@ class Dataset:
         """First row of each sequence, then the row count."""
         return np.cumsum([0] + [s.n_tokens for s in self.sequences])
 
+    def _feature_files(self) -> tuple[tuple[str, int], ...]:
+        """The feature files and their bytes per row."""
+        return (FEATURES, self.width), (SCALES, 4 * self.n_extract)
+
     @property
     def row_bytes(self) -> int:
-        return 4 + 2 * self.width
+        return 4 + sum(size for _, size in self._feature_files())
 
     @property
     def anchor_positions(self) -> int:
@@ -101,7 +109,7 @@ class Dataset:
 
     def save(self) -> None:
         """The rows appended so far onto the disk, then the index that counts them."""
-        for name in (TOKENS, FEATURES):
+        for name in (TOKENS, FEATURES, SCALES):
             fd = os.open(self.root / name, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -119,16 +127,18 @@ class Dataset:
         for i in range(first, len(self.sequences)):
             yield tokens[ends[i]:ends[i + 1]].tolist()
 
-    def append_features(self, features: np.ndarray) -> None:
-        """The features of the next sequence without them."""
+    def append_features(self, codes: np.ndarray, scales: np.ndarray) -> None:
+        """The features of the next sequence without them, as native.Capture.rows_e4m3 gives them."""
         n = self.sequences[self.captured].n_tokens
-        if features.shape != (n, self.width):
-            raise ValueError(f"features {features.shape} do not match {n} tokens x {self.width}")
-        _append(self.root / FEATURES, np.asarray(features, dtype=np.float16))
+        if codes.shape != (n, self.width) or scales.shape != (n, self.n_extract):
+            raise ValueError(f"features {codes.shape}, {scales.shape} do not match {n} tokens x {self.width}")
+        _append(self.root / FEATURES, np.asarray(codes, dtype=np.uint8))
+        _append(self.root / SCALES, np.asarray(scales, dtype=np.float32))
         self.captured += 1
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens [rows], features [rows, width] memory-mapped, first row of each sequence)."""
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens [rows], feature codes [rows, width] and scales [rows, n_extract] memory-mapped, first row of each
+        sequence)."""
         n = self.n_rows
         if n == 0:
             raise UserError(f"{self.root} holds no sequences")
@@ -137,8 +147,13 @@ class Dataset:
                             "(run dflash train on it again to capture them)")
         tokens = np.fromfile(self.root / TOKENS, dtype=np.int32, count=n)
         # copy-on-write: writable for torch.from_numpy, which warns on read-only arrays; the file is never changed
-        features = np.memmap(self.root / FEATURES, dtype=np.float16, mode="c", shape=(n, self.width))
-        return tokens, features, self._offsets()[:-1]
+        codes = np.memmap(self.root / FEATURES, dtype=np.uint8, mode="c", shape=(n, self.width))
+        scales = np.memmap(self.root / SCALES, dtype=np.float32, mode="c", shape=(n, self.n_extract))
+        return tokens, codes, scales, self._offsets()[:-1]
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
 
 
 def _append(path: Path, data: np.ndarray) -> None:

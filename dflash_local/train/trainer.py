@@ -116,15 +116,15 @@ class TrainReport:
 class Trainer:
     def __init__(self, drafter: Drafter, ds: Dataset, opts: TrainOptions, device: torch.device):
         self.drafter, self.opts, self.device = drafter, opts, device
-        self.tokens, features, starts = ds.arrays()
-        # on a GPU the whole feature array moves to it once (SmolLM2's 1M answer tokens: 8 GB), so a step gathers
+        self.tokens, codes, scales, starts = ds.arrays()
+        # on a GPU the whole feature array moves to it once (SmolLM2's 1M answer tokens: 4 GB), so a step gathers
         # its context there instead of reading the memory map on the host, which took most of a GPU step's time
-        self.features = torch.from_numpy(features)
+        self.codes, self.scales = torch.from_numpy(codes), torch.from_numpy(scales)
         if device.type != "cpu":
             try:
-                self.features = self.features.to(device)
+                self.codes, self.scales = self.codes.to(device), self.scales.to(device)
             except torch.OutOfMemoryError:  # a dataset larger than the GPU: steps read the host's copy
-                pass
+                self.codes, self.scales = torch.from_numpy(codes), torch.from_numpy(scales)
         # sequences with at least one anchor that has a label
         usable = [(int(r), s) for r, s in zip(starts, ds.sequences) if s.n_tokens - s.n_prompt >= 2]
         if not usable:
@@ -174,10 +174,11 @@ class Trainer:
             nxt = a[:, None] + np.arange(1, cfg.block_size)
             labels = np.where(nxt < n, tok[np.minimum(nxt, n - 1)], IGNORE).astype(np.int64)
             seqs.append((start, a, blk, labels))
-        features = torch.zeros(len(seqs), max(int(a[-1]) for _, a, _, _ in seqs), self.features.shape[1],
+        features = torch.zeros(len(seqs), max(int(a[-1]) for _, a, _, _ in seqs), self.codes.shape[1],
                                device=self.device)
         for i, (start, a, _, _) in enumerate(seqs):
-            features[i, :a[-1]] = self.features[start:start + a[-1]].to(self.device)
+            rows = slice(start, start + int(a[-1]))
+            features[i, :a[-1]] = decode_features(self.codes[rows].to(self.device), self.scales[rows].to(self.device))
         return Blocks(features, *(self._to_device(pad_stack([s[k] for s in seqs], fill))
                                   for k, fill in ((1, 0), (2, cfg.mask_token_id), (3, IGNORE))))
 
@@ -311,6 +312,12 @@ def decoding_tau(acc: list[int]) -> float:
     while a < len(acc):
         a, passes = a + acc[a] + 1, passes + 1
     return a / passes
+
+
+def decode_features(codes: Tensor, scales: Tensor) -> Tensor:
+    """float32 features [rows, width] from a Dataset's float8 e4m3 codes [rows, width] and scales [rows, n_extract]."""
+    values = codes.view(torch.float8_e4m3fn).float().unflatten(-1, (scales.shape[-1], -1))
+    return (values * scales[..., None]).flatten(-2)
 
 
 def pad_stack(arrays: list[np.ndarray], fill: float) -> np.ndarray:
