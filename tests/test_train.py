@@ -371,8 +371,10 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     result = _run_cli([*args, "--data-only"])
     assert result.returncode == 0, result.stdout
     assert "4 prompts to answer" in result.stdout and "4 sequences" in result.stdout and not out.exists()
+    (tmp_path / "d-data" / "features.f16").write_bytes(b"\0" * 1000)  # as an earlier version left it
     result = _run_cli([*args, "--steps", "3"])
     assert result.returncode == 0, result.stdout
+    assert "holds float16 features of an earlier version, no longer read" in " ".join(result.stdout.split())
     assert out.is_file() and out.with_suffix(".ckpt").is_file()
     assert "tau" in result.stdout and "0 prompts to answer (4 done" in result.stdout
     assert NativeDrafter(out, target).info.target_layers == (2,)  # auto for a 4-layer target

@@ -122,6 +122,10 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     tg = Target(target, dataclasses.replace(params, n_seq=parallel))
     try:
         ds = data.Dataset(data_dir, target, capture, info.n_embd)
+        legacy = data_dir / data.LEGACY_FEATURES
+        if legacy.is_file():
+            console.print(f"note: {legacy} holds float16 features of an earlier version, no longer read: they are "
+                          f"captured again in float8 (delete it to free {_size(legacy.stat().st_size)})", highlight=False)
         todo, skipped = answers.plan(tg, train_prompts, ds, max_new_tokens)
         n_requests = answers.requests_missing(ds, self_prompts)
         need = answers.max_rows(tg, todo, n_requests, max_new_tokens) * ds.row_bytes

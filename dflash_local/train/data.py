@@ -9,8 +9,8 @@ On disk, one folder:
   features.e4m3 float8 e4m3 codes [rows, n_extract * n_embd], row i = the position of token i, for the first
                 sequences: features are captured after the answers, in a second pass, so they may lag the tokens
   scales.f32    float32 [rows, n_extract]: a row's values at one layer are their codes' values times its scale
-                (native.Capture.rows_e4m3). Half the room of float16, which filled a lent GPU machine's disk, and
-                a drafter's held-out tau on such features equals its tau on float16 ones (bench/train/README.md)
+                (native.Capture.rows_e4m3). Half the room of float16, which filled a lent GPU machine's disk; the
+                shipped drafter's held-out tau on such features was 4.25, on float16 ones 4.23 (bench/train/README.md)
 Answers are appended and the index is rewritten every few seconds (SAVE_EVERY), so an interrupted run resumes
 about where it stopped; rows past the index, or past the last whole sequence of features (a write cut short),
 are dropped when the folder is opened again. index.json and tokens.i32 alone (a few MB) are enough to move a data
@@ -32,6 +32,8 @@ import numpy as np
 from dflash_local.errors import UserError
 
 INDEX, TOKENS, FEATURES, SCALES = "index.json", "tokens.i32", "features.e4m3", "scales.f32"
+# the float16 features of data sets written before 2ce42c0: no longer read, captured again in float8
+LEGACY_FEATURES = "features.f16"
 # seconds between index rewrites: rewritten after every answer, it cost 43 ms per answer at 6,348 answers (dev CPU)
 SAVE_EVERY = 5.0
 
