@@ -5,7 +5,8 @@ line that leaves the function's body. Shows which training prompts are continued
 
 SET is humaneval, stdlib:raw / stdlib:bare (the module's imports then the stub, or the stub alone after a blank
 line, as `dflash train --prompts stdlib` cuts them) or a prompt file; N the number of prompts, spread over the set.
-Every prompt is continued as raw text.
+Every prompt is continued as raw text. With `--drafter D.gguf` the continuations are DFlash's (greedy, every pass
+drafting the whole block, as `tau.py`: the same text) and each kind also gets its mean tau: where the drafter loses.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import collections
 import json
 from pathlib import Path
 
+import numpy as np
+
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -22,7 +25,8 @@ from rich.table import Table
 from dflash_local.bench.machine import git_commit, machine_info
 from dflash_local.bench.prompts import load_prompts
 from dflash_local.engine import Engine
-from dflash_local.target import Target, TargetParams
+from dflash_local.loader import open_models
+from dflash_local.target import TargetParams
 from dflash_local.train.prompts import training_prompts
 
 MODES = ("prose", "tests or examples", "more code", "body only")
@@ -59,26 +63,31 @@ def main() -> None:
     ap.add_argument("sets", nargs="+", help="SET:N")
     ap.add_argument("--tokens", type=int, default=48, help="tokens generated per prompt")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: its default)")
+    ap.add_argument("--drafter", type=Path, help="also the tau of this drafter by kind of continuation")
     ap.add_argument("--json", type=Path, help="also write the counts here")
     a = ap.parse_args()
-    engine = Engine(Target(a.target, TargetParams(n_ctx=4096, n_threads=a.threads)))
-    rows = {}
+    target, drafter = open_models(a.target, a.drafter, TargetParams(n_ctx=4096, n_threads=a.threads))
+    engine = Engine(target, drafter, adaptive=False)
+    rows, taus = {}, {}
     for s in a.sets:
         spec, n = s.rsplit(":", 1)
-        counts = collections.Counter()
+        by_mode = collections.defaultdict(list)  # the tau of each continuation (nan without a drafter)
         for text in track(stubs(spec, int(n)), description=spec):
-            gen = engine.generate(engine.target.tokenize(text), a.tokens)
-            counts[mode(engine.target.text(gen.tokens))] += 1
-        rows[s] = {m: counts[m] for m in MODES}
-    table = Table(title=f"what the target writes after a stub (greedy, {a.tokens} tokens)")
+            gen = engine.generate(target.tokenize(text), a.tokens)
+            by_mode[mode(target.text(gen.tokens))].append(gen.stats.tau if gen.stats.passes else float("nan"))
+        rows[s] = {m: len(by_mode[m]) for m in MODES}
+        taus[s] = {m: float(np.nanmean(by_mode[m])) if drafter and by_mode[m] else None for m in MODES}
+    engine_name = f"DFlash with {a.drafter.name}: count (tau)" if drafter else "greedy"
+    table = Table(title=f"what the target writes after a stub ({engine_name}, {a.tokens} tokens)")
     for col in ("prompts", *MODES):
         table.add_column(col)
     for s, counts in rows.items():
-        table.add_row(s, *(str(counts[m]) for m in MODES))
+        table.add_row(s, *(f"{counts[m]}" + ("" if taus[s][m] is None else f" ({taus[s][m]:.2f})") for m in MODES))
     Console().print(table)
     if a.json:
-        a.json.write_text(json.dumps({"target": str(a.target), "tokens": a.tokens, "machine": machine_info(),
-                                      "commit": git_commit(), "rows": rows}, indent=1))
+        a.json.write_text(json.dumps({"target": str(a.target), "drafter": a.drafter and str(a.drafter),
+                                      "tokens": a.tokens, "machine": machine_info(), "commit": git_commit(),
+                                      "rows": rows, "tau": taus if drafter else None}, indent=1))
 
 
 if __name__ == "__main__":
