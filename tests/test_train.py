@@ -294,10 +294,10 @@ def test_training_prompts_are_many_and_leave_the_benchmarks_out():
         training_prompts(["builtin", "humaneval"])
 
 
-def _trainer(target: Path, dataset: Dataset, block_size: int = 8) -> trainer.Trainer:
+def _trainer(target: Path, dataset: Dataset, block_size: int = 8, lr: float = 3e-3) -> trainer.Trainer:
     torch.manual_seed(0)
     cfg = trainer.drafter_config(target, 1, LAYERS, block_size)
-    opts = trainer.TrainOptions(steps=100, batch=2, anchors=8, lr=3e-3, seed=0)
+    opts = trainer.TrainOptions(steps=100, batch=2, anchors=8, lr=lr, seed=0)
     return trainer.Trainer(Drafter(cfg, *target_embeddings(target)), dataset, opts, torch.device("cpu"))
 
 
@@ -452,3 +452,10 @@ def test_held_out_sequences_pick_the_exported_weights(target, tmp_path):
     again.load(tmp_path / "d.ckpt")
     again.use_best()
     assert all(torch.equal(best[k], v) for k, v in again.drafter.state_dict().items())
+
+    # weights given to start from (dflash train --init) are a candidate too: when no step beats them, they stay
+    given = _trainer(target, ds, lr=0.0)
+    given.opts.steps, given.opts.checkpoint_every = 4, 2
+    with Progress(disable=True) as progress:
+        report = given.run(tmp_path / "given.ckpt", progress, given_weights=True)
+    assert report.best_step == 0 and report.held_out_tau == given.held_out_tau()

@@ -8,6 +8,7 @@ system's libnccl and torch its own copy; both in one process crash (seen on an H
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -173,7 +174,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
 
     trained = (f"{fit['steps']} steps (to step {step_no}), loss {fit['loss']:.3f}, tau~{fit['tau']:.2f}"
                if fit["steps"] else f"none: the checkpoint is at step {step_no}, --steps {steps}")
-    if fit["best_step"]:
+    if not math.isnan(fit["held_out_tau"]):  # held-out answers picked the weights
         trained += f"; exported: step {fit['best_step']}, held-out tau {fit['held_out_tau']:.2f}"
     table.add_row("training", trained, *_timing(fit["steps"], fit["seconds"], "steps/s"))
     if ev:
@@ -234,7 +235,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
                   "exported weights",
                   highlight=False)
     with _bar() as progress:
-        fit = tr.run(checkpoint, progress)
+        fit = tr.run(checkpoint, progress, given_weights=init is not None)
     tr.use_best()
     save_drafter_gguf(drafter, output, target, outtype, name=f"{target.stem} DFlash drafter")
     return dataclasses.asdict(fit), tr.step_no

@@ -274,9 +274,14 @@ class Trainer:
         self.best, self.best_tau = ck.get("best"), ck.get("best_tau", float("nan"))
         self.best_step = ck.get("best_step", 0)
 
-    def run(self, checkpoint: Path, progress: Progress) -> TrainReport:
-        """Steps until opts.steps, saving a checkpoint every opts.checkpoint_every steps and at the end."""
+    def run(self, checkpoint: Path, progress: Progress, given_weights: bool = False) -> TrainReport:
+        """Steps until opts.steps, saving a checkpoint every opts.checkpoint_every steps and at the end. given_weights:
+        the drafter starts from trained weights (dflash train --init), which are a candidate for the export too."""
         report = TrainReport()
+        if given_weights and self.step_no == 0 and self.held_out:
+            # training on from a drafter can make it worse on the held-out answers (bench/train/README.md)
+            progress.console.print(f"step 0 (the given weights): held-out tau {self.checkpoint(checkpoint):.2f}",
+                                   highlight=False)
         task = progress.add_task("training", total=self.opts.steps, completed=self.step_no)
         t0 = time.perf_counter()
         avg = None  # moving averages of loss and tau~ over ~20 steps (single batches are noisy), on the device
@@ -292,7 +297,7 @@ class Trainer:
                 if self.held_out:  # a line per checkpoint: the curve stays in the log
                     progress.console.print(f"step {self.step_no}: loss {report.loss:.3f}, held-out tau {held_tau:.2f}",
                                            highlight=False)
-            held_out = f", held-out tau {self.best_tau:.2f} at step {self.best_step}" if self.best_step else ""
+            held_out = f", held-out tau {self.best_tau:.2f} at step {self.best_step}" if self.best else ""
             progress.update(task, advance=1,
                             description=f"training (loss {report.loss:.3f}, tau~{report.tau:.2f}{held_out})")
         report.seconds = time.perf_counter() - t0
