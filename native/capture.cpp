@@ -105,7 +105,8 @@ int32_t dflash_capture_rows_e4m3(const dflash_capture * cap, uint8_t * out, floa
     }
     const int64_t n_embd = cap->n_embd;
     const int64_t n      = (int64_t) cap->n_rows * (int64_t) cap->node_layers.size();  // one scale each
-    // on several threads: on one, encoding took about as long as the GPU's capture of the same rows
+    // on several threads: one took 3.3 ns a value on the dev CPU: some 100 s for the 10.9 M positions that an H100
+    // captured in 228 s
     const int64_t            n_threads = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, 8);
     std::vector<std::thread> threads;
     for (int64_t t = 0; t < n_threads; ++t) {

@@ -111,7 +111,7 @@ class Dataset:
 
     def save(self) -> None:
         """The rows appended so far onto the disk, then the index that counts them."""
-        for name in (TOKENS, FEATURES, SCALES):
+        for name in (TOKENS, *(name for name, _ in self._feature_files())):
             fd = os.open(self.root / name, os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -123,8 +123,8 @@ class Trainer:
         if device.type != "cpu":
             try:
                 self.codes, self.scales = self.codes.to(device), self.scales.to(device)
-            except torch.OutOfMemoryError:  # a dataset larger than the GPU: steps read the host's copy
-                self.codes, self.scales = torch.from_numpy(codes), torch.from_numpy(scales)
+            except torch.OutOfMemoryError:  # a dataset larger than the GPU: steps read both host copies (neither
+                pass                        # is replaced unless both copies were made)
         # sequences with at least one anchor that has a label
         usable = [(int(r), s) for r, s in zip(starts, ds.sequences) if s.n_tokens - s.n_prompt >= 2]
         if not usable:
