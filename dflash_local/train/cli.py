@@ -217,7 +217,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     torch.manual_seed(seed)
     dev = torch.device(device)
     ds = data.Dataset(data_dir, target, capture, n_embd)
-    drafter = _initial_drafter(target, init, layers, capture, block_size).to(dev)
+    drafter = initial_drafter(target, init, layers, capture, block_size).to(dev)
     opts = trainer.TrainOptions(steps=steps, batch=batch, anchors=anchors, lr=lr, seed=seed,
                                 checkpoint_every=checkpoint_every)
     tr = trainer.Trainer(drafter, ds, opts, dev)
@@ -241,7 +241,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     return dataclasses.asdict(fit), tr.step_no
 
 
-def _initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple[int, ...],
+def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple[int, ...],
                      block_size: int) -> Drafter:
     """The drafter training starts from: random weights of the shape asked for, or init's."""
     import dataclasses
@@ -265,8 +265,8 @@ def _initial_drafter(target: Path, init: Path | None, layers: int, capture: tupl
 
 
 def _check_init(target: Path, init: Path, layers: int, capture: tuple[int, ...], block_size: int) -> None:
-    """_initial_drafter's checks, before the data phase: a Drafter itself would bring torch into the parent."""
-    _initial_drafter(target, init, layers, capture, block_size)
+    """initial_drafter's checks, before the data phase: a Drafter itself would bring torch into the parent."""
+    initial_drafter(target, init, layers, capture, block_size)
 
 
 def _bar() -> Progress:

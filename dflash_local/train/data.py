@@ -138,20 +138,24 @@ class Dataset:
         _append(self.root / SCALES, np.asarray(scales, dtype=np.float32))
         self.captured += 1
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens [rows], feature codes [rows, width] and scales [rows, n_extract] memory-mapped, first row of each
-        sequence)."""
+    def token_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [rows], first row of each sequence)."""
         n = self.n_rows
         if n == 0:
             raise UserError(f"{self.root} holds no sequences")
+        return np.fromfile(self.root / TOKENS, dtype=np.int32, count=n), self._offsets()[:-1]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens [rows], feature codes [rows, width] and scales [rows, n_extract] memory-mapped, first row of each
+        sequence)."""
+        tokens, starts = self.token_arrays()
         if self.captured < len(self.sequences):
             raise UserError(f"{self.root}: {len(self.sequences) - self.captured} sequences have no features yet "
                             "(run dflash train on it again to capture them)")
-        tokens = np.fromfile(self.root / TOKENS, dtype=np.int32, count=n)
         # copy-on-write: writable for torch.from_numpy, which warns on read-only arrays; the file is never changed
-        codes = np.memmap(self.root / FEATURES, dtype=np.uint8, mode="c", shape=(n, self.width))
-        scales = np.memmap(self.root / SCALES, dtype=np.float32, mode="c", shape=(n, self.n_extract))
-        return tokens, codes, scales, self._offsets()[:-1]
+        codes = np.memmap(self.root / FEATURES, dtype=np.uint8, mode="c", shape=(len(tokens), self.width))
+        scales = np.memmap(self.root / SCALES, dtype=np.float32, mode="c", shape=(len(tokens), self.n_extract))
+        return tokens, codes, scales, starts
 
 
 def _size(path: Path) -> int:

@@ -114,13 +114,19 @@ class TrainReport:
 
 
 class Trainer:
-    def __init__(self, drafter: Drafter, ds: Dataset, opts: TrainOptions, device: torch.device):
+    def __init__(self, drafter: Drafter, ds: Dataset, opts: TrainOptions, device: torch.device,
+                 features: tuple[Tensor, Tensor] | None = None):
+        """features: the codes and scales of ds's rows, as Dataset.arrays gives them, when they come from elsewhere
+        than ds's files (bench/train/gpu_train.py computes them with the target in torch)."""
         self.drafter, self.opts, self.device = drafter, opts, device
-        self.tokens, codes, scales, starts = ds.arrays()
+        if features is None:
+            self.tokens, codes, scales, starts = ds.arrays()
+            self.codes, self.scales = torch.from_numpy(codes), torch.from_numpy(scales)
+        else:
+            (self.tokens, starts), (self.codes, self.scales) = ds.token_arrays(), features
         # on a GPU the whole feature array moves to it once (SmolLM2's 1M answer tokens: 4 GB), so a step gathers
         # its context there instead of reading the memory map on the host, which took most of a GPU step's time
-        self.codes, self.scales = torch.from_numpy(codes), torch.from_numpy(scales)
-        if device.type != "cpu":
+        if device.type != "cpu" and self.codes.device != device:
             try:
                 self.codes, self.scales = self.codes.to(device), self.scales.to(device)
             except torch.OutOfMemoryError:  # a dataset larger than the GPU: steps read both host copies (neither
@@ -174,11 +180,12 @@ class Trainer:
             nxt = a[:, None] + np.arange(1, cfg.block_size)
             labels = np.where(nxt < n, tok[np.minimum(nxt, n - 1)], IGNORE).astype(np.int64)
             seqs.append((start, a, blk, labels))
-        features = torch.zeros(len(seqs), max(int(a[-1]) for _, a, _, _ in seqs), self.codes.shape[1],
-                               device=self.device)
-        for i, (start, a, _, _) in enumerate(seqs):
-            rows = slice(start, start + int(a[-1]))
-            features[i, :a[-1]] = decode_features(self.codes[rows].to(self.device), self.scales[rows].to(self.device))
+        # one gather of every sequence's context rows (the rows past a sequence's last anchor repeat its last one:
+        # padding, never seen, but finite), rather than a few small kernels per sequence
+        n_ctx = max(int(a[-1]) for _, a, _, _ in seqs)
+        rows = np.stack([start + np.minimum(np.arange(n_ctx), int(a[-1]) - 1) for start, a, _, _ in seqs])
+        rows_t = torch.from_numpy(rows).to(self.codes.device)
+        features = decode_features(self.codes[rows_t].to(self.device), self.scales[rows_t].to(self.device))
         return Blocks(features, *(self._to_device(pad_stack([s[k] for s in seqs], fill))
                                   for k, fill in ((1, 0), (2, cfg.mask_token_id), (3, IGNORE))))
 

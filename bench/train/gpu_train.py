@@ -1,0 +1,171 @@
+"""`dflash train` on a GPU machine where llama.cpp is built for the CPU only (a CUDA build took 339 s of the lent
+H100's 30 minutes): the target runs in torch (bench/train/torch_target.py, `llama` arch) to answer the prompts and to
+compute the features, which stay in GPU memory (nothing written but the answers' tokens); llama.cpp only tokenizes.
+Then the same Trainer as `dflash train`, for as many steps as fit before --deadline, and the export.
+
+    python bench/train/gpu_train.py TARGET.gguf -o DRAFTER.gguf --data-dir DIR [--prompts FILE ...]
+        [--max-answers N] [--answer-seconds S] [--max-new-tokens 160] [--layers 6] [--batch 32] [--anchors 32]
+        [--lr 1e-3] [--init D.gguf] (--steps N | --deadline UNIX_TIME) [--checkpoint-every 1000] [--outtype q8_0]
+
+DIR may hold sequences already (index.json and tokens.i32 of earlier runs): they are trained on too. The prompts are
+answered in order, --answer-batch at a time, until --max-answers or --answer-seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+importlib.import_module("llama_cpp")  # before gguf's imports: dflash_local.train.cli says why
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from dflash_local.convert.gguf_io import save_drafter_gguf
+from dflash_local.convert.gguf_target import read_target
+from dflash_local.target import Target, TargetParams
+from dflash_local.train import answers, trainer
+from dflash_local.train.cli import initial_drafter
+from dflash_local.train.data import Dataset
+from dflash_local.train.prompts import training_prompts
+from dflash_local.train.target_layers import parse_target_layers
+from torch_target import TorchTarget
+
+FEATURE_TOKENS = 1 << 16  # padded tokens per batch of the feature pass
+ANSWER_TOKENS = 1 << 19  # KV cache slots (prompt + answer) per batch of answers: 12 GB for SmolLM2 in float32
+PROBE_STEPS = 300  # steps that measure the rate before the schedule is set to end at the deadline
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target", type=Path)
+    ap.add_argument("-o", "--output", type=Path, required=True)
+    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--prompts", action="append", default=[])
+    ap.add_argument("--max-answers", type=int, default=0)
+    ap.add_argument("--answer-seconds", type=float, default=0.0)
+    ap.add_argument("--answer-batch", type=int, default=512)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--target-layers", default="auto")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--anchors", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--deadline", type=float, help="unix time by which training ends")
+    ap.add_argument("--checkpoint-every", type=int, default=1000)
+    ap.add_argument("--outtype", default="q8_0")
+    ap.add_argument("--device", default="cuda", help="cpu: to try it on a small data set")
+    a = ap.parse_args()
+    if (a.steps is None) == (a.deadline is None):
+        ap.error("give --steps or --deadline")
+    console, dev = Console(), torch.device(a.device)
+    info = read_target(a.target)
+    layers = parse_target_layers(a.target_layers, info.n_layer)
+    ds = Dataset(a.data_dir, a.target, layers, info.n_embd)
+    tt = TorchTarget(a.target, dev)
+
+    if a.prompts and a.max_answers:
+        t0 = time.perf_counter()
+        tg = Target(a.target, TargetParams(n_ctx=answers.context_size(info.n_ctx, a.max_new_tokens)))
+        todo, skipped = answers.plan(tg, training_prompts(a.prompts), ds, a.max_new_tokens)
+        eog = [t for t in range(tg.n_vocab) if tg.is_eog(t)]
+        tg.close()
+        todo = todo[:a.max_answers]
+        console.print(f"{len(todo)} prompts to answer ({skipped} too long), tokenized in "
+                      f"{time.perf_counter() - t0:.0f} s", highlight=False)
+        answer(tt, todo, ds, a, eog)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the features: TF32 errs far less than their float8 storage
+    t0 = time.perf_counter()
+    codes, scales = features(tt, ds, layers)
+    del tt
+    torch.cuda.empty_cache()
+    console.print(f"features of {len(ds.sequences)} sequences, {ds.n_rows} positions ({codes.numel() / 1e9:.1f} GB "
+                  f"float8) in {time.perf_counter() - t0:.0f} s", highlight=False)
+    train(a, ds, layers, (codes, scales), console)
+
+
+def answer(tt: TorchTarget, todo: list[answers.Todo], ds: Dataset, a: argparse.Namespace, eog: list[int]) -> None:
+    """The target's greedy answers to todo, in order, up to a.answer_batch prompts and ANSWER_TOKENS of KV cache at a
+    time (sorted by length within runs of 4 batches: less padding), each stored at once; until a.answer_seconds."""
+    t0, n_tokens = time.perf_counter(), 0
+    with Progress() as progress:
+        task = progress.add_task("torch target answers", total=len(todo))
+        for i in range(0, len(todo), 4 * a.answer_batch):
+            run = sorted(todo[i:i + 4 * a.answer_batch], key=lambda t: len(t.prompt))
+            while run and not (a.answer_seconds and time.perf_counter() - t0 > a.answer_seconds):
+                n = 1
+                while n < min(len(run), a.answer_batch) and \
+                        (n + 1) * (len(run[n].prompt) + a.max_new_tokens) <= ANSWER_TOKENS:
+                    n += 1
+                batch, run = run[:n], run[n:]
+                for item, ans in zip(batch, tt.answer([t.prompt for t in batch], a.max_new_tokens, eog)):
+                    ds.append(item.key, item.group, item.prompt + ans, len(item.prompt))
+                    n_tokens += len(ans)
+                progress.update(task, advance=len(batch), description=f"torch target answers ({n_tokens} tokens, "
+                                f"{n_tokens / (time.perf_counter() - t0):.0f} tok/s)")
+    ds.save()
+
+
+def features(tt: TorchTarget, ds: Dataset, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of every row of ds, on the GPU: sequences sorted by length into batches of about
+    FEATURE_TOKENS padded tokens."""
+    tokens, starts = ds.token_arrays()
+    lengths = np.array([s.n_tokens for s in ds.sequences])
+    codes = torch.empty(len(tokens), ds.width, dtype=torch.uint8, device=tt.device)
+    scales = torch.empty(len(tokens), ds.n_extract, device=tt.device)
+    order = np.argsort(-lengths, kind="stable")
+    with Progress() as progress:
+        task = progress.add_task("torch target features", total=len(order))
+        i = 0
+        while i < len(order):
+            n = max(1, FEATURE_TOKENS // int(lengths[order[i]]))
+            batch = order[i:i + n]
+            c, s = tt.features([tokens[starts[k]:starts[k] + lengths[k]] for k in batch], layers)
+            rows = torch.from_numpy(np.concatenate([np.arange(starts[k], starts[k] + lengths[k]) for k in batch]))
+            codes[rows.to(tt.device)], scales[rows.to(tt.device)] = c, s
+            i += len(batch)
+            progress.update(task, advance=len(batch))
+    return codes, scales
+
+
+def train(a: argparse.Namespace, ds: Dataset, layers: tuple[int, ...], feats: tuple[torch.Tensor, torch.Tensor],
+          console: Console) -> None:
+    torch.manual_seed(a.seed)
+    dev = torch.device(a.device)
+    drafter = initial_drafter(a.target, a.init, a.layers, layers, a.block_size).to(dev)
+    opts = trainer.TrainOptions(steps=a.steps or 100_000, batch=a.batch, anchors=a.anchors, lr=a.lr, seed=a.seed,
+                                checkpoint_every=a.checkpoint_every)
+    tr = trainer.Trainer(drafter, ds, opts, dev, features=feats)
+    console.print(f"training: {len(tr.seqs)} sequences ({len(tr.held_out)} held out), {ds.anchor_positions} answer "
+                  "positions", highlight=False)
+    checkpoint = a.output.with_suffix(".ckpt")
+    given = a.init is not None  # the given weights are a candidate for the export too
+    with Progress(console=console) as progress:
+        if a.deadline:  # the rate of PROBE_STEPS steps sets the schedule's length (the warmup is longer than them)
+            if given:  # Trainer.run measures them at step 0 only
+                console.print(f"step 0 (the given weights): held-out tau {tr.checkpoint(checkpoint):.2f}")
+                given = False
+            t0 = time.perf_counter()
+            for _ in range(PROBE_STEPS):
+                loss, _ = tr.step(tr.sample())
+            loss.item()
+            rate = PROBE_STEPS / (time.perf_counter() - t0)
+            opts.steps = PROBE_STEPS + int(0.97 * rate * (a.deadline - time.time()))
+            console.print(f"{rate:.1f} steps/s: {opts.steps} steps", highlight=False)
+        fit = tr.run(checkpoint, progress, given_weights=given)
+    console.print(f"{fit.steps} steps in {fit.seconds:.0f} s ({fit.steps / fit.seconds:.1f} steps/s), loss "
+                  f"{fit.loss:.3f}; exported step {fit.best_step}, held-out tau {fit.held_out_tau:.2f}",
+                  highlight=False)
+    tr.use_best()
+    save_drafter_gguf(drafter, a.output, a.target, a.outtype, name=f"{a.target.stem} DFlash drafter")
+
+
+if __name__ == "__main__":
+    main()

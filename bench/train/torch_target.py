@@ -1,0 +1,137 @@
+"""A `llama`-arch GGUF target (SmolLM2) in torch, for training data on a GPU where llama.cpp has no CUDA build
+(bench/train/gpu_train.py): the target's greedy answers to many prompts at once with a KV cache, and its hidden states
+at the drafter's layers as the float8 codes and scales that native.Capture.rows_e4m3 gives.
+
+The weights are the GGUF's, dequantized. RoPE turns adjacent pairs, as llama.cpp's NORM mode does on the converter's
+permuted Q/K (tests/target_reference.py undoes the permutation instead). How close this comes to llama.cpp's
+answers and features: bench/train/README.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf.quants import dequantize
+from torch import Tensor
+
+E4M3_MAX = 448.0
+
+
+class TorchTarget:
+    def __init__(self, path: Path, device: torch.device):
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        if arch != "llama":
+            raise ValueError(f"the torch target runs arch llama only, not {arch}")
+        kv = {k.removeprefix("llama."): f.contents() for k, f in reader.fields.items() if k.startswith("llama.")}
+        self.n_layer, self.n_embd = kv["block_count"], kv["embedding_length"]
+        self.n_head, self.n_head_kv = kv["attention.head_count"], kv["attention.head_count_kv"]
+        self.head_dim = kv.get("attention.key_length", self.n_embd // self.n_head)
+        self.eps = kv["attention.layer_norm_rms_epsilon"]
+        self.w = {t.name: torch.from_numpy(dequantize(t.data, t.tensor_type).astype(np.float32)).to(device)
+                  for t in reader.tensors}
+        self.w.setdefault("output.weight", self.w["token_embd.weight"])  # tied embeddings
+        self.device = device
+        pairs = torch.arange(self.head_dim // 2, dtype=torch.float64, device=device)
+        self.inv_freq = kv.get("rope.freq_base", 10000.0) ** (-2 * pairs / self.head_dim)
+
+    def _rope(self, x: Tensor, pos: Tensor) -> Tensor:
+        """x [S, H, T, D] at positions pos [S, T]: each adjacent pair (2i, 2i+1) turned by pos * inv_freq[i]."""
+        angle = (pos[:, None, :, None] * self.inv_freq).to(x.dtype)
+        cos, sin = angle.cos(), angle.sin()
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)
+
+    def _attention(self, il: int, x: Tensor, pos: Tensor, cache: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+        """Self-attention of layer il over x [S, T, n_embd]. Without cache, or with T > 1 (a prompt from position 0,
+        whose keys go to the cache), whole sequences from position 0, padded at the end: causal is all it takes. With
+        T == 1, one new token per sequence at pos [S, 1], against the cache up to it."""
+        s, t, _ = x.shape
+        p = f"blk.{il}."
+
+        def heads(name: str, n: int) -> Tensor:
+            return (x @ self.w[p + name].T).view(s, t, n, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads("attn_q.weight", self.n_head), heads("attn_k.weight", self.n_head_kv), heads(
+            "attn_v.weight", self.n_head_kv)
+        q, k = self._rope(q, pos), self._rope(k, pos)
+        group = self.n_head // self.n_head_kv  # query head h reads key/value head h // group
+        if t > 1 or cache is None:
+            if cache is not None:
+                cache[il][0][:, :, :t], cache[il][1][:, :, :t] = k, v
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            keys, values = cache[il]
+            rows = torch.arange(s, device=x.device)
+            keys[rows, :, pos[:, 0]], values[rows, :, pos[:, 0]] = k[:, :, 0], v[:, :, 0]
+            seen = (torch.arange(keys.shape[2], device=x.device) <= pos)[:, None, None, :]
+            out = F.scaled_dot_product_attention(q.view(s, self.n_head_kv, group, self.head_dim), keys, values,
+                                                 attn_mask=seen)
+        return out.reshape(s, self.n_head, t, self.head_dim).transpose(1, 2).reshape(s, t, -1)
+
+    def run(self, tokens: Tensor, pos: Tensor, cache: list[tuple[Tensor, Tensor]] | None = None,
+            keep: tuple[int, ...] = ()) -> tuple[Tensor, list[Tensor]]:
+        """The last layer's output [S, T, n_embd] for tokens [S, T] at pos [S, T], and the hidden states of GGUF
+        layers keep (llama.cpp's l_out-(L-1): the residual stream after layer L-1)."""
+        w, h, states = self.w, self.w["token_embd.weight"][tokens], []
+        for il in range(self.n_layer):
+            p = f"blk.{il}."
+            x = F.rms_norm(h, (self.n_embd,), w[p + "attn_norm.weight"], self.eps)
+            h = h + self._attention(il, x, pos, cache) @ w[p + "attn_output.weight"].T
+            x = F.rms_norm(h, (self.n_embd,), w[p + "ffn_norm.weight"], self.eps)
+            h = h + (F.silu(x @ w[p + "ffn_gate.weight"].T) * (x @ w[p + "ffn_up.weight"].T)) @ w[
+                p + "ffn_down.weight"].T
+            if il + 1 in keep:
+                states.append(h)
+        return h, states
+
+    def _next(self, h: Tensor) -> Tensor:
+        """Greedy tokens after last-layer outputs h [S, n_embd]."""
+        return (F.rms_norm(h, (self.n_embd,), self.w["output_norm.weight"], self.eps) @ self.w["output.weight"].T
+                ).argmax(-1)
+
+    @torch.no_grad()
+    def answer(self, prompts: list[list[int]], max_new_tokens: int, eog: list[int]) -> list[list[int]]:
+        """Greedy answers to prompts, all in one batch, each until an end-of-generation token (left off) or
+        max_new_tokens, as dflash_local.train.answers.answer writes them."""
+        n = torch.tensor([len(p) for p in prompts], device=self.device)
+        tokens = torch.zeros(len(prompts), int(n.max()), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p)
+        cache = [tuple(torch.zeros(len(prompts), self.n_head_kv, tokens.shape[1] + max_new_tokens, self.head_dim,
+                                   device=self.device) for _ in range(2)) for _ in range(self.n_layer)]
+        pos = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        h, _ = self.run(tokens, pos, cache)
+        out = [self._next(h[torch.arange(len(prompts)), n - 1])]
+        eog_t = torch.tensor(eog, device=self.device)
+        for i in range(1, max_new_tokens):
+            if i % 16 == 0 and torch.isin(torch.stack(out), eog_t).any(0).all():  # reading waits for the GPU
+                break
+            h, _ = self.run(out[-1][:, None], (n + i - 1)[:, None], cache)
+            out.append(self._next(h[:, 0]))
+        answers = []
+        for row in torch.stack(out, 1).tolist():
+            ends = [j for j, t in enumerate(row) if t in eog]
+            answers.append(row[:ends[0]] if ends else row)
+        return answers
+
+    @torch.no_grad()
+    def features(self, sequences: list[np.ndarray], layers: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Codes [rows, len(layers) * n_embd] (uint8: float8 e4m3) and scales [rows, len(layers)] of the sequences'
+        hidden states at GGUF layers, rows back to back, as native.Capture.rows_e4m3 gives them, in one batch."""
+        n = max(len(s) for s in sequences)
+        tokens = torch.zeros(len(sequences), n, dtype=torch.long, device=self.device)
+        for i, s in enumerate(sequences):
+            tokens[i, :len(s)] = torch.from_numpy(s.astype(np.int64))
+        _, states = self.run(tokens, torch.arange(n, device=self.device).expand_as(tokens), keep=layers)
+        x = torch.stack(states, 2)  # [S, T, layers, n_embd]
+        x = torch.cat([x[i, :len(s)] for i, s in enumerate(sequences)])
+        scale = x.abs().amax(-1) / E4M3_MAX
+        scale = torch.where(scale > 0, scale, 1.0)
+        codes = (x / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        return codes.flatten(1), scale
