@@ -3,8 +3,8 @@
 # dflash-local against it, build upstream llama.cpp's llama-speculative-simple with CUDA, then run the
 # native micro-benchmark and `dflash bench` without and with the upstream comparison.
 #
-#   bench/gpu/run.sh [STEP ...]   steps: deps lcp dflash upstream models data train native bench compare
-#                                 (default: all of them but train, in that order)
+#   bench/gpu/run.sh [STEP ...]   steps: deps lcp dflash upstream models data train torchtrain native bench compare
+#                                 (default: all of them but train and torchtrain, in that order)
 #
 # Every step can be rerun; the builds keep their trees under $BUILD, so a build cut off by a time limit
 # resumes where it stopped. Offline: put the bundle of bench/gpu/make_bundle.sh in $BUNDLE.
@@ -140,6 +140,27 @@ print(s.submodule_search_locations[0] if s and s.submodule_search_locations else
         --max-prompts 40000 --self-prompts 4000 --parallel 256 --layers 6 --batch 32 --anchors 32 --lr 1e-3 \
         --epochs 2 --outtype q8_0 --eval none \
         --checkpoint-every 200 ${TRAIN_ARGS:-}
+}
+
+step_torchtrain() {
+    # the drafter without a CUDA llama.cpp (bench/train/README.md, "Without a CUDA llama.cpp"): the target in torch
+    # answers TODO's prompts (gpu_train.py --tokenize-to, run where llama.cpp works; none: no new answers) and computes
+    # the features of all the answers in $BUILD/data, then training for STEPS or until DEADLINE (unix time) from the
+    # shipped drafter's shape; TRAIN_ARGS adds to (and may override) the flags of the eleventh session's run
+    local target
+    target=${TARGET:-$(find "$BUILD/models" -name '*.gguf' ! -name '*dflash*' 2>/dev/null | sort | head -1)}
+    [ -f "$target" ] || { echo "set TARGET or run the models step first" >&2; exit 1; }
+    # a copy of the source runs, no install: the lent machines' copy of the tree leaves out git's symlinks
+    # (dflash_local/convert), and each call's copy replaces the tree while a run started by an earlier one goes on
+    local src="$BUILD/src"
+    rm -rf "$src" && mkdir -p "$src/bench" && cp -rL dflash_local "$src/" && cp -r bench/train "$src/bench/"
+    [ -e "$src/dflash_local/convert" ] || cp -r convert "$src/dflash_local/convert"
+    log "bench/train/gpu_train.py $target"
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
+    PYTHONPATH="$src" "$PY" "$src/bench/train/gpu_train.py" "$target" -o "$BUILD/models/$(basename "$target" .gguf)-dflash.gguf" \
+        --data-dir "$BUILD/data" ${TODO:+--todo "$TODO" --answer-seconds 100} --max-new-tokens 160 --layers 6 \
+        --batch 32 --anchors 32 --lr 1e-3 ${STEPS:+--steps "$STEPS"} ${DEADLINE:+--deadline "$DEADLINE"} \
+        --checkpoint-every 1000 --outtype q8_0 ${TRAIN_ARGS:-}
 }
 
 locate_models() {
