@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from dflash_local.convert.gguf_target import TargetInfo
     from dflash_local.train.data import Dataset
+    from dflash_local.train.trainer import Trainer
 
 FEATURE_TOKENS = 1 << 16  # padded tokens per batch of the feature pass
 ANSWER_TOKENS = 1 << 19  # KV cache slots (prompt + answer) per batch of answers: 24 GB for SmolLM2 in float32
@@ -177,8 +178,19 @@ def features(tt: TorchTarget, ds: Dataset, layers: tuple[int, ...]) -> tuple[tor
     return codes, scales
 
 
+def timed_steps(tr: Trainer, n: int) -> float:
+    """Seconds of n training steps, waiting for the GPU at the end."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        loss, _ = tr.step(tr.sample())
+    loss.item()
+    return time.perf_counter() - t0
+
+
 def train(a: argparse.Namespace, ds: Dataset, layers: tuple[int, ...], feats: tuple[torch.Tensor, torch.Tensor],
           console: Console) -> None:
+    """Training from a.init or random weights, for a.steps or until a.deadline, then the export of the weights of the
+    best held-out tau."""
     import torch
 
     from dflash_local.convert.gguf_io import save_drafter_gguf
@@ -200,15 +212,8 @@ def train(a: argparse.Namespace, ds: Dataset, layers: tuple[int, ...], feats: tu
             if given:  # Trainer.run measures them at step 0 only
                 console.print(f"step 0 (the given weights): held-out tau {tr.checkpoint(checkpoint):.2f}")
                 given = False
-            def timed(n: int) -> float:  # seconds of n steps, waiting for the GPU at the end
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    loss, _ = tr.step(tr.sample())
-                loss.item()
-                return time.perf_counter() - t0
-
-            timed(PROBE_STEPS // 3)  # the first steps are slower (H100: 7.2 steps/s over all 300, 14.0 after)
-            rate = (PROBE_STEPS - PROBE_STEPS // 3) / timed(PROBE_STEPS - PROBE_STEPS // 3)
+            timed_steps(tr, PROBE_STEPS // 3)  # the first steps are slower (H100: 7.2 steps/s over all 300, 14.0 after)
+            rate = (PROBE_STEPS - PROBE_STEPS // 3) / timed_steps(tr, PROBE_STEPS - PROBE_STEPS // 3)
             opts.steps = PROBE_STEPS + int(0.97 * rate * (a.deadline - time.time()))
             console.print(f"{rate:.1f} steps/s: {opts.steps} steps", highlight=False)
         fit = tr.run(checkpoint, progress, given_weights=given)

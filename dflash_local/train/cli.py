@@ -242,7 +242,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
 
 
 def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple[int, ...],
-                     block_size: int) -> Drafter:
+                    block_size: int) -> Drafter:
     """The drafter training starts from: random weights of the shape asked for, or init's."""
     import dataclasses
 

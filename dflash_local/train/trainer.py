@@ -126,7 +126,7 @@ class Trainer:
             (self.tokens, starts), (self.codes, self.scales) = ds.token_arrays(), features
         # on a GPU the whole feature array moves to it once (SmolLM2's 1M answer tokens: 4 GB), so a step gathers
         # its context there instead of reading the memory map on the host, which took most of a GPU step's time
-        if device.type != "cpu" and self.codes.device != device:
+        if device.type != "cpu" and self.codes.device.type != device.type:
             try:
                 self.codes, self.scales = self.codes.to(device), self.scales.to(device)
             except torch.OutOfMemoryError:  # a dataset larger than the GPU: steps read both host copies (neither
