@@ -172,7 +172,8 @@ def features(tt: TorchTarget, ds: Dataset, layers: tuple[int, ...]) -> tuple[tor
             batch = order[i:i + n]
             c, s = tt.features([tokens[starts[k]:starts[k] + lengths[k]] for k in batch], layers)
             rows = torch.from_numpy(np.concatenate([np.arange(starts[k], starts[k] + lengths[k]) for k in batch]))
-            codes[rows.to(tt.device)], scales[rows.to(tt.device)] = c, s
+            rows = rows.to(tt.device)
+            codes[rows], scales[rows] = c, s
             i += len(batch)
             progress.update(task, advance=len(batch))
     return codes, scales

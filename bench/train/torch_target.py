@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gguf.quants import dequantize
 from torch import Tensor
 
-E4M3_MAX = 448.0
+from dflash_local.train.trainer import encode_features
 
 
 class TorchTarget:
@@ -130,8 +130,4 @@ class TorchTarget:
             tokens[i, :len(s)] = torch.from_numpy(s.astype(np.int64))
         _, states = self.run(tokens, torch.arange(n, device=self.device).expand_as(tokens), keep=layers)
         x = torch.stack(states, 2)  # [S, T, layers, n_embd]
-        x = torch.cat([x[i, :len(s)] for i, s in enumerate(sequences)])
-        scale = x.abs().amax(-1) / E4M3_MAX
-        scale = torch.where(scale > 0, scale, 1.0)
-        codes = (x / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-        return codes.flatten(1), scale
+        return encode_features(torch.cat([x[i, :len(s)] for i, s in enumerate(sequences)]))

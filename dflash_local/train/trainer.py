@@ -37,6 +37,7 @@ WALK_SEQS = 32
 WALK_TOKENS = 128
 # steps between readings of the moving averages for the progress bar: each reading waits for the GPU
 SHOW_EVERY = 25
+E4M3_MAX = 448.0  # float8 e4m3's largest finite value
 
 
 def held_out_groups(sequences: list[Sequence]) -> set[str]:
@@ -324,6 +325,16 @@ def decoding_tau(acc: list[int]) -> float:
     while a < len(acc):
         a, passes = a + acc[a] + 1, passes + 1
     return a / passes
+
+
+def encode_features(x: Tensor) -> tuple[Tensor, Tensor]:
+    """A Dataset's float8 e4m3 codes [rows, width] (uint8) and scales [rows, n_extract] of features x [rows,
+    n_extract, n_embd], as native.Capture.rows_e4m3 gives them: each layer's values over their largest magnitude /
+    E4M3_MAX (1 when all are 0), rounded to nearest even."""
+    scale = x.abs().amax(-1) / E4M3_MAX
+    scale = torch.where(scale > 0, scale, 1.0)
+    codes = (x / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    return codes.flatten(-2), scale
 
 
 def decode_features(codes: Tensor, scales: Tensor) -> Tensor:
