@@ -36,14 +36,30 @@ class DrafterConfig:
         return len(self.target_layers)
 
 
-def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """NeoX RoPE (rotate-half, full head) of x [..., n_tok, n_head, head_dim] at positions pos [..., n_tok]."""
-    d = x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
-    ang = pos.to(torch.float64)[..., None, None] * inv_freq  # float64: exact angles at long positions
-    cos, sin = (torch.cat([f, f], -1).to(x.dtype) for f in (ang.cos(), ang.sin()))
+Rope = tuple[Tensor, Tensor]  # cos and sin [..., n_tok, 1, head_dim] of rope_tables
+
+
+def rope_tables(pos: Tensor, head_dim: int, base: float) -> Rope:
+    """NeoX RoPE's cos and sin at positions pos [..., n_tok], in float64 (exact angles at long positions): computed
+    once per forward pass, for every layer."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=pos.device) / head_dim)
+    ang = pos.to(torch.float64)[..., None, None] * inv_freq
+    return torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+
+def rope(x: Tensor, tables: Rope) -> Tensor:
+    """NeoX RoPE (rotate-half, full head) of x [..., n_tok, n_head, head_dim] by rope_tables of its positions."""
+    cos, sin = (t.to(x.dtype) for t in tables)
     x1, x2 = x.chunk(2, -1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its weight in the input's dtype: under autocast (bfloat16 input, float32 weight) torch's fused
+    kernel takes only matching dtypes, and its composite fallback costs a training step a few kernels per norm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 class Attention(nn.Module):
@@ -55,21 +71,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(e, kv, bias=False)
         self.v_proj = nn.Linear(e, kv, bias=False)
         self.o_proj = nn.Linear(q, e, bias=False)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps)
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_eps)
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_eps)
 
-    def kv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Roped keys and values [..., n_tok, n_head_kv, head_dim] of x [..., n_tok, n_embd] at pos [..., n_tok]."""
+    def kv(self, x: Tensor, pos: Rope) -> tuple[Tensor, Tensor]:
+        """Roped keys and values [..., n_tok, n_head_kv, head_dim] of x [..., n_tok, n_embd] at pos (rope_tables)."""
         shape = (*x.shape[:-1], self.cfg.n_head_kv, self.cfg.head_dim)
-        k = rope(self.k_norm(self.k_proj(x).view(shape)), pos, self.cfg.rope_base)
+        k = rope(self.k_norm(self.k_proj(x).view(shape)), pos)
         return k, self.v_proj(x).view(shape)
 
-    def forward(self, x: Tensor, pos: Tensor, k_ctx: Tensor, v_ctx: Tensor, visible: Tensor) -> Tensor:
-        """For each of S sequences, blocks x [S, N, B, n_embd] at pos [S, N, B] attend to the sequence's context
+    def forward(self, x: Tensor, pos: Rope, k_ctx: Tensor, v_ctx: Tensor, visible: Tensor) -> Tensor:
+        """For each of S sequences, blocks x [S, N, B, n_embd] at pos (rope_tables of [S, N, B]) attend to the sequence's context
         K/V [S, T, n_head_kv, head_dim] and to its blocks where visible [S, N * B, T + N * B] is true."""
         c = self.cfg
         s, n, b = x.shape[:3]
-        q = rope(self.q_norm(self.q_proj(x).view(s, n, b, c.n_head, c.head_dim)), pos, c.rope_base)
+        q = rope(self.q_norm(self.q_proj(x).view(s, n, b, c.n_head, c.head_dim)), pos)
         k_blk, v_blk = self.kv(x, pos)
         # [S, head, token, head_dim], the context's tokens then the blocks'; GQA: q head h reads kv head h // group
         # (repeated here: a fused attention kernel takes the mask but not always the grouping)
@@ -95,12 +111,12 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
+        self.input_layernorm = RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, pos: Tensor, g: Tensor, ctx_pos: Tensor, visible: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Rope, g: Tensor, ctx_pos: Rope, visible: Tensor) -> Tensor:
         k_ctx, v_ctx = self.self_attn.kv(g, ctx_pos)  # the context skips input_layernorm
         x = x + self.self_attn(self.input_layernorm(x), pos, k_ctx, v_ctx, visible)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -114,9 +130,9 @@ class Drafter(nn.Module):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(cfg.n_vocab, cfg.n_embd)}")
         self.cfg = cfg
         self.fc = nn.Linear(cfg.n_extract * cfg.n_embd, cfg.n_embd, bias=False)
-        self.hidden_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
+        self.hidden_norm = RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
+        self.norm = RMSNorm(cfg.n_embd, eps=cfg.rms_eps)
         # buffers so that .to() moves them; non-persistent so that checkpoints leave them out
         self.register_buffer("tok_embd", tok_embd, persistent=False)
         self.register_buffer("lm_head", lm_head, persistent=False)
@@ -141,8 +157,9 @@ class Drafter(nn.Module):
         x = self.tok_embd[block_tokens]
         if self.cfg.embedding_scale is not None:
             x = x * self.cfg.embedding_scale
+        pos_rope, ctx_rope = (rope_tables(p, self.cfg.head_dim, self.cfg.rope_base) for p in (pos, ctx_pos))
         for layer in self.layers:
-            x = layer(x, pos, g, ctx_pos, visible)
+            x = layer(x, pos_rope, g, ctx_rope, visible)
         return self.norm(x)
 
     def forward_batch(self, features: Tensor, anchors: Tensor, block_tokens: Tensor) -> Tensor:
