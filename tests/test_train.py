@@ -7,6 +7,7 @@ import collections
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +462,14 @@ def test_held_out_sequences_pick_the_exported_weights(target, tmp_path):
     with Progress(disable=True) as progress:
         report = given.run(tmp_path / "given.ckpt", progress, given_weights=True)
     assert report.best_step == 0 and report.held_out_tau == given.held_out_tau()
+
+
+def test_a_deadline_sets_the_schedules_length(target, dataset, tmp_path):
+    from rich.progress import Progress
+
+    # a deadline already past: the first checkpoint shortens the schedule to one more step
+    tr = _trainer(target, dataset)
+    tr.opts.steps, tr.opts.checkpoint_every = 100, 3
+    with Progress(disable=True) as progress:
+        report = tr.run(tmp_path / "d.ckpt", progress, deadline=time.time() - 1)
+    assert report.steps == tr.step_no == tr.opts.steps == 4

@@ -209,7 +209,7 @@ def train(a: argparse.Namespace, ds: Dataset, layers: tuple[int, ...], feats: tu
     checkpoint = a.output.with_suffix(".ckpt")
     given = a.init is not None  # the given weights are a candidate for the export too
     with Progress(console=console) as progress:
-        if a.deadline:  # the rate of PROBE_STEPS steps sets the schedule's length (the warmup is longer than them)
+        if a.deadline:  # the rate of PROBE_STEPS steps sets the schedule's first length; Trainer.run corrects it
             if given:  # Trainer.run measures them at step 0 only
                 console.print(f"step 0 (the given weights): held-out tau {tr.checkpoint(checkpoint):.2f}")
                 given = False
@@ -217,7 +217,7 @@ def train(a: argparse.Namespace, ds: Dataset, layers: tuple[int, ...], feats: tu
             rate = (PROBE_STEPS - PROBE_STEPS // 3) / timed_steps(tr, PROBE_STEPS - PROBE_STEPS // 3)
             opts.steps = PROBE_STEPS + int(0.97 * rate * (a.deadline - time.time()))
             console.print(f"{rate:.1f} steps/s: {opts.steps} steps", highlight=False)
-        fit = tr.run(checkpoint, progress, given_weights=given)
+        fit = tr.run(checkpoint, progress, given_weights=given, deadline=a.deadline)
     console.print(f"{fit.steps} steps in {fit.seconds:.0f} s ({fit.steps / fit.seconds:.1f} steps/s), loss "
                   f"{fit.loss:.3f}; exported step {fit.best_step}, held-out tau {fit.held_out_tau:.2f}",
                   highlight=False)

@@ -286,9 +286,11 @@ class Trainer:
         self.best, self.best_tau = ck.get("best"), ck.get("best_tau", float("nan"))
         self.best_step = ck.get("best_step", 0)
 
-    def run(self, checkpoint: Path, progress: Progress, given_weights: bool = False) -> TrainReport:
+    def run(self, checkpoint: Path, progress: Progress, given_weights: bool = False,
+            deadline: float | None = None) -> TrainReport:
         """Steps until opts.steps, saving a checkpoint every opts.checkpoint_every steps and at the end. given_weights:
-        the drafter starts from trained weights (dflash train --init), which are a candidate for the export too."""
+        the drafter starts from trained weights (dflash train --init), which are a candidate for the export too.
+        deadline (unix time): at each checkpoint, opts.steps is set to end then at the rate since the last one."""
         report = TrainReport()
         if given_weights and self.step_no == 0 and self.held_out:
             # training on from a drafter can make it worse on the held-out answers (bench/train/README.md)
@@ -296,6 +298,7 @@ class Trainer:
                                    highlight=False)
         task = progress.add_task("training", total=self.opts.steps, completed=self.step_no)
         t0 = time.perf_counter()
+        since = (self.step_no, time.time())  # the last checkpoint's step and time, for the rate
         avg = None  # moving averages of loss and tau~ over ~20 steps (single batches are noisy), on the device
         while self.step_no < self.opts.steps:
             now = torch.stack(self.step(self.sample()))
@@ -309,6 +312,13 @@ class Trainer:
                 if self.held_out:  # a line per checkpoint: the curve stays in the log
                     progress.console.print(f"step {self.step_no}: loss {report.loss:.3f}, held-out tau {held_tau:.2f}",
                                            highlight=False)
+                if deadline is not None and self.step_no < self.opts.steps:
+                    # the cosine schedule stretches or shrinks with the rate measured so far: a GPU's first steps
+                    # run slower, and a rate probed on them ended a run 370 s early (bench/gpu/README.md)
+                    rate = (self.step_no - since[0]) / max(time.time() - since[1], 1e-9)
+                    self.opts.steps = self.step_no + max(1, int(0.97 * rate * (deadline - time.time())))
+                    progress.update(task, total=self.opts.steps)
+                since = (self.step_no, time.time())
             held_out = f", held-out tau {self.best_tau:.2f} at step {self.best_step}" if self.best else ""
             progress.update(task, advance=1,
                             description=f"training (loss {report.loss:.3f}, tau~{report.tau:.2f}{held_out})")
