@@ -81,8 +81,9 @@ class Attention(nn.Module):
         return k, self.v_proj(x).view(shape)
 
     def forward(self, x: Tensor, pos: Rope, k_ctx: Tensor, v_ctx: Tensor, visible: Tensor) -> Tensor:
-        """For each of S sequences, blocks x [S, N, B, n_embd] at pos (rope_tables of [S, N, B]) attend to the sequence's context
-        K/V [S, T, n_head_kv, head_dim] and to its blocks where visible [S, N * B, T + N * B] is true."""
+        """For each of S sequences, blocks x [S, N, B, n_embd] at pos (rope_tables of [S, N, B]) attend to the
+        sequence's context K/V [S, T, n_head_kv, head_dim] and to its blocks where visible [S, N * B, T + N * B] is
+        true."""
         c = self.cfg
         s, n, b = x.shape[:3]
         q = rope(self.q_norm(self.q_proj(x).view(s, n, b, c.n_head, c.head_dim)), pos)
