@@ -398,8 +398,29 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     assert f"from {out}" in result.stdout.replace("\n", "")
     for name, t in load_drafter_gguf(out, target).state_dict().items():
         assert torch.equal(load_drafter_gguf(again, target).state_dict()[name], t), name
-    result = _run_cli([*args, "--init", str(out), "--layers", "2"])
-    assert result.returncode == 2 and "give the same --layers" in result.stdout, result.stdout
+    result = _run_cli([*args, "--init", str(out), "--block-size", "8"])
+    assert result.returncode == 2 and "give the same --target-layers and --block-size" in result.stdout, result.stdout
+
+
+def test_init_grows_a_drafter_by_identity_layers(target, tmp_path):
+    """--init with more --layers than the drafter has: the new layers come after its own and start as identities,
+    so the grown drafter drafts what the given one did; fewer layers are refused."""
+    from dflash_local.train.cli import initial_drafter
+
+    torch.manual_seed(0)
+    small = Drafter(trainer.drafter_config(target, 1, LAYERS, 8), *target_embeddings(target))
+    save_drafter_gguf(small, tmp_path / "small.gguf", target, "f32")
+    grown = initial_drafter(target, tmp_path / "small.gguf", 3, LAYERS, 8)
+    assert grown.cfg.n_layer == 3
+    features = torch.randn(20, small.cfg.n_extract * small.cfg.n_embd)
+    anchors, blocks = torch.tensor([5, 12]), torch.randint(0, small.cfg.n_vocab, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(grown.forward_batch(features, anchors, blocks),
+                              small.forward_batch(features, anchors, blocks), atol=1e-5)
+    assert grown.layers[2].mlp.up_proj.weight.abs().sum() > 0  # random: the new layers can learn
+    save_drafter_gguf(grown, tmp_path / "grown.gguf", target, "f32")
+    with pytest.raises(UserError, match="has 3 layers: give --layers 3 or more"):
+        initial_drafter(target, tmp_path / "grown.gguf", 2, LAYERS, 8)
 
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:

@@ -52,8 +52,9 @@ def train(
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1),
     resume: bool = typer.Option(False, "--resume", help="Continue training from <output>.ckpt."),
     init: Path = typer.Option(None, "--init", help="Start from this drafter GGUF's weights (e.g. the shipped one, to "
-                              "train it further or on other data) instead of random ones; it must have the shape "
-                              "asked for (--layers, --target-layers, --block-size)."),
+                              "train it further or on other data) instead of random ones; it must have the "
+                              "--target-layers and --block-size asked for, and at most --layers layers (more are "
+                              "added as identities)."),
     device: str = typer.Option("cpu", "--device", help="Torch device for training: cpu or cuda."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers llama.cpp offloads to the GPU."),
     threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: default)."),
@@ -243,8 +244,12 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
 
 def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple[int, ...],
                     block_size: int) -> Drafter:
-    """The drafter training starts from: random weights of the shape asked for, or init's."""
+    """The drafter training starts from: random weights of the shape asked for, or init's. More layers than init's
+    are appended after its own, each the identity at first (its attention and FFN output projections zero), so
+    that training starts from init's drafts with more capacity."""
     import dataclasses
+
+    import torch
 
     from dflash_local.convert.gguf_io import load_drafter_gguf, target_embeddings
     from dflash_local.errors import UserError
@@ -258,10 +263,20 @@ def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple
         raise UserError(f"--init: drafter not found: {init}")
     drafter = load_drafter_gguf(init, target)
     have, want = dataclasses.asdict(drafter.cfg), dataclasses.asdict(cfg)
-    if diff := [f"{k} {have[k]} (this run: {want[k]})" for k in want if have[k] != want[k]]:
-        raise UserError(f"--init {init} is another shape of drafter: {', '.join(diff)}; give the same --layers, "
+    if diff := [f"{k} {have[k]} (this run: {want[k]})" for k in want if have[k] != want[k] and k != "n_layer"]:
+        raise UserError(f"--init {init} is another shape of drafter: {', '.join(diff)}; give the same "
                         "--target-layers and --block-size")
-    return drafter
+    if layers < drafter.cfg.n_layer:
+        raise UserError(f"--init {init} has {drafter.cfg.n_layer} layers: give --layers {drafter.cfg.n_layer} or more")
+    if layers == drafter.cfg.n_layer:
+        return drafter
+    grown = Drafter(cfg, drafter.tok_embd, drafter.lm_head)
+    grown.load_state_dict(drafter.state_dict(), strict=False)  # the new layers keep their random weights
+    with torch.no_grad():
+        for layer in grown.layers[drafter.cfg.n_layer:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return grown
 
 
 def _check_init(target: Path, init: Path, layers: int, capture: tuple[int, ...], block_size: int) -> None:
