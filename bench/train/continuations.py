@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table

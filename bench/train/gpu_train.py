@@ -210,12 +210,12 @@ def train(a: argparse.Namespace, ds: Dataset, layers: tuple[int, ...], feats: tu
     given = a.init is not None  # the given weights are a candidate for the export too
     with Progress(console=console) as progress:
         if a.deadline:  # the rate of PROBE_STEPS steps sets the schedule's first length; Trainer.run corrects it
-            if given:  # Trainer.run measures them at step 0 only
-                console.print(f"step 0 (the given weights): held-out tau {tr.checkpoint(checkpoint):.2f}")
+            if given:  # before the probe's steps: Trainer.run checks them at step 0 only
+                tr.checkpoint_given(checkpoint, console)
                 given = False
             timed_steps(tr, PROBE_STEPS // 3)  # the first steps are slower (H100: 7.2 steps/s over all 300, 14.0 after)
             rate = (PROBE_STEPS - PROBE_STEPS // 3) / timed_steps(tr, PROBE_STEPS - PROBE_STEPS // 3)
-            opts.steps = PROBE_STEPS + int(0.97 * rate * (a.deadline - time.time()))
+            opts.steps = PROBE_STEPS + max(0, int(0.97 * rate * (a.deadline - time.time())))  # past: no more
             console.print(f"{rate:.1f} steps/s: {opts.steps} steps", highlight=False)
         fit = tr.run(checkpoint, progress, given_weights=given, deadline=a.deadline)
     console.print(f"{fit.steps} steps in {fit.seconds:.0f} s ({fit.steps / fit.seconds:.1f} steps/s), loss "

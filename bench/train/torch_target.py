@@ -90,6 +90,13 @@ class TorchTarget:
                 states.append(h)
         return h, states
 
+    def _padded(self, sequences: list[list[int]] | list[np.ndarray]) -> Tensor:
+        """Token sequences [S, longest] on the device, zeros after each one's end, which no real token attends to."""
+        tokens = torch.zeros(len(sequences), max(len(s) for s in sequences), dtype=torch.long, device=self.device)
+        for i, s in enumerate(sequences):
+            tokens[i, :len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        return tokens
+
     def _next(self, h: Tensor) -> Tensor:
         """Greedy tokens after last-layer outputs h [S, n_embd]."""
         return (F.rms_norm(h, (self.n_embd,), self.w["output_norm.weight"], self.eps) @ self.w["output.weight"].T
@@ -100,9 +107,7 @@ class TorchTarget:
         """Greedy answers to prompts, all in one batch, each until an end-of-generation token (left off) or
         max_new_tokens, as dflash_local.train.answers.answer writes them."""
         n = torch.tensor([len(p) for p in prompts], device=self.device)
-        tokens = torch.zeros(len(prompts), int(n.max()), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p)
+        tokens = self._padded(prompts)
         cache = [tuple(torch.zeros(len(prompts), self.n_head_kv, tokens.shape[1] + max_new_tokens, self.head_dim,
                                    device=self.device) for _ in range(2)) for _ in range(self.n_layer)]
         pos = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
@@ -124,10 +129,7 @@ class TorchTarget:
     def features(self, sequences: list[np.ndarray], layers: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Codes [rows, len(layers) * n_embd] (uint8: float8 e4m3) and scales [rows, len(layers)] of the sequences'
         hidden states at GGUF layers, rows back to back, as native.Capture.rows_e4m3 gives them, in one batch."""
-        n = max(len(s) for s in sequences)
-        tokens = torch.zeros(len(sequences), n, dtype=torch.long, device=self.device)
-        for i, s in enumerate(sequences):
-            tokens[i, :len(s)] = torch.from_numpy(s.astype(np.int64))
-        _, states = self.run(tokens, torch.arange(n, device=self.device).expand_as(tokens), keep=layers)
+        tokens = self._padded(sequences)
+        _, states = self.run(tokens, torch.arange(tokens.shape[1], device=self.device).expand_as(tokens), keep=layers)
         x = torch.stack(states, 2)  # [S, T, layers, n_embd]
         return encode_features(torch.cat([x[i, :len(s)] for i, s in enumerate(sequences)]))

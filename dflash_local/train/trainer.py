@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import Progress
 from torch import Tensor
 
@@ -260,6 +261,13 @@ class Trainer:
         self.save(path)
         return tau
 
+    def checkpoint_given(self, checkpoint: Path, console: Console) -> None:
+        """The checkpoint of trained weights given to start from (dflash train --init), before any step: training on
+        from a drafter can make it worse on the held-out answers (bench/train/README.md), so they may be exported."""
+        if self.held_out:
+            console.print(f"step 0 (the given weights): held-out tau {self.checkpoint(checkpoint):.2f}",
+                          highlight=False)
+
     def use_best(self) -> None:
         """The weights of the best held-out tau into the drafter, for the export."""
         if self.best is not None:
@@ -292,10 +300,8 @@ class Trainer:
         the drafter starts from trained weights (dflash train --init), which are a candidate for the export too.
         deadline (unix time): at each checkpoint, opts.steps is set to end then at the rate since the last one."""
         report = TrainReport()
-        if given_weights and self.step_no == 0 and self.held_out:
-            # training on from a drafter can make it worse on the held-out answers (bench/train/README.md)
-            progress.console.print(f"step 0 (the given weights): held-out tau {self.checkpoint(checkpoint):.2f}",
-                                   highlight=False)
+        if given_weights and self.step_no == 0:
+            self.checkpoint_given(checkpoint, progress.console)
         task = progress.add_task("training", total=self.opts.steps, completed=self.step_no)
         t0 = time.perf_counter()
         since = (self.step_no, time.time())  # the last checkpoint's step and time, for the rate
