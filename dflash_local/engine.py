@@ -18,6 +18,9 @@ from dflash_local.errors import UserError
 from dflash_local.native import Drafter
 from dflash_local.sampling import Sampler, SamplingParams
 from dflash_local.target import Target
+from dflash_local.tree import build_tree
+
+N_TOP = 4  # tokens per draft position a tree may branch into (8 drafted about as well at 15 nodes)
 
 
 @dataclass
@@ -58,9 +61,10 @@ class Engine:
     """Generates with `target`, drafting blocks with `drafter` when one is given."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, block_size: int | None = None,
-                 adaptive: bool = True):
+                 adaptive: bool = True, tree: bool = True):
         """adaptive: verify as many drafts per step as measured speed favours (see draft_length);
-        otherwise always the whole block."""
+        otherwise always the whole block. tree: drafts as a tree where the target can verify one (Target's
+        branches), else as one chain."""
         self.target = target
         self.drafter = drafter
         self.adaptive = adaptive
@@ -71,6 +75,8 @@ class Engine:
                 raise UserError(f"--block-size must be in 2..{drafter.info.block_size} (the drafter's trained size)")
             if target.capture is None:
                 raise ValueError("a target used with a drafter needs capture layers")
+        # drafts as a tree where the target can hold one (attention models): more accepted per pass of the same size
+        self.tree = tree and drafter is not None and target.branches >= self.block_size
         # what it learns (pass costs, acceptance) carries over from one generation to the next
         self.policy = DraftLength(self.block_size - 1) if drafter is not None and adaptive else None
 
@@ -120,7 +126,8 @@ class Engine:
                 if policy:
                     k = policy.choose(k)
                 t_draft, t_target = stats.t_draft, stats.t_target
-                accepted, anchor_next = self._step(anchor, pos, k, sampler, stats)
+                step = self._tree_step if self.tree and k > 0 else self._step
+                accepted, anchor_next = step(anchor, pos, k, sampler, stats)
                 if policy:
                     policy.record(k, len(accepted), stats.t_draft - t_draft, stats.t_target - t_target)
                 n_acc = len(accepted)
@@ -170,3 +177,31 @@ class Engine:
             tg.rollback(pos + n_acc + 1, pos, batch[: n_acc + 1])
             stats.t_target += time.perf_counter() - t
         return drafts[:n_acc].tolist(), token
+
+    def _tree_step(self, anchor: int, pos: int, k: int, sampler: Sampler, stats: Stats) -> tuple[list[int], int]:
+        """As _step with a tree of k drafts: from the anchor, the target's own token at each node (greedy or sampled
+        from its distribution, so lossless as _step) leads to the child drafting it, until none does."""
+        tg, dr = self.target, self.drafter
+        t = time.perf_counter()
+        tree = build_tree(*dr.draft_top(anchor, N_TOP, self.block_size), k)
+        stats.t_draft += time.perf_counter() - t
+
+        t = time.perf_counter()
+        logits = tg.decode_tree([anchor, *tree.tokens], tree.depths, tree.seqs, pos)
+        path = [0]
+        token = sampler.sample(logits[0])
+        while token in tree.children[path[-1]]:
+            path.append(tree.children[path[-1]][token])
+            token = sampler.sample(logits[path[-1]])
+        stats.t_target += time.perf_counter() - t
+        t = time.perf_counter()
+        dr.inject(tg.features()[path], pos)
+        stats.t_inject += time.perf_counter() - t
+        t = time.perf_counter()
+        n_acc = len(path) - 1
+        on_first_chain = next((d for d, i in enumerate(path) if i != d), len(path))  # its first depths' cells
+        tg.keep_branch(pos + on_first_chain, [tree.tokens[i - 1] for i in path[on_first_chain:]], len(tree.seqs[0]))
+        stats.t_target += time.perf_counter() - t
+        stats.accepted.append(n_acc)
+        stats.drafted.append(k)
+        return [tree.tokens[i - 1] for i in path[1:]], token

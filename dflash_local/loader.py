@@ -31,4 +31,4 @@ def open_models(target_path: Path, drafter_path: Path | None, params: TargetPara
         drafter = open_drafter(drafter_path, target_path, params.n_ctx + 64, device, params.n_threads)
     layers = drafter.info.target_layers if drafter else ()
     rollback = drafter.info.block_size if drafter else 0
-    return Target(target_path, params, capture_layers=layers, rollback=rollback), drafter
+    return Target(target_path, params, capture_layers=layers, rollback=rollback, branches=rollback), drafter

@@ -48,7 +48,7 @@ def _load() -> ctypes.CDLL:
         "dflash_drafter_inject": ([ctypes.c_void_p, c_float_p, c_int, c_int], c_int),
         "dflash_drafter_crop": ([ctypes.c_void_p, c_int], c_int),
         "dflash_drafter_n_pos": ([ctypes.c_void_p], c_int),
-        "dflash_drafter_draft": ([ctypes.c_void_p, c_int, c_int, c_int_p, c_float_p], c_int),
+        "dflash_drafter_draft": ([ctypes.c_void_p, c_int, c_int, c_int, c_int_p, c_float_p, c_float_p], c_int),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)
@@ -200,16 +200,28 @@ class Drafter:
         """Greedy draft of block_size-1 tokens following `anchor` at position n_pos."""
         b = block_size or self.info.block_size
         out = self._tokens[: b - 1]
-        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), None))
+        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, 1, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                        None, None))
         return out.copy()
+
+    def draft_top(self, anchor: int, n_top: int, block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The n_top likeliest tokens of each of the block_size-1 draft positions and their probabilities
+        ([block_size-1, n_top] each), likeliest first: the marginals a tree of drafts is built from."""
+        b = block_size or self.info.block_size
+        ids = np.zeros((b - 1, n_top), dtype=np.int32)
+        probs = np.zeros((b - 1, n_top), dtype=np.float32)
+        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, n_top, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                        _as_float_ptr(probs), None))
+        order = np.argsort(-probs, axis=1, kind="stable")
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1)
 
     def draft_logits(self, anchor: int, block_size: int | None = None) -> np.ndarray:
         """Logits [block_size-1, n_vocab] of the draft positions (for tests and checks)."""
         b = block_size or self.info.block_size
         ids = np.zeros(b - 1, dtype=np.int32)
         logits = np.zeros((b - 1, self.info.n_vocab), dtype=np.float32)
-        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-                                        _as_float_ptr(logits)))
+        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, 1, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                        None, _as_float_ptr(logits)))
         return logits
 
     def close(self) -> None:

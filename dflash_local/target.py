@@ -65,7 +65,10 @@ class Target:
     """A loaded target model and its llama.cpp context."""
 
     def __init__(self, path: str | Path, params: TargetParams, capture_layers: tuple[int, ...] = (),
-                 rollback: int = 0):
+                 rollback: int = 0, branches: int = 0):
+        """rollback: recurrent state snapshots to keep for rejected drafts. branches: the most leaves of a tree of
+        drafts that decode_tree verifies (each leaf a sequence sharing the prefix's cells; attention models with
+        one sequence only, else 0)."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"target model not found: {path}")
@@ -93,17 +96,20 @@ class Target:
         self.n_layer = lc.llama_model_n_layer(self.model)
         self.recurrent = bool(lc.llama_model_is_recurrent(self.model) or lc.llama_model_is_hybrid(self.model))
 
+        self.branches = branches if branches > 1 and params.n_seq == 1 and not self.recurrent else 0
+        kv_unified = params.kv_unified or self.branches > 0  # the leaves' cells share the prefix's
+
         self.capture = Capture(self.n_embd, list(capture_layers)) if capture_layers else None
         cp = lc.llama_context_default_params()
-        cp.n_ctx = params.n_ctx if params.kv_unified else params.n_ctx * params.n_seq
+        cp.n_ctx = params.n_ctx if kv_unified else params.n_ctx * params.n_seq
         cp.n_batch = params.n_batch
         cp.n_ubatch = params.n_ubatch or params.n_batch
-        cp.n_seq_max = params.n_seq
+        cp.n_seq_max = max(params.n_seq, self.branches)
         # by default a KV buffer per sequence: in one shared buffer every token's attention runs over all
         # sequences' cells (masked), which grows with the square of n_seq. llama.cpp then cuts a batch into one
         # ubatch per run of consecutive sequence ids (so step() wants them ascending) and regroups a batch of
         # unequal sequences; a shared buffer keeps the batch's order (prefill()).
-        cp.kv_unified = params.kv_unified
+        cp.kv_unified = kv_unified
         if params.n_threads > 0:
             cp.n_threads = cp.n_threads_batch = params.n_threads
         if self.recurrent and rollback > 0:
@@ -116,14 +122,14 @@ class Target:
             lc.llama_model_free(self.model)
             raise UserError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {path}")
         self.n_seq = params.n_seq
-        self.kv_unified = params.kv_unified
-        self.n_ctx = lc.llama_n_ctx(self.ctx) // (1 if params.kv_unified else params.n_seq)  # per sequence
+        self.kv_unified = kv_unified
+        self.n_ctx = lc.llama_n_ctx(self.ctx) // (1 if kv_unified else params.n_seq)  # per sequence
         self.mem = lc.llama_get_memory(self.ctx)
         # recurrent state rolls back through llama.cpp's snapshots when it keeps enough of them
         self.snapshots = self.recurrent and rollback > 0 and lc.llama_n_rs_seq(self.ctx) >= rollback
         # llama.cpp clamps n_batch to the context size
         self.n_batch = lc.llama_n_batch(self.ctx)
-        self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = lc.llama_batch_init(self.n_batch, 0, max(1, self.branches))
         self._saved: ctypes.Array | None = None
         self._samplers: list[ctypes.c_void_p] = []  # a sampler chain per sequence while sample_on_device
 
@@ -179,7 +185,7 @@ class Target:
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             last_chunk = start + self.n_batch >= len(tokens)
-            self._run(chunk, range(pos0 + start, pos0 + start + len(chunk)), [seq] * len(chunk),
+            self._run(chunk, range(pos0 + start, pos0 + start + len(chunk)), [(seq,)] * len(chunk),
                       [all_logits or (last_chunk and i == len(chunk) - 1) for i in range(len(chunk))])
         return self.logits(len(tokens) if all_logits else 1)
 
@@ -192,12 +198,12 @@ class Target:
         if self.capture:
             self.capture.reset()
         self._run(tokens, [p for seq in sequences for p in range(len(seq))],
-                  [i for i, seq in enumerate(sequences) for _ in seq], [False] * (len(tokens) - 1) + [True])
+                  [(i,) for i, seq in enumerate(sequences) for _ in seq], [False] * (len(tokens) - 1) + [True])
 
     def step(self, tokens: list[int], positions: list[int], seqs: list[int]) -> None:
         """One token for each of several sequences, in one batch, each an output (logits(n), or sampled(seqs)).
         Ascending, consecutive sequence ids make one ubatch (see __init__)."""
-        self._run(tokens, positions, seqs, [True] * len(tokens))
+        self._run(tokens, positions, [(s,) for s in seqs], [True] * len(tokens))
 
     def sample_on_device(self, min_p: float | None, seed: int = 0) -> bool:
         """While min_p is given, llama.cpp samples every sequence's next token inside the graph (its backend
@@ -227,12 +233,41 @@ class Target:
             lc.llama_sampler_accept(self._samplers[seq], int(token))
         return tokens
 
-    def _run(self, tokens: list[int], positions: Sequence[int], seqs: list[int], logits: list[bool]) -> None:
-        """One llama_decode of a batch: token i at positions[i] of sequence seqs[i], its logits kept if logits[i]."""
+    def decode_tree(self, tokens: list[int], depths: list[int], seqs: list[tuple[int, ...]], pos0: int) -> np.ndarray:
+        """Verify a tree of drafts in one pass: token i (0: the anchor, the root) at position pos0 + depths[i], in the
+        sequences of the leaves below it (seqs[i], each leaf a sequence). llama.cpp masks a token's attention by
+        its first sequence, which sees just the token's ancestors; each sequence first gets the prefix of sequence
+        0. Returns the logits of every token; keep_branch then keeps one path."""
+        if len(tokens) > self.n_batch or pos0 + max(depths) + 1 > self.n_ctx:
+            raise ValueError("the tree must fit one batch and the context")
+        for s in range(1, len(seqs[0])):
+            lc.llama_memory_seq_cp(self.mem, 0, s, 0, pos0)
+        if self.capture:
+            self.capture.reset()
+        self._run(tokens, [pos0 + d for d in depths], seqs, [True] * len(tokens))
+        return self.logits(len(tokens))
+
+    def keep_branch(self, n_keep: int, replay: list[int], n_seqs: int) -> None:
+        """After decode_tree: sequence 0 keeps its cells before position n_keep, the other sequences and cells go, and
+        the tokens of `replay` are decoded again from n_keep on. The accepted path's cells stay in the order of its
+        positions so (attention sums its cells in the cache's order, which the target alone keeps): a path off the
+        batch's first chain is replayed from where it leaves it."""
+        lc.llama_memory_seq_rm(self.mem, 0, n_keep, -1)
+        for s in range(1, n_seqs):
+            lc.llama_memory_seq_rm(self.mem, s, -1, -1)
+        if replay:
+            self._replay(replay, n_keep)
+
+    def _run(self, tokens: list[int], positions: Sequence[int], seqs: Sequence[Sequence[int]],
+             logits: list[bool]) -> None:
+        """One llama_decode of a batch: token i at positions[i] of the sequences seqs[i] (its attention: those of
+        the first), its logits kept if logits[i]."""
         b = self._batch
         b.n_tokens = len(tokens)
-        for i, (t, p, s, keep) in enumerate(zip(tokens, positions, seqs, logits, strict=True)):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = t, p, 1, s, keep
+        for i, (t, p, ss, keep) in enumerate(zip(tokens, positions, seqs, logits, strict=True)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, p, len(ss), keep
+            for j, s in enumerate(ss):
+                b.seq_id[i][j] = s
         rc = lc.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) at position {min(positions)}")
@@ -265,13 +300,16 @@ class Target:
             raise RuntimeError("llama.cpp could not restore the saved sequence state")
         # the recurrent state is back at pos0; drop the attention cache from there and replay
         lc.llama_memory_seq_rm(self.mem, 0, pos0, -1)
-        capturing = self.capture is not None
-        if capturing:
+        self._replay(replay, pos0)
+
+    def _replay(self, tokens: list[int], pos0: int) -> None:
+        """Decode tokens the drafter has already seen: nothing captured (the last features are gone after it)."""
+        if self.capture:
             self.capture.enable(False)
         try:
-            self.decode(replay, pos0, all_logits=False)
+            self.decode(tokens, pos0, all_logits=False)
         finally:
-            if capturing:
+            if self.capture:
                 self.capture.enable(True)
 
     def clear(self, seq: int | None = None) -> None:

@@ -437,14 +437,17 @@ int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_
     });
 }
 
-int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t * out_tokens,
-                             float * out_logits) {
+int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t n_top,
+                             int32_t * out_tokens, float * out_probs, float * out_logits) {
     return guarded([&] {
         const auto &  in = d->info;
         const int32_t B  = block_size;
         const int32_t p0 = d->n_pos;
         if (B < 2 || B > in.block_size) {
             throw std::runtime_error("block size must be in 2.." + std::to_string(in.block_size) + " (the drafter's trained size)");
+        }
+        if (n_top < 1 || n_top > in.n_vocab) {
+            throw std::runtime_error("n_top must be in 1.." + std::to_string(in.n_vocab));
         }
         if (anchor < 0 || anchor >= in.n_vocab) {
             throw std::runtime_error("anchor token " + std::to_string(anchor) + " is outside the vocabulary");
@@ -497,7 +500,20 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
         // only positions 1..B-1 are drafts
         x = ggml_view_2d(ctx, x, in.n_embd, B - 1, x->nb[1], x->nb[1]);
         ggml_tensor * logits = ggml_mul_mat(ctx, d->output, d->norm(ctx, x, d->output_norm));
-        ggml_tensor * ids    = ggml_argmax(ctx, logits);
+        ggml_tensor * ids    = nullptr;
+        ggml_tensor * probs  = nullptr;
+        if (n_top == 1) {
+            ids = ggml_argmax(ctx, logits);
+        } else {  // the n_top likeliest tokens of each position and their probabilities, for a tree of drafts
+            ids = ggml_top_k(ctx, logits, n_top);
+            if (!ggml_backend_supports_op(d->backend, ids)) {
+                ids = ggml_cont(ctx, ggml_argsort_top_k(ctx, logits, n_top));
+            }
+            ggml_tensor * p = ggml_soft_max(ctx, logits);
+            probs = ggml_get_rows(ctx, ggml_reshape_3d(ctx, p, 1, in.n_vocab, B - 1), ids);  // [1, n_top, B-1]
+            ggml_set_output(probs);
+            ggml_build_forward_expand(gf, probs);
+        }
         ggml_set_output(logits);
         ggml_set_output(ids);
         ggml_build_forward_expand(gf, ids);
@@ -512,6 +528,9 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
         ggml_backend_tensor_set(pos, p.data(), 0, ggml_nbytes(pos));
         d->compute(gf);
         ggml_backend_tensor_get(ids, out_tokens, 0, ggml_nbytes(ids));
+        if (probs && out_probs) {
+            ggml_backend_tensor_get(probs, out_probs, 0, ggml_nbytes(probs));
+        }
         if (out_logits) {
             ggml_backend_tensor_get(logits, out_logits, 0, ggml_nbytes(logits));
         }

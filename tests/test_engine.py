@@ -45,13 +45,20 @@ class OracleDrafter:
         self.n_pos = pos0 + len(features)
 
     def draft(self, anchor: int, block_size: int) -> np.ndarray:
+        return self.draft_top(anchor, 1, block_size)[0][:, 0]
+
+    def draft_top(self, anchor: int, n_top: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """For a tree: where the first choice is wrong the second is right, so paths leave the first chain."""
         start = self.n_pos - self.prompt_len + 1  # index of the token after the anchor
-        out = []
+        ids = []
         for i in range(start, start + block_size - 1):
             tok = self.continuation[i] if i < len(self.continuation) else 0
             wrong = (i * 2654435761) % 1000 < 1000 // self.miss
-            out.append((tok + 1) % 7 if wrong else tok)
-        return np.array(out, dtype=np.int32)
+            first = (tok + 1) % 7 if wrong else tok
+            others = [t for t in (tok, 7, 8, 9, 10) if t != first]
+            ids.append([first, *others][:n_top])
+        probs = np.array([0.6, 0.3, 0.06, 0.04])[:n_top]
+        return np.array(ids, dtype=np.int32), np.tile(probs, (block_size - 1, 1))
 
 
 def target_only(path: Path, prompt: list[int], n: int, params: TargetParams = PARAMS) -> list[int]:
@@ -73,7 +80,9 @@ def drafters(tmp_path_factory, tiny_target):
 def test_identity_random_drafter(arch, tiny_target, drafters):
     path = tiny_target(arch)
     dr = Drafter(drafters[arch], path, n_ctx=PARAMS.n_ctx + 64, n_threads=1)
-    tg = Target(path, PARAMS, capture_layers=dr.info.target_layers, rollback=dr.info.block_size)
+    tg = Target(path, PARAMS, capture_layers=dr.info.target_layers, rollback=dr.info.block_size,
+                branches=dr.info.block_size)
+    assert (tg.branches > 0) != tg.recurrent, "trees of drafts on attention models"
     for prompt_text in PROMPTS:
         prompt = tg.tokenize(prompt_text)
         expected = target_only(path, prompt, N_TOKENS)
@@ -88,12 +97,14 @@ def test_identity_random_drafter(arch, tiny_target, drafters):
     dr.close()
 
 
-@pytest.mark.parametrize("arch,snapshots", [(arch, True) for arch in ARCHS] + [("qwen35", False)])
-def test_identity_long_acceptance(arch, snapshots, tiny_target):
+@pytest.mark.parametrize("arch,snapshots,branches", [(arch, True, 0) for arch in ARCHS] + [("qwen35", False, 0)]
+                         + [(arch, True, 16) for arch in ARCHS if arch != "qwen35"])
+def test_identity_long_acceptance(arch, snapshots, branches, tiny_target):
     """Oracle drafts: long accepted runs and rollbacks of up to 15 tokens. For the hybrid arch, both
-    rollback mechanisms: llama.cpp's recurrent snapshots and our saved-state restore."""
+    rollback mechanisms: llama.cpp's recurrent snapshots and our saved-state restore. With branches, trees of
+    drafts whose accepted paths leave the first chain where its token is wrong."""
     path = tiny_target(arch)
-    tg = Target(path, PARAMS, capture_layers=(1,), rollback=16 if snapshots else 0)
+    tg = Target(path, PARAMS, capture_layers=(1,), rollback=16 if snapshots else 0, branches=branches)
     assert tg.snapshots == (tg.recurrent and snapshots)
     for prompt_text in PROMPTS:
         prompt = tg.tokenize(prompt_text)
@@ -111,7 +122,7 @@ def test_identity_long_acceptance(arch, snapshots, tiny_target):
 def test_identity_smollm2(smollm2_path, tmp_path):
     drafter = random_drafter_gguf(smollm2_path, tmp_path / "smol-dflash.gguf", n_layer=1)
     dr = Drafter(drafter, smollm2_path, n_ctx=PARAMS.n_ctx + 64, n_threads=1)
-    tg = Target(smollm2_path, PARAMS, capture_layers=dr.info.target_layers, rollback=16)
+    tg = Target(smollm2_path, PARAMS, capture_layers=dr.info.target_layers, rollback=16, branches=16)
     for prompt_text in PROMPTS[:2]:
         prompt = tg.tokenize(tg.chat_prompt([("user", prompt_text)]))
         expected = target_only(smollm2_path, prompt, 24)
@@ -131,10 +142,12 @@ def test_identity_smollm2_long_context_shipped_drafter(smollm2_path):
     thread they agree, and DFlash with the shipped drafter equals the target alone."""
     params = TargetParams(n_ctx=1024, n_batch=512, n_threads=1)
     dr = Drafter(SHIPPED_DRAFTERS / f"{smollm2_path.stem}-dflash.gguf", smollm2_path, n_ctx=1024 + 64, n_threads=1)
-    tg = Target(smollm2_path, params, capture_layers=dr.info.target_layers, rollback=16)
+    tg = Target(smollm2_path, params, capture_layers=dr.info.target_layers, rollback=16, branches=16)
     prompt = tg.tokenize(" ".join(PROMPTS * 40))[:400]
     expected = target_only(smollm2_path, prompt, 64, params)
-    assert Engine(tg, dr, 16, adaptive=False).generate(prompt, 64).tokens == expected
+    tree = Engine(tg, dr, 16, adaptive=False).generate(prompt, 64)
+    assert tree.tokens == expected
+    assert Engine(tg, dr, 16, adaptive=False, tree=False).generate(prompt, 64).tokens == expected
     got = Engine(tg, OracleDrafter(expected, len(prompt), 16), 16, adaptive=False).generate(prompt, 64)
     assert got.tokens == expected and got.stats.tau > 2.0
     tg.close()
@@ -146,13 +159,13 @@ def _chi2_critical(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("with_drafter", [False, True])
-def test_sampling_distribution(with_drafter, tiny_target):
+@pytest.mark.parametrize("with_drafter,branches", [(False, 0), (True, 0), (True, 16)])
+def test_sampling_distribution(with_drafter, branches, tiny_target):
     """The joint distribution of the first two sampled tokens matches the target's exactly computed one.
-    The second token goes through the accept/reject test when a drafter is on."""
+    The second token goes through the accept/reject test (or a tree's walk) when a drafter is on."""
     path = tiny_target("llama")
     sampling = dict(temperature=1.0, top_k=6)
-    tg = Target(path, PARAMS, capture_layers=(1,), rollback=16)
+    tg = Target(path, PARAMS, capture_layers=(1,), rollback=16, branches=branches)
     prompt = tg.tokenize("The quick brown fox")
 
     # exact p(t0, t1) = p(t0) p(t1 | t0), from the target's own logits; an end-of-generation t0

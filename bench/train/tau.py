@@ -2,7 +2,10 @@
 DFlash alone, without `dflash bench`'s target-alone runs, so a CPU measures the 164 HumanEval prompts in
 minutes. Prints a table and writes the rows as JSON.
 
-    python bench/train/tau.py TARGET.gguf NAME=DRAFTER.gguf:SET:N [...] [--max-tokens 128] [--threads N] [--json F]
+    python bench/train/tau.py TARGET.gguf NAME=DRAFTER.gguf:SET:N [...] [--max-tokens 128] [--threads N] [--chain]
+        [--json F]
+
+--chain verifies the drafts as one chain, not as a tree of as many drafts (the engine's default).
 
 SET is humaneval, chat or a prompt file (as `dflash bench --prompts`); N the number of its first prompts.
 """
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="NAME=DRAFTER.gguf:SET:N")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--chain", action="store_true", help="drafts as one chain, not a tree")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     params = TargetParams(n_ctx=4096, n_threads=a.threads)
@@ -39,9 +43,9 @@ def main() -> None:
             name, spec = run.split("=", 1)
             drafter, prompt_set, n = spec.rsplit(":", 2)
             ev = measure_tau(a.target, Path(drafter), load_prompts(prompt_set, int(n)), a.max_tokens, params, None,
-                             progress)
+                             progress, tree=not a.chain)
             rows.append({"name": name, "drafter": drafter, "set": prompt_set, **asdict(ev)})
-    table = Table(title=f"tau, block 16, greedy, {a.max_tokens} tokens per prompt")
+    table = Table(title=f"tau, block 16 ({'chain' if a.chain else 'tree'}), greedy, {a.max_tokens} tokens per prompt")
     for col in ("drafter", "prompts", "n", "tau", "DFlash tok/s"):
         table.add_column(col)
     for r in rows:
@@ -49,6 +53,7 @@ def main() -> None:
     Console().print(table)
     if a.json:
         a.json.write_text(json.dumps({"target": str(a.target), "max_tokens": a.max_tokens, "threads": a.threads,
+                                      "drafts": "chain" if a.chain else "tree",
                                       "machine": machine_info(), "commit": git_commit(), "rows": rows}, indent=1))
 
 if __name__ == "__main__":

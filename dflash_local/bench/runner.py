@@ -158,7 +158,8 @@ def run_bench(cfg: BenchConfig, console: Console,
     # the drafter first, so that its own memory can be read off (open_models loads both at once)
     drafter = open_drafter(cfg.drafter, cfg.target, cfg.params.n_ctx + 64, cfg.device, cfg.params.n_threads)
     mem1, gpu1 = rss_mb(), gpu_used_mb()
-    tg = Target(cfg.target, cfg.params, capture_layers=drafter.info.target_layers, rollback=drafter.info.block_size)
+    tg = Target(cfg.target, cfg.params, capture_layers=drafter.info.target_layers, rollback=drafter.info.block_size,
+                branches=drafter.info.block_size)
     # a recurrent target keeps state snapshots for DFlash's rollback: the target alone must not pay for them
     base_tg = Target(cfg.target, cfg.params) if tg.recurrent else tg
     try:

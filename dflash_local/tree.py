@@ -1,0 +1,68 @@
+"""A tree of drafts from one DFlash pass: the drafter gives each block position's likeliest tokens (marginals, not
+conditioned on each other), so the most likely paths by the product of their tokens' probabilities branch where
+the drafter is unsure. The target verifies the whole tree in one pass of as many tokens as a straight block."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int]  # node i + 1 of the verification batch; node 0 is the anchor
+    parents: list[int]  # batch index of each node's parent
+    depths: list[int]  # batch index -> depth (the anchor 0)
+    children: list[dict[int, int]]  # batch index -> {token: batch index of that child}
+    seqs: list[tuple[int, ...]]  # batch index -> the sequences (one per leaf) of the leaves below it, first its own
+
+
+def build_tree(ids: np.ndarray, probs: np.ndarray, budget: int) -> DraftTree:
+    """The `budget` likeliest paths' nodes, best first: ids and probs [positions, n_top] likeliest first. A node's
+    candidates are its next sibling (the next likeliest token of its position) and its first child, so nodes come
+    after their parents."""
+    logp = np.log(np.maximum(probs.astype(np.float64), 1e-30))
+    max_depth = min(len(ids), budget)
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths = [0]
+    scores = [0.0]  # batch index -> log-probability of its path
+    heap = [(-logp[0, 0], 0, 0, 0)]  # (-score, parent batch index, depth - 1, rank)
+    while heap and len(tokens) < budget:
+        neg, parent, d, rank = heapq.heappop(heap)
+        tokens.append(int(ids[d, rank]))
+        parents.append(parent)
+        depths.append(d + 1)
+        scores.append(-neg)
+        node = len(tokens)
+        if rank + 1 < ids.shape[1]:
+            heapq.heappush(heap, (-(scores[parent] + logp[d, rank + 1]), parent, d, rank + 1))
+        if d + 1 < max_depth:
+            heapq.heappush(heap, (neg - logp[d + 1, 0], node, d + 1, 0))
+    # depth first, likeliest child first: the likeliest chain takes the batch's first cells, so that a path along it
+    # keeps cells in the order of its positions (Target.keep_branch)
+    kids: list[list[int]] = [[] for _ in range(len(tokens) + 1)]
+    for i, parent in enumerate(parents, start=1):
+        kids[parent].append(i)
+    order, stack = [], kids[0][::-1]
+    while stack:
+        i = stack.pop()
+        order.append(i)
+        stack.extend(kids[i][::-1])
+    new_index = {old: new for new, old in enumerate(order, start=1)} | {0: 0}
+    tokens = [tokens[i - 1] for i in order]
+    parents = [new_index[parents[i - 1]] for i in order]
+    depths = [0] + [depths[i] for i in order]
+    n = len(tokens) + 1
+    children: list[dict[int, int]] = [{} for _ in range(n)]
+    for i, (tok, parent) in enumerate(zip(tokens, parents), start=1):
+        children[parent][tok] = i
+    leaves = [i for i in range(n) if not children[i]]
+    below: list[list[int]] = [[] for _ in range(n)]
+    for seq, leaf in enumerate(leaves):
+        below[leaf].append(seq)
+    for i in range(n - 1, 0, -1):  # parents come first, so children's sets are complete here
+        below[parents[i - 1]].extend(below[i])
+    return DraftTree(tokens, parents, depths, children, [tuple(sorted(b)) for b in below])
