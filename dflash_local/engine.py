@@ -199,7 +199,8 @@ class Engine:
         stats.t_inject += time.perf_counter() - t
         t = time.perf_counter()
         n_acc = len(path) - 1
-        on_first_chain = next((d for d, i in enumerate(path) if i != d), len(path))  # its first depths' cells
+        # the path's nodes on the batch's first chain (batch index = depth) keep their cells; the rest are replayed
+        on_first_chain = next((d for d, i in enumerate(path) if i != d), len(path))
         tg.keep_branch(pos + on_first_chain, [tree.tokens[i - 1] for i in path[on_first_chain:]], len(tree.seqs[0]))
         stats.t_target += time.perf_counter() - t
         stats.accepted.append(n_acc)

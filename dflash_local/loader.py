@@ -30,5 +30,5 @@ def open_models(target_path: Path, drafter_path: Path | None, params: TargetPara
         # room for one block past the target's last position
         drafter = open_drafter(drafter_path, target_path, params.n_ctx + 64, device, params.n_threads)
     layers = drafter.info.target_layers if drafter else ()
-    rollback = drafter.info.block_size if drafter else 0
-    return Target(target_path, params, capture_layers=layers, rollback=rollback, branches=rollback), drafter
+    block = drafter.info.block_size if drafter else 0  # the most drafts a step rolls back, or branches into
+    return Target(target_path, params, capture_layers=layers, rollback=block, branches=block), drafter

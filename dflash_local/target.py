@@ -238,7 +238,7 @@ class Target:
         sequences of the leaves below it (seqs[i], each leaf a sequence). llama.cpp masks a token's attention by
         its first sequence, which sees just the token's ancestors; each sequence first gets the prefix of sequence
         0. Returns the logits of every token; keep_branch then keeps one path."""
-        if len(tokens) > self.n_batch or pos0 + max(depths) + 1 > self.n_ctx:
+        if len(tokens) > self.n_batch or pos0 + len(tokens) > self.n_ctx:  # every node takes a cell of its own
             raise ValueError("the tree must fit one batch and the context")
         for s in range(1, len(seqs[0])):
             lc.llama_memory_seq_cp(self.mem, 0, s, 0, pos0)
