@@ -13,6 +13,7 @@ from dflash_local import __version__
 from dflash_local.bench.cli import bench
 from dflash_local.convert.cli import app as convert_app
 from dflash_local.train.cli import train
+from dflash_local.tree import TREE_SIZE
 
 if TYPE_CHECKING:
     from dflash_local.target import Target
@@ -82,6 +83,8 @@ def run(
     min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling (runs with the same seed repeat)."),
     block_size: int = typer.Option(None, "--block-size", help="Draft block size (<= the drafter's trained size)."),
+    tree_size: int = typer.Option(TREE_SIZE, "--tree-size", min=0, max=TREE_SIZE, help="The most drafts a tree "
+                                  "holds (each step verifies as many as measured speed favours); 0: one chain."),
     ctx_size: int = typer.Option(4096, "--ctx-size", "-c", min=16),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU."),
     threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: llama.cpp's default)."),
@@ -102,7 +105,7 @@ def run(
 
 def _run(target: Path | None, drafter: Path | None, prompt: str | None, file: Path | None, no_chat_template: bool,
          max_tokens: int, temp: float, top_k: int, top_p: float, min_p: float, seed: int | None,
-         block_size: int | None, ctx_size: int, n_gpu_layers: int, threads: int, tensor_split: str | None,
+         block_size: int | None, tree_size: int, ctx_size: int, n_gpu_layers: int, threads: int, tensor_split: str | None,
          main_gpu: int, device: str | None, no_draft: bool) -> None:
     from dflash_local import models
     from dflash_local.engine import Engine
@@ -129,7 +132,7 @@ def _run(target: Path | None, drafter: Path | None, prompt: str | None, file: Pa
     if dr is None and not no_draft:
         console.print(f"[yellow]note:[/yellow] no drafter found for {target.name} ({target.stem}-dflash*.gguf): "
                       "running the target alone. Make one with `dflash train`.", highlight=False)
-    engine = Engine(tg, dr, block_size)
+    engine = Engine(tg, dr, block_size, tree_size=tree_size)
     sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
 
     def generate(messages: list[tuple[str, str]]) -> str:

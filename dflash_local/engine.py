@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dflash_local.draft_length import DraftLength
+from dflash_local.draft_length import Choice, DraftLength
 from dflash_local.errors import UserError
 from dflash_local.native import Drafter
 from dflash_local.sampling import Sampler, SamplingParams
 from dflash_local.target import Target
-from dflash_local.tree import build_tree
+from dflash_local.tree import TREE_SIZE, build_tree
 
 N_TOP = 4  # tokens per draft position a tree may branch into (8 drafted about as well at 15 nodes)
 
@@ -61,10 +61,10 @@ class Engine:
     """Generates with `target`, drafting blocks with `drafter` when one is given."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, block_size: int | None = None,
-                 adaptive: bool = True, tree: bool = True):
-        """adaptive: verify as many drafts per step as measured speed favours (see draft_length);
-        otherwise always the whole block. tree: drafts as a tree where the target can verify one (Target's
-        branches), else as one chain."""
+                 adaptive: bool = True, tree_size: int = TREE_SIZE):
+        """adaptive: verify as many drafts per step as measured speed favours (see draft_length); otherwise always
+        all of them. tree_size: the most drafts of a tree, where the target can verify one (Target's branches);
+        0, or a target that cannot: one chain of at most block_size - 1."""
         self.target = target
         self.drafter = drafter
         self.adaptive = adaptive
@@ -75,10 +75,10 @@ class Engine:
                 raise UserError(f"--block-size must be in 2..{drafter.info.block_size} (the drafter's trained size)")
             if target.capture is None:
                 raise ValueError("a target used with a drafter needs capture layers")
-        # drafts as a tree where the target can hold one (attention models): more accepted per pass of the same size
-        self.tree = tree and drafter is not None and target.branches >= self.block_size
+        # a tree where the target can hold one (attention models): more accepted per pass of the same size
+        self.tree_size = min(tree_size, target.branches) if drafter is not None and target.branches else 0
         # what it learns (pass costs, acceptance) carries over from one generation to the next
-        self.policy = DraftLength(self.block_size - 1) if drafter is not None and adaptive else None
+        self.policy = DraftLength(self.block_size - 1, self.tree_size) if drafter is not None and adaptive else None
 
     def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
                  on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
@@ -121,15 +121,23 @@ class Engine:
                 if pos + 1 > tg.n_ctx:
                     stop = "context"
                     break
-                # drafts beyond the budget or the context would be wasted
-                k = min(self.block_size - 1, max_tokens - len(out) - 1, tg.n_ctx - pos - 1) if dr else 0
+                # drafts deeper than the budget, or more than the context holds, would be wasted
+                depth = max(min(self.block_size - 1, max_tokens - len(out) - 1), 0)
+                room = tg.n_ctx - pos - 1
+                max_chain = min(depth, room)
+                max_tree = min(self.tree_size, room) if depth else 0
                 if policy:
-                    k = policy.choose(k)
+                    choice = policy.choose(max_chain, max_tree)
+                else:  # always all the drafts, a tree where there is one
+                    choice = Choice(True, max_tree) if max_tree else Choice(False, max_chain)
                 t_draft, t_target = stats.t_draft, stats.t_target
-                step = self._tree_step if self.tree and k > 0 else self._step
-                accepted, anchor_next = step(anchor, pos, k, sampler, stats)
+                if choice.tree:
+                    accepted, anchor_next, ranks = self._tree_step(anchor, pos, choice.k, depth, sampler, stats)
+                else:
+                    accepted, anchor_next = self._step(anchor, pos, choice.k, sampler, stats)
+                    ranks = list(range(1, len(accepted) + 1))
                 if policy:
-                    policy.record(k, len(accepted), stats.t_draft - t_draft, stats.t_target - t_target)
+                    policy.record(choice, ranks, stats.t_draft - t_draft, stats.t_target - t_target)
                 n_acc = len(accepted)
                 for i, tok in enumerate(accepted):
                     if tg.is_eog(tok):
@@ -178,12 +186,15 @@ class Engine:
             stats.t_target += time.perf_counter() - t
         return drafts[:n_acc].tolist(), token
 
-    def _tree_step(self, anchor: int, pos: int, k: int, sampler: Sampler, stats: Stats) -> tuple[list[int], int]:
-        """As _step with a tree of k drafts: from the anchor, the target's own token at each node (greedy or sampled
-        from its distribution, so lossless as _step) leads to the child drafting it, until none does."""
+    def _tree_step(self, anchor: int, pos: int, k: int, depth: int, sampler: Sampler,
+                   stats: Stats) -> tuple[list[int], int, list[int]]:
+        """As _step with a tree of k drafts at most `depth` deep: from the anchor, the target's own token at each node
+        (greedy or sampled from its distribution, so lossless as _step) leads to the child drafting it, until none
+        does. Also returns the accepted nodes' ranks in the tree (DraftTree.ranks)."""
         tg, dr = self.target, self.drafter
         t = time.perf_counter()
-        tree = build_tree(*dr.draft_top(anchor, N_TOP, self.block_size), k)
+        ids, probs = dr.draft_top(anchor, N_TOP, self.block_size)
+        tree = build_tree(ids[:depth], probs[:depth], k)
         stats.t_draft += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -205,4 +216,4 @@ class Engine:
         stats.t_target += time.perf_counter() - t
         stats.accepted.append(n_acc)
         stats.drafted.append(k)
-        return [tree.tokens[i - 1] for i in path[1:]], token
+        return [tree.tokens[i - 1] for i in path[1:]], token, [tree.ranks[i] for i in path[1:]]

@@ -7,6 +7,7 @@ from pathlib import Path
 from dflash_local.errors import UserError
 from dflash_local.native import Drafter, NativeError
 from dflash_local.target import Target, TargetParams, read_gguf_arch
+from dflash_local.tree import TREE_SIZE
 
 
 def open_drafter(path: Path, target_path: Path, n_ctx: int, device: str | None = None,
@@ -30,5 +31,5 @@ def open_models(target_path: Path, drafter_path: Path | None, params: TargetPara
         # room for one block past the target's last position
         drafter = open_drafter(drafter_path, target_path, params.n_ctx + 64, device, params.n_threads)
     layers = drafter.info.target_layers if drafter else ()
-    block = drafter.info.block_size if drafter else 0  # the most drafts a step rolls back, or branches into
-    return Target(target_path, params, capture_layers=layers, rollback=block, branches=block), drafter
+    block = drafter.info.block_size if drafter else 0  # the most drafts a step rolls back
+    return Target(target_path, params, capture_layers=layers, rollback=block, branches=TREE_SIZE), drafter

@@ -66,9 +66,9 @@ class Target:
 
     def __init__(self, path: str | Path, params: TargetParams, capture_layers: tuple[int, ...] = (),
                  rollback: int = 0, branches: int = 0):
-        """rollback: recurrent state snapshots to keep for rejected drafts. branches: the most leaves of a tree of
-        drafts that decode_tree verifies (each leaf a sequence sharing the prefix's cells; attention models with
-        one sequence only, else 0)."""
+        """rollback: recurrent state snapshots to keep for rejected drafts. branches: the most drafts of a tree that
+        decode_tree verifies (each leaf a sequence sharing the prefix's cells; attention models with one sequence
+        only, else 0)."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"target model not found: {path}")

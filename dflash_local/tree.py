@@ -5,9 +5,17 @@ the drafter is unsure. The target verifies the whole tree in one pass of as many
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+# No numpy here: the command line reads TREE_SIZE, and numpy loaded before llama_cpp crashed llama.cpp's CUDA model
+# load (an H200 machine, numpy 2). The most drafts of a tree by default: a pass of 63 tokens, which on a GPU costs about what 16 do. From 64 on, ggml's CPU
+# flash attention takes its tiled path (GGML_FA_TILE_Q), which rounds differently from the target's one-token passes
+TREE_SIZE = 62
 
 
 @dataclass
@@ -17,30 +25,32 @@ class DraftTree:
     depths: list[int]  # batch index -> depth (the anchor 0)
     children: list[dict[int, int]]  # batch index -> {token: batch index of that child}
     seqs: list[tuple[int, ...]]  # batch index -> the sequences (one per leaf) of the leaves below it, first its own
+    ranks: list[int]  # batch index -> the order in which it was chosen (anchor 0): a budget of m keeps ranks <= m
 
 
 def build_tree(ids: np.ndarray, probs: np.ndarray, budget: int) -> DraftTree:
     """The `budget` likeliest paths' nodes, best first: ids and probs [positions, n_top] likeliest first. A node's
     candidates are its next sibling (the next likeliest token of its position) and its first child, so nodes come
-    after their parents."""
-    logp = np.log(np.maximum(probs.astype(np.float64), 1e-30))
-    max_depth = min(len(ids), budget)
+    after their parents, and the tree of a smaller budget is the first nodes of this one (ranks)."""
+    logp = [[math.log(max(p, 1e-30)) for p in row] for row in probs.tolist()]
+    tops = ids.tolist()
+    max_depth = min(len(tops), budget)
     tokens: list[int] = []
     parents: list[int] = []
     depths = [0]
     scores = [0.0]  # batch index -> log-probability of its path
-    heap = [(-logp[0, 0], 0, 0, 0)]  # (-score, parent batch index, depth - 1, rank)
+    heap = [(-logp[0][0], 0, 0, 0)]  # (-score, parent batch index, depth - 1, rank)
     while heap and len(tokens) < budget:
         neg, parent, d, rank = heapq.heappop(heap)
-        tokens.append(int(ids[d, rank]))
+        tokens.append(tops[d][rank])
         parents.append(parent)
         depths.append(d + 1)
         scores.append(-neg)
         node = len(tokens)
-        if rank + 1 < ids.shape[1]:
-            heapq.heappush(heap, (-(scores[parent] + logp[d, rank + 1]), parent, d, rank + 1))
+        if rank + 1 < len(tops[d]):
+            heapq.heappush(heap, (-(scores[parent] + logp[d][rank + 1]), parent, d, rank + 1))
         if d + 1 < max_depth:
-            heapq.heappush(heap, (neg - logp[d + 1, 0], node, d + 1, 0))
+            heapq.heappush(heap, (neg - logp[d + 1][0], node, d + 1, 0))
     # depth first, likeliest child first: the likeliest chain takes the batch's first cells, so that a path along it
     # keeps cells in the order of its positions (Target.keep_branch)
     kids: list[list[int]] = [[] for _ in range(len(tokens) + 1)]
@@ -52,6 +62,7 @@ def build_tree(ids: np.ndarray, probs: np.ndarray, budget: int) -> DraftTree:
         order.append(i)
         stack.extend(kids[i][::-1])
     new_index = {old: new for new, old in enumerate(order, start=1)} | {0: 0}
+    ranks = [0, *order]  # old index = order chosen
     tokens = [tokens[i - 1] for i in order]
     parents = [new_index[parents[i - 1]] for i in order]
     depths = [0] + [depths[i] for i in order]
@@ -65,4 +76,4 @@ def build_tree(ids: np.ndarray, probs: np.ndarray, budget: int) -> DraftTree:
         below[leaf].append(seq)
     for i in range(n - 1, 0, -1):  # parents come first, so children's sets are complete here
         below[parents[i - 1]].extend(below[i])
-    return DraftTree(tokens, parents, depths, children, [tuple(sorted(b)) for b in below])
+    return DraftTree(tokens, parents, depths, children, [tuple(sorted(b)) for b in below], ranks)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from synthetic_drafters import random_drafter_gguf
 from typer.testing import CliRunner
@@ -61,3 +64,12 @@ def test_run_bad_inputs(smollm2_path, smol_drafter, tiny_target, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.output
+
+
+def test_the_command_line_loads_llama_cpp_before_numpy():
+    """numpy loaded before llama_cpp crashed llama.cpp's CUDA model load (an H200 machine): the command line's own
+    modules import neither, and the native helper imports llama_cpp first."""
+    code = ("import sys, dflash_local.cli; assert 'numpy' not in sys.modules, 'numpy'; import dflash_local.native; "
+            "m = list(sys.modules); print(m.index('llama_cpp.llama_cpp') < m.index('numpy'))")  # the one loading libllama
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

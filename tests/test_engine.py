@@ -20,6 +20,7 @@ from dflash_local.models import SHIPPED_DRAFTERS
 from dflash_local.native import Drafter, DrafterInfo
 from dflash_local.sampling import SamplingParams, target_probs
 from dflash_local.target import Target, TargetParams
+from dflash_local.tree import TREE_SIZE
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
 N_TOKENS = 40
@@ -81,16 +82,17 @@ def test_identity_random_drafter(arch, tiny_target, drafters):
     path = tiny_target(arch)
     dr = Drafter(drafters[arch], path, n_ctx=PARAMS.n_ctx + 64, n_threads=1)
     tg = Target(path, PARAMS, capture_layers=dr.info.target_layers, rollback=dr.info.block_size,
-                branches=dr.info.block_size)
+                branches=TREE_SIZE)
     assert (tg.branches > 0) != tg.recurrent, "trees of drafts on attention models"
     for prompt_text in PROMPTS:
         prompt = tg.tokenize(prompt_text)
         expected = target_only(path, prompt, N_TOKENS)
         assert len(set(expected)) > 3, "the tiny target should not generate one token forever"
         for block in (2, 4, 16):
-            got = Engine(tg, dr, block, adaptive=False).generate(prompt, N_TOKENS)
-            assert got.tokens == expected, f"{arch} block {block}: {prompt_text!r}"
-            assert got.stats.passes > 0
+            for tree_size in (0, 15, TREE_SIZE):
+                got = Engine(tg, dr, block, adaptive=False, tree_size=tree_size).generate(prompt, N_TOKENS)
+                assert got.tokens == expected, f"{arch} block {block} tree {tree_size}: {prompt_text!r}"
+                assert got.stats.passes > 0
         # the adaptive draft length changes how much is verified, never what is generated
         assert Engine(tg, dr, 16).generate(prompt, N_TOKENS).tokens == expected
     tg.close()
@@ -98,7 +100,7 @@ def test_identity_random_drafter(arch, tiny_target, drafters):
 
 
 @pytest.mark.parametrize("arch,snapshots,branches", [(arch, True, 0) for arch in ARCHS] + [("qwen35", False, 0)]
-                         + [(arch, True, 16) for arch in ARCHS if arch != "qwen35"])
+                         + [(arch, True, TREE_SIZE) for arch in ARCHS if arch != "qwen35"])
 def test_identity_long_acceptance(arch, snapshots, branches, tiny_target):
     """Oracle drafts: long accepted runs and rollbacks of up to 15 tokens. For the hybrid arch, both
     rollback mechanisms: llama.cpp's recurrent snapshots and our saved-state restore. With branches, trees of
@@ -122,7 +124,7 @@ def test_identity_long_acceptance(arch, snapshots, branches, tiny_target):
 def test_identity_smollm2(smollm2_path, tmp_path):
     drafter = random_drafter_gguf(smollm2_path, tmp_path / "smol-dflash.gguf", n_layer=1)
     dr = Drafter(drafter, smollm2_path, n_ctx=PARAMS.n_ctx + 64, n_threads=1)
-    tg = Target(smollm2_path, PARAMS, capture_layers=dr.info.target_layers, rollback=16, branches=16)
+    tg = Target(smollm2_path, PARAMS, capture_layers=dr.info.target_layers, rollback=16, branches=TREE_SIZE)
     for prompt_text in PROMPTS[:2]:
         prompt = tg.tokenize(tg.chat_prompt([("user", prompt_text)]))
         expected = target_only(smollm2_path, prompt, 24)
@@ -142,12 +144,11 @@ def test_identity_smollm2_long_context_shipped_drafter(smollm2_path):
     thread they agree, and DFlash with the shipped drafter equals the target alone."""
     params = TargetParams(n_ctx=1024, n_batch=512, n_threads=1)
     dr = Drafter(SHIPPED_DRAFTERS / f"{smollm2_path.stem}-dflash.gguf", smollm2_path, n_ctx=1024 + 64, n_threads=1)
-    tg = Target(smollm2_path, params, capture_layers=dr.info.target_layers, rollback=16, branches=16)
+    tg = Target(smollm2_path, params, capture_layers=dr.info.target_layers, rollback=16, branches=TREE_SIZE)
     prompt = tg.tokenize(" ".join(PROMPTS * 40))[:400]
     expected = target_only(smollm2_path, prompt, 64, params)
-    tree = Engine(tg, dr, 16, adaptive=False).generate(prompt, 64)
-    assert tree.tokens == expected
-    assert Engine(tg, dr, 16, adaptive=False, tree=False).generate(prompt, 64).tokens == expected
+    for tree_size in (0, 15, TREE_SIZE):
+        assert Engine(tg, dr, 16, adaptive=False, tree_size=tree_size).generate(prompt, 64).tokens == expected
     got = Engine(tg, OracleDrafter(expected, len(prompt), 16), 16, adaptive=False).generate(prompt, 64)
     assert got.tokens == expected and got.stats.tau > 2.0
     tg.close()
@@ -159,7 +160,7 @@ def _chi2_critical(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("with_drafter,branches", [(False, 0), (True, 0), (True, 16)])
+@pytest.mark.parametrize("with_drafter,branches", [(False, 0), (True, 0), (True, TREE_SIZE)])
 def test_sampling_distribution(with_drafter, branches, tiny_target):
     """The joint distribution of the first two sampled tokens matches the target's exactly computed one.
     The second token goes through the accept/reject test (or a tree's walk) when a drafter is on."""

@@ -26,6 +26,8 @@ BLOCKS=${BLOCKS:-4,8,16}
 NGL=${NGL:-99}
 DEVICE=${DEVICE:-CUDA0}  # the drafter's ggml device
 LABEL=${LABEL:-}
+BENCH_ARGS=${BENCH_ARGS:-}  # more `dflash bench` flags, e.g. "--tree-size 0 --fixed"
+SUFFIX=${SUFFIX:-}  # added to the result files' names
 # packages whose code the train step cuts prompts from, where installed (more than --max-prompts takes)
 CODE_PACKAGES=${CODE_PACKAGES-torch sympy transformers matplotlib pip pandas scipy sklearn setuptools networkx numpy jinja2}
 
@@ -172,9 +174,9 @@ locate_models() {
     fi
     local gpu
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z ' 'a-z-' || true)
-    TAG=${gpu:-cpu}-$(date +%Y%m%d)
+    TAG=${gpu:-cpu}-$(date +%Y%m%d)$SUFFIX
     ARGS=("$TARGET" -d "$DRAFTER" --prompts "$PROMPTS" -n "$N" --max-tokens "$MAX_TOKENS" --block-sizes "$BLOCKS"
-          -ngl "$NGL" --device "$DEVICE" ${LABEL:+--label "$LABEL"})
+          -ngl "$NGL" --device "$DEVICE" ${LABEL:+--label "$LABEL"} $BENCH_ARGS)
     mkdir -p "$RESULTS"
 }
 

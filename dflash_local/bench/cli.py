@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from dflash_local.tree import TREE_SIZE
+
 
 def bench(
     target: Path = typer.Argument(..., help="Target GGUF."),
@@ -19,6 +21,8 @@ def bench(
     adaptive: bool = typer.Option(True, "--adaptive/--fixed", help="Draft length chosen per step by measured "
                                   "speed, as `dflash run` does (the block size is its maximum), or always "
                                   "the whole block (shows what verification costs per block size)."),
+    tree_size: int = typer.Option(TREE_SIZE, "--tree-size", min=0, max=TREE_SIZE, help="The most drafts of a "
+                                  "tree of drafts; 0: one chain."),
     chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap prompts in the "
                                        "target's chat template (default: raw completion for humaneval, else on)."),
     json_out: Path = typer.Option(None, "--json", help="Write the results as JSON."),
@@ -66,7 +70,7 @@ def bench(
             binary = find_binary(compare_llama_cpp)
         cfg = BenchConfig(target, drafter, load_prompts(prompts, n_prompts, chat_template), max_tokens, sizes,
                           TargetParams(n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads), device,
-                          adaptive)
+                          adaptive, tree_size)
         result = run_bench(cfg, err, on_mismatch)
         totals = dict(result.totals)
         if binary is not None:

@@ -23,6 +23,7 @@ from dflash_local.bench.prompts import Prompt
 from dflash_local.engine import Engine, Generation, Stats
 from dflash_local.loader import open_drafter
 from dflash_local.target import Target, TargetParams
+from dflash_local.tree import TREE_SIZE
 
 WARMUP_TOKENS = 16
 
@@ -37,6 +38,7 @@ class BenchConfig:
     params: TargetParams
     device: str | None = None  # the drafter's ggml device
     adaptive: bool = True  # draft length chosen per step (as `dflash run` does), else the whole block
+    tree_size: int = TREE_SIZE  # the most drafts of a tree (0: a chain)
 
 
 @dataclass
@@ -159,12 +161,12 @@ def run_bench(cfg: BenchConfig, console: Console,
     drafter = open_drafter(cfg.drafter, cfg.target, cfg.params.n_ctx + 64, cfg.device, cfg.params.n_threads)
     mem1, gpu1 = rss_mb(), gpu_used_mb()
     tg = Target(cfg.target, cfg.params, capture_layers=drafter.info.target_layers, rollback=drafter.info.block_size,
-                branches=drafter.info.block_size)
+                branches=TREE_SIZE)
     # a recurrent target keeps state snapshots for DFlash's rollback: the target alone must not pay for them
     base_tg = Target(cfg.target, cfg.params) if tg.recurrent else tg
     try:
         baseline = Engine(base_tg)
-        engines = {b: Engine(tg, drafter, b, adaptive=cfg.adaptive) for b in cfg.block_sizes}
+        engines = {b: Engine(tg, drafter, b, cfg.adaptive, cfg.tree_size) for b in cfg.block_sizes}
         totals = {"target": Totals("target")} | {f"dflash-{b}": Totals("dflash", b) for b in cfg.block_sizes}
         notes = ["recurrent target: the target alone ran in a context of its own, without snapshots"] \
             if base_tg is not tg else []

@@ -32,12 +32,12 @@ class EvalReport:
 
 
 def measure_tau(target: Path, drafter: Path, prompts: list[Prompt], max_new_tokens: int, params: TargetParams,
-                device: str | None, progress: Progress, tree: bool = True) -> EvalReport:
-    """tree: the drafts as a tree of a block's size where the target can verify one, as `dflash run` does;
-    else as one chain."""
+                device: str | None, progress: Progress, tree_size: int = 15) -> EvalReport:
+    """tree_size: the drafts of a pass as a tree of that many where the target can verify one (15: a pass the size
+    of a block of 16), 0: as one chain."""
     tg, dr = open_models(target, drafter, params, device)
     try:
-        engine = Engine(tg, dr, adaptive=False, tree=tree)  # every pass drafts the whole block: tau measures the drafter
+        engine = Engine(tg, dr, adaptive=False, tree_size=tree_size)  # every pass drafts the whole block: tau measures the drafter
         taus, tokens, seconds = [], 0, 0.0
         task = progress.add_task("evaluation", total=len(prompts))
         for p in prompts:
