@@ -1,14 +1,15 @@
 """How many drafted tokens to verify per step, as a chain or as a tree, chosen for the most tokens per second.
 
-On a GPU a target pass over 16 or 63 tokens costs about as much as over 1, so a whole block, or a big
-tree of drafts, is worth verifying. On a CPU it costs several times more, and a drafter that is often
+On a GPU a target's compute over 16 or 63 tokens costs about as much as over 1, so a whole block, or a big
+tree of drafts, is worth verifying where compute sets the pace (not the host's work per pass, as for a model
+of 135M). On a CPU it costs several times more, and a drafter that is often
 wrong makes long blocks a loss. A tree gains more per pass than a chain of as many drafts, but its pass
 costs more where the host's work per pass counts (its sequences, and the path decoded again when it
 leaves the first chain). For k drafts the expected gain is 1 + the drafts accepted, and the cost is a
-drafter pass plus a target pass; k = 0 is the target alone. Both are measured as the run goes (each
-choice is tried once first, and again now and then). The drafts of a smaller choice are the first of a
-bigger one of its kind (a chain's first drafts, a tree's first-chosen nodes), so every step also tells
-what each smaller choice of its kind would have accepted.
+drafter pass plus a target pass; k = 0 is the target alone. Both are measured as the run goes: each
+choice is tried once first, then the best one's neighbours again now and then. The drafts of a smaller
+choice are the first of a bigger one of its kind (a chain's first drafts, a tree's first-chosen nodes),
+so every step also tells what each smaller choice of its kind would have accepted.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ class DraftLength:
         untried = [c for c in options if c not in self.cost]
         if untried:
             return untried[-1]
-        if self.steps % EXPLORE_EVERY == 0:
-            return options[(self.steps // EXPLORE_EVERY) % len(options)]
-        return max(options, key=self._rate)
+        best = max(options, key=self._rate)
+        if self.steps % EXPLORE_EVERY == 0:  # a neighbour of the best, by turns the next smaller and the next bigger:
+            # a far one can cost many one-token passes (a tree of 62 on a CPU), and it has been measured before
+            i = options.index(best) + (1 if self.steps // EXPLORE_EVERY % 2 else -1)
+            return options[min(max(i, 0), len(options) - 1)]
+        return best
 
     def record(self, choice: Choice, ranks: list[int], t_draft: float, t_target: float) -> None:
         """ranks: the order in which the accepted drafts were chosen (1: first), along the accepted path."""
