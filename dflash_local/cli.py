@@ -105,8 +105,8 @@ def run(
 
 def _run(target: Path | None, drafter: Path | None, prompt: str | None, file: Path | None, no_chat_template: bool,
          max_tokens: int, temp: float, top_k: int, top_p: float, min_p: float, seed: int | None,
-         block_size: int | None, tree_size: int, ctx_size: int, n_gpu_layers: int, threads: int, tensor_split: str | None,
-         main_gpu: int, device: str | None, no_draft: bool) -> None:
+         block_size: int | None, tree_size: int, ctx_size: int, n_gpu_layers: int, threads: int,
+         tensor_split: str | None, main_gpu: int, device: str | None, no_draft: bool) -> None:
     from dflash_local import models
     from dflash_local.engine import Engine
     from dflash_local.errors import UserError

@@ -1,6 +1,6 @@
 """A tree of drafts from one DFlash pass: the drafter gives each block position's likeliest tokens (marginals, not
 conditioned on each other), so the most likely paths by the product of their tokens' probabilities branch where
-the drafter is unsure. The target verifies the whole tree in one pass of as many tokens as a straight block."""
+the drafter is unsure. The target verifies the whole tree in one pass."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 # No numpy here: the command line reads TREE_SIZE, and numpy loaded before llama_cpp crashed llama.cpp's CUDA model
-# load (an H200 machine, numpy 2). The most drafts of a tree by default: a pass of 63 tokens, which on a GPU costs about what 16 do. From 64 on, ggml's CPU
-# flash attention takes its tiled path (GGML_FA_TILE_Q), which rounds differently from the target's one-token passes
+# load (an H200 machine, numpy 2). The most drafts of a tree: a pass of 63 tokens, whose compute on a GPU costs about
+# what 16 tokens' does. From 64 on, ggml's CPU flash attention takes its tiled path (GGML_FA_TILE_Q), which rounds
+# differently from the target's one-token passes.
 TREE_SIZE = 62
 
 

@@ -70,6 +70,6 @@ def test_the_command_line_loads_llama_cpp_before_numpy():
     """numpy loaded before llama_cpp crashed llama.cpp's CUDA model load (an H200 machine): the command line's own
     modules import neither, and the native helper imports llama_cpp first."""
     code = ("import sys, dflash_local.cli; assert 'numpy' not in sys.modules, 'numpy'; import dflash_local.native; "
-            "m = list(sys.modules); print(m.index('llama_cpp.llama_cpp') < m.index('numpy'))")  # the one loading libllama
+            "m = list(sys.modules); print(m.index('llama_cpp.llama_cpp') < m.index('numpy'))")  # it loads libllama
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

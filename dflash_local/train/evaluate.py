@@ -37,7 +37,8 @@ def measure_tau(target: Path, drafter: Path, prompts: list[Prompt], max_new_toke
     of a block of 16), 0: as one chain."""
     tg, dr = open_models(target, drafter, params, device)
     try:
-        engine = Engine(tg, dr, adaptive=False, tree_size=tree_size)  # every pass drafts the whole block: tau measures the drafter
+        # every pass drafts the whole block (or tree): tau measures the drafter
+        engine = Engine(tg, dr, adaptive=False, tree_size=tree_size)
         taus, tokens, seconds = [], 0, 0.0
         task = progress.add_task("evaluation", total=len(prompts))
         for p in prompts:
