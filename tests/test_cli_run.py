@@ -71,5 +71,6 @@ def test_the_command_line_loads_llama_cpp_before_numpy():
     modules import neither, and the native helper imports llama_cpp first."""
     code = ("import sys, dflash_local.cli; assert 'numpy' not in sys.modules, 'numpy'; import dflash_local.native; "
             "m = list(sys.modules); print(m.index('llama_cpp.llama_cpp') < m.index('numpy'))")  # it loads libllama
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # -P: the installed dflash_local, not the source tree of the current folder
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
