@@ -128,7 +128,7 @@ def _run(target: Path | None, drafter: Path | None, prompt: str | None, file: Pa
     split = tuple(float(x) for x in tensor_split.split(",")) if tensor_split else ()
     params = TargetParams(n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads, main_gpu=main_gpu,
                           tensor_split=split)
-    tg, dr = open_models(target, None if no_draft else drafter, params, device)
+    tg, dr = open_models(target, None if no_draft else drafter, params, device, tree_size)
     if dr is None and not no_draft:
         console.print(f"[yellow]note:[/yellow] no drafter found for {target.name} ({target.stem}-dflash*.gguf): "
                       "running the target alone. Make one with `dflash train`.", highlight=False)

@@ -75,7 +75,7 @@ class Engine:
                 raise UserError(f"--block-size must be in 2..{drafter.info.block_size} (the drafter's trained size)")
             if target.capture is None:
                 raise ValueError("a target used with a drafter needs capture layers")
-        # a tree where the target can hold one (attention models): more accepted per pass of the same size
+        # a tree where the target can hold one (attention models, opened with branches)
         self.tree_size = min(tree_size, target.branches) if drafter is not None and target.branches else 0
         # what it learns (pass costs, acceptance) carries over from one generation to the next
         self.policy = DraftLength(self.block_size - 1, self.tree_size) if drafter is not None and adaptive else None

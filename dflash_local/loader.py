@@ -10,26 +10,30 @@ from dflash_local.target import Target, TargetParams, read_gguf_arch
 from dflash_local.tree import TREE_SIZE
 
 
-def open_drafter(path: Path, target_path: Path, n_ctx: int, device: str | None = None,
-                 n_threads: int = 0) -> Drafter:
+def open_drafter(path: Path, target_path: Path, params: TargetParams, device: str | None = None) -> Drafter:
+    """The drafter for a target run with params; its context holds one block past the target's last position."""
     if not path.is_file():
         raise UserError(f"drafter not found: {path}")
     arch = read_gguf_arch(path)
     if arch != "dflash":
         raise UserError(f"{path} is not a DFlash drafter (architecture '{arch}')")
     try:
-        return Drafter(path, target_path, n_ctx=n_ctx, device=device, n_threads=n_threads)
+        return Drafter(path, target_path, n_ctx=params.n_ctx + 64, device=device, n_threads=params.n_threads)
     except NativeError as e:
         raise UserError(f"cannot use drafter {path} with {target_path.name}: {e}") from e
 
 
-def open_models(target_path: Path, drafter_path: Path | None, params: TargetParams,
-                device: str | None = None) -> tuple[Target, Drafter | None]:
-    """The target, capturing the layers the drafter reads, and the drafter (or None)."""
-    drafter = None
-    if drafter_path is not None:
-        # room for one block past the target's last position
-        drafter = open_drafter(drafter_path, target_path, params.n_ctx + 64, device, params.n_threads)
-    layers = drafter.info.target_layers if drafter else ()
-    block = drafter.info.block_size if drafter else 0  # the most drafts a step rolls back
-    return Target(target_path, params, capture_layers=layers, rollback=block, branches=TREE_SIZE), drafter
+def open_target(path: Path, params: TargetParams, drafter: Drafter | None, tree_size: int = TREE_SIZE) -> Target:
+    """The target, capturing the layers the drafter reads, with rollback for its blocks and room for trees of tree_size
+    drafts (a shared KV buffer and a sequence per leaf, which cost a little on every pass: none without a drafter)."""
+    if drafter is None:
+        return Target(path, params)
+    return Target(path, params, capture_layers=drafter.info.target_layers, rollback=drafter.info.block_size,
+                  branches=tree_size)
+
+
+def open_models(target_path: Path, drafter_path: Path | None, params: TargetParams, device: str | None = None,
+                tree_size: int = TREE_SIZE) -> tuple[Target, Drafter | None]:
+    """The target and the drafter (or None), as open_target and open_drafter give them."""
+    drafter = open_drafter(drafter_path, target_path, params, device) if drafter_path is not None else None
+    return open_target(target_path, params, drafter, tree_size), drafter

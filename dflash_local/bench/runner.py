@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dflash_local.bench.machine import gpu_used_mb, peak_rss_mb, rss_mb
 from dflash_local.bench.prompts import Prompt
 from dflash_local.engine import Engine, Generation, Stats
-from dflash_local.loader import open_drafter
+from dflash_local.loader import open_drafter, open_target
 from dflash_local.target import Target, TargetParams
 from dflash_local.tree import TREE_SIZE
 
@@ -158,10 +158,9 @@ def run_bench(cfg: BenchConfig, console: Console,
               on_mismatch: Callable[[Mismatch], None] | None = None) -> BenchResult:
     mem0, gpu0 = rss_mb(), gpu_used_mb()
     # the drafter first, so that its own memory can be read off (open_models loads both at once)
-    drafter = open_drafter(cfg.drafter, cfg.target, cfg.params.n_ctx + 64, cfg.device, cfg.params.n_threads)
+    drafter = open_drafter(cfg.drafter, cfg.target, cfg.params, cfg.device)
     mem1, gpu1 = rss_mb(), gpu_used_mb()
-    tg = Target(cfg.target, cfg.params, capture_layers=drafter.info.target_layers, rollback=drafter.info.block_size,
-                branches=TREE_SIZE)
+    tg = open_target(cfg.target, cfg.params, drafter, cfg.tree_size)
     # a recurrent target keeps state snapshots for DFlash's rollback: the target alone must not pay for them
     base_tg = Target(cfg.target, cfg.params) if tg.recurrent else tg
     try:

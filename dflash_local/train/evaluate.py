@@ -35,7 +35,7 @@ def measure_tau(target: Path, drafter: Path, prompts: list[Prompt], max_new_toke
                 device: str | None, progress: Progress, tree_size: int = 15) -> EvalReport:
     """tree_size: the drafts of a pass as a tree of that many where the target can verify one (15: a pass the size
     of a block of 16), 0: as one chain."""
-    tg, dr = open_models(target, drafter, params, device)
+    tg, dr = open_models(target, drafter, params, device, tree_size)
     try:
         # every pass drafts the whole block (or tree): tau measures the drafter
         engine = Engine(tg, dr, adaptive=False, tree_size=tree_size)
