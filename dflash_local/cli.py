@@ -52,12 +52,14 @@ def main(
 def doctor() -> None:
     """Check the native helper: the ggml it was built against, the ggml loaded, the devices."""
     from dflash_local import native
+    from dflash_local.target import available_cores
 
     built, loaded = native.build_ggml_version(), native.loaded_ggml_version()
     console.print(f"dflash-local {__version__}")
     console.print(f"native helper: {native.lib._name}")
     console.print(f"ggml built against: {built}; loaded by llama-cpp-python: {loaded}")
     console.print(f"devices: {', '.join(native.devices())}")
+    console.print(f"CPU threads by default: {available_cores()} (the cores this process may use)")
     if built != loaded:
         console.print("[red]ggml versions differ: reinstall dflash-local against this llama-cpp-python[/red]")
         raise typer.Exit(1)
@@ -87,7 +89,7 @@ def run(
                                   "holds (each step verifies as many as measured speed favours); 0: one chain."),
     ctx_size: int = typer.Option(4096, "--ctx-size", "-c", min=16),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU."),
-    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: llama.cpp's default)."),
+    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: the cores this process may use)."),
     tensor_split: str = typer.Option(None, "--tensor-split", help="Split over GPUs, e.g. 3,1."),
     main_gpu: int = typer.Option(0, "--main-gpu"),
     device: str = typer.Option(None, "--device", help="ggml device for the drafter (CPU, CUDA0, ...)."),

@@ -1,22 +1,27 @@
 """How many drafted tokens to verify per step, as a chain or as a tree, chosen for the most tokens per second.
 
 On a GPU a target's compute over 16 or 63 tokens costs about as much as over 1, so a whole block, or a big
-tree of drafts, is worth verifying where compute sets the pace (not the host's work per pass, as for a model
-of 135M). On a CPU it costs several times more, and a drafter that is often
-wrong makes long blocks a loss. A tree gains more per pass than a chain of as many drafts, but its pass
-costs more where the host's work per pass counts (its sequences, and the path decoded again when it
-leaves the first chain). For k drafts the expected gain is 1 + the drafts accepted, and the cost is a
-drafter pass plus a target pass; k = 0 is the target alone. Both are measured as the run goes: each
-choice is tried once first, then the best one's neighbours again now and then. The drafts of a smaller
-choice are the first of a bigger one of its kind (a chain's first drafts, a tree's first-chosen nodes),
-so every step also tells what each smaller choice of its kind would have accepted.
+tree of drafts, is worth verifying where compute sets the pace. On a CPU a pass of 16 tokens costs several one-token
+passes and a drafter pass more than one (SmolLM2 on this project's 2-core CPU: 10x and 2-3x), so the target alone is
+often fastest there. For k drafts the expected gain is 1 + the drafts accepted, and the cost is a drafter pass plus a
+target pass; k = 0 is the target alone.
+
+The costs are known before the first step (calibrate.py measures them once per machine, model and settings), so only
+acceptance is learnt as the run goes, and what was learnt seeds the next run (`prior`). A choice never measured is
+tried when it could beat the best one even if every draft were accepted, and only while the time spent on such tries
+stays within EXPLORE_SHARE of the decode time so far: a short run stays the target alone's speed where drafting does
+not pay, and a long one finds where it does. The drafts of a smaller choice are the first of a bigger one of its
+kind (a chain's first drafts, a tree's first-chosen nodes), so every step also tells what each smaller choice of its
+kind would have accepted.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-EXPLORE_EVERY = 32  # steps between tries of a choice that is not the current best
+EXPLORE_SHARE = 0.03  # the most of the decode time spent on choices that are not the best by what is known
+PRIOR_STEPS = 32  # the most weight, in steps per choice, that acceptance learnt in earlier runs keeps
 
 
 @dataclass(frozen=True, order=True)
@@ -24,47 +29,70 @@ class Choice:
     tree: bool
     k: int  # drafts verified (0: the target alone)
 
+    @property
+    def key(self) -> str:
+        return f"{'tree' if self.tree else 'chain'}-{self.k}"
+
+
+def choices_for(max_chain: int, max_tree: int) -> list[Choice]:
+    """What a step may verify with a block of max_chain + 1 and trees of at most max_tree drafts."""
+    chains = {Choice(False, k) for k in (0, 1, 3, 7, 15, max_chain) if k <= max_chain}
+    trees = {Choice(True, k) for k in (15, 31, 62, max_tree) if 0 < k <= max_tree}
+    return sorted(chains | trees)
+
 
 class DraftLength:
-    def __init__(self, max_chain: int, max_tree: int = 0):
-        chains = {Choice(False, k) for k in (0, 1, 3, 7, 15, max_chain) if k <= max_chain}
-        trees = {Choice(True, k) for k in (15, 31, 62, max_tree) if 0 < k <= max_tree}
-        self.choices = sorted(chains | trees)
-        self.seen = dict.fromkeys(self.choices, 0)    # steps of its kind that verified at least its k drafts
-        self.gained = dict.fromkeys(self.choices, 0)  # ... and the drafts they would have accepted with only k
-        self.cost: dict[Choice, float] = {}  # target seconds per pass (moving average)
-        self.t_draft: dict[bool, float] = {}  # drafter seconds per pass, chain or tree (moving average)
-        self.steps = 0
+    def __init__(self, costs: dict[Choice, float], depth: int,
+                 prior: dict[Choice, tuple[float, float]] | None = None):
+        """costs: seconds a step of each choice takes (target and drafter), from calibration; depth: the most drafts a
+        step can accept (a tree's depth); prior: (steps, drafts accepted) per choice from earlier runs."""
+        self.choices = sorted(costs)
+        self.depth = depth
+        self.cost = dict(costs)  # moving averages from here on
+        self.seen = dict.fromkeys(self.choices, 0.0)    # steps of its kind that verified at least its k drafts
+        self.gained = dict.fromkeys(self.choices, 0.0)  # ... and the drafts they would have accepted with only k
+        for c, (seen, gained) in (prior or {}).items():
+            if c in self.seen and seen > 0:
+                w = min(seen, PRIOR_STEPS) / seen
+                self.seen[c], self.gained[c] = seen * w, gained * w
+        self.t_total = 0.0  # seconds of all steps recorded
+        self.t_explore = 0.0  # ... of those that were tries of a choice other than the best
 
-    def choose(self, max_chain: int, max_tree: int) -> Choice:
-        """What to verify next step: at most max_chain drafts as a chain, or max_tree as a tree."""
+    def choose(self, max_chain: int, max_tree: int) -> tuple[Choice, bool]:
+        """What to verify next step (at most max_chain drafts as a chain, or max_tree as a tree) and whether it is a
+        try rather than the best by what is known."""
         options = [c for c in self.choices if c.k <= (max_tree if c.tree else max_chain)]
-        self.steps += 1
-        untried = [c for c in options if c not in self.cost]
-        if untried:
-            return untried[-1]
         best = max(options, key=self._rate)
-        if self.steps % EXPLORE_EVERY == 0:  # a neighbour of the best, by turns the next smaller and the next bigger:
-            # a far one can cost many one-token passes (a tree of 62 on a CPU), and it has been measured before
-            i = options.index(best) + (1 if self.steps // EXPLORE_EVERY % 2 else -1)
-            return options[min(max(i, 0), len(options) - 1)]
-        return best
+        budget = EXPLORE_SHARE * self.t_total - self.t_explore
+        tries = [c for c in options if c != best and self.cost[c] <= budget and self._hope(c) > self._rate(best)]
+        if tries:
+            return max(tries, key=self._hope), True
+        return best, False
 
-    def record(self, choice: Choice, ranks: list[int], t_draft: float, t_target: float) -> None:
-        """ranks: the order in which the accepted drafts were chosen (1: first), along the accepted path."""
+    def record(self, choice: Choice, ranks: list[int], seconds: float, tried: bool) -> None:
+        """ranks: the order in which the accepted drafts were chosen (1: first), along the accepted path; seconds:
+        the step's time, target and drafter."""
         for c in self.choices:
             if c.tree == choice.tree and 0 < c.k <= choice.k:
                 self.seen[c] += 1
                 self.gained[c] += sum(r <= c.k for r in ranks)
-        self.cost[choice] = _average(self.cost.get(choice), t_target)
-        if choice.k:
-            self.t_draft[choice.tree] = _average(self.t_draft.get(choice.tree), t_draft)
+        self.cost[choice] = 0.8 * self.cost[choice] + 0.2 * seconds
+        self.t_total += seconds
+        if tried:
+            self.t_explore += seconds
+
+    def acceptance(self) -> dict[Choice, tuple[float, float]]:
+        """(steps, drafts accepted) per choice: the prior of a later run."""
+        return {c: (self.seen[c], self.gained[c]) for c in self.choices if self.seen[c]}
+
+    def _gain(self, c: Choice) -> float:
+        """Expected drafts accepted per step: none until measured (the target alone is the safe default)."""
+        return self.gained[c] / self.seen[c] if c.k and self.seen[c] else 0.0
 
     def _rate(self, c: Choice) -> float:
-        if not c.k:
-            return 1.0 / self.cost[c]
-        return (1.0 + self.gained[c] / self.seen[c]) / (self.cost[c] + self.t_draft[c.tree])
+        return (1.0 + self._gain(c)) / self.cost[c]
 
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else 0.8 * old + 0.2 * new
+    def _hope(self, c: Choice) -> float:
+        """The rate c might have: its measured gain plus a margin up to all k drafts that shrinks as it is measured."""
+        gain = self._gain(c)
+        return (1.0 + gain + (min(c.k, self.depth) - gain) / math.sqrt(1.0 + self.seen[c])) / self.cost[c]

@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dflash_local.draft_length import Choice, DraftLength
+from dflash_local import calibrate
+from dflash_local.draft_length import Choice, DraftLength, choices_for
 from dflash_local.errors import UserError
 from dflash_local.native import Drafter
 from dflash_local.sampling import Sampler, SamplingParams
 from dflash_local.target import Target
-from dflash_local.tree import TREE_SIZE, build_tree
+from dflash_local.tree import N_TOP, TREE_SIZE, build_tree
 
-N_TOP = 4  # tokens per draft position a tree may branch into (8 drafted about as well at 15 nodes)
+MAX_PENDING = 256  # features held back from the drafter while the target runs alone, before they are injected anyway
 
 
 @dataclass
@@ -77,8 +78,16 @@ class Engine:
                 raise ValueError("a target used with a drafter needs capture layers")
         # a tree where the target can hold one (attention models, opened with branches)
         self.tree_size = min(tree_size, target.branches) if drafter is not None and target.branches else 0
-        # what it learns (pass costs, acceptance) carries over from one generation to the next
-        self.policy = DraftLength(self.block_size - 1, self.tree_size) if drafter is not None and adaptive else None
+        # what it learns (pass costs, acceptance) carries over from one generation to the next, and to the next run
+        self.policy = None
+        if drafter is not None and adaptive:
+            costs = calibrate.step_costs(target, drafter, self.block_size,
+                                         choices_for(self.block_size - 1, self.tree_size))
+            prior = calibrate.load_acceptance(target, drafter, self.block_size)
+            self.policy = DraftLength(costs, self.block_size - 1, prior)
+        # features of positions the target ran alone, injected in one drafter pass when drafting resumes
+        self._pending: list[np.ndarray] = []
+        self._pending_pos = 0
 
     def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
                  on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
@@ -94,6 +103,7 @@ class Engine:
         tg.clear()
         if dr:
             dr.crop(0)
+        self._pending = []
 
         t0 = time.perf_counter()
         logits = tg.decode(prompt, 0, all_logits=False)
@@ -124,20 +134,25 @@ class Engine:
                 # drafts deeper than the budget, or more than the context holds, would be wasted
                 depth = max(min(self.block_size - 1, max_tokens - len(out) - 1), 0)
                 room = tg.n_ctx - pos - 1
+                if dr and pos + self.block_size > dr.info.n_ctx:  # the drafter's cache is full: the target goes on alone
+                    room = 0
                 max_chain = min(depth, room)
                 max_tree = min(self.tree_size, room) if depth else 0
+                tried = False
                 if policy:
-                    choice = policy.choose(max_chain, max_tree)
+                    choice, tried = policy.choose(max_chain, max_tree)
                 else:  # always all the drafts, a tree where there is one
                     choice = Choice(True, max_tree) if max_tree else Choice(False, max_chain)
-                t_draft, t_target = stats.t_draft, stats.t_target
+                t_step = time.perf_counter()
+                if choice.k:
+                    self._inject_pending(stats)
                 if choice.tree:
                     accepted, anchor_next, ranks = self._tree_step(anchor, pos, choice.k, depth, sampler, stats)
                 else:
                     accepted, anchor_next = self._step(anchor, pos, choice.k, sampler, stats)
                     ranks = list(range(1, len(accepted) + 1))
                 if policy:
-                    policy.record(choice, ranks, stats.t_draft - t_draft, stats.t_target - t_target)
+                    policy.record(choice, ranks, time.perf_counter() - t_step, tried)
                 n_acc = len(accepted)
                 for i, tok in enumerate(accepted):
                     if tg.is_eog(tok):
@@ -153,6 +168,8 @@ class Engine:
             stop = "interrupted"
 
         stats.t_decode = time.perf_counter() - t_start
+        if policy:
+            calibrate.save_acceptance(tg, dr, self.block_size, policy.acceptance())
         stats.generated = len(out)
         stats.t_capture = (tg.capture.seconds if tg.capture else 0.0) - capture0
         return Generation(out, stats, stop)
@@ -164,7 +181,7 @@ class Engine:
         drafts = np.zeros(0, dtype=np.int32)
         if k > 0:
             t = time.perf_counter()
-            drafts = dr.draft(anchor, self.block_size)[:k]
+            drafts = dr.draft(anchor, self.block_size, k)
             stats.t_draft += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -175,9 +192,11 @@ class Engine:
         n_acc, token = sampler.verify(logits, drafts)
         stats.t_target += time.perf_counter() - t
         if dr:
-            t = time.perf_counter()
-            dr.inject(tg.features()[: n_acc + 1], pos)
-            stats.t_inject += time.perf_counter() - t
+            if not self._pending:
+                self._pending_pos = pos
+            self._pending.append(tg.features()[: n_acc + 1].copy())
+            if k or len(self._pending) >= MAX_PENDING:  # else the target ran alone: they wait for the next draft
+                self._inject_pending(stats)
             stats.accepted.append(n_acc)
             stats.drafted.append(k)
         if n_acc < k:
@@ -186,6 +205,16 @@ class Engine:
             stats.t_target += time.perf_counter() - t
         return drafts[:n_acc].tolist(), token
 
+    def _inject_pending(self, stats: Stats) -> None:
+        """The features of positions the target ran alone, into the drafter in one pass."""
+        if self._pending:
+            t = time.perf_counter()
+            rows = np.concatenate(self._pending)
+            self._pending = []
+            if self._pending_pos + len(rows) <= self.drafter.info.n_ctx:  # else it is full and drafts no more
+                self.drafter.inject(rows, self._pending_pos)
+            stats.t_inject += time.perf_counter() - t
+
     def _tree_step(self, anchor: int, pos: int, k: int, depth: int, sampler: Sampler,
                    stats: Stats) -> tuple[list[int], int, list[int]]:
         """As _step with a tree of k drafts at most `depth` deep: from the anchor, the target's own token at each node
@@ -193,8 +222,8 @@ class Engine:
         does. Also returns the accepted nodes' ranks in the tree (DraftTree.ranks)."""
         tg, dr = self.target, self.drafter
         t = time.perf_counter()
-        ids, probs = dr.draft_top(anchor, N_TOP, self.block_size)
-        tree = build_tree(ids[:depth], probs[:depth], k)
+        ids, probs = dr.draft_top(anchor, N_TOP, self.block_size, depth)
+        tree = build_tree(ids, probs, k)
         stats.t_draft += time.perf_counter() - t
 
         t = time.perf_counter()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dflash_local.errors import UserError
 from dflash_local.native import Drafter, NativeError
-from dflash_local.target import Target, TargetParams, read_gguf_arch
+from dflash_local.target import Target, TargetParams, available_cores, read_gguf_arch
 from dflash_local.tree import TREE_SIZE
 
 
@@ -18,7 +18,8 @@ def open_drafter(path: Path, target_path: Path, params: TargetParams, device: st
     if arch != "dflash":
         raise UserError(f"{path} is not a DFlash drafter (architecture '{arch}')")
     try:
-        return Drafter(path, target_path, n_ctx=params.n_ctx + 64, device=device, n_threads=params.n_threads)
+        return Drafter(path, target_path, n_ctx=params.n_ctx + 64, device=device,
+                       n_threads=params.n_threads or available_cores())
     except NativeError as e:
         raise UserError(f"cannot use drafter {path} with {target_path.name}: {e}") from e
 

@@ -48,7 +48,7 @@ def _load() -> ctypes.CDLL:
         "dflash_drafter_inject": ([ctypes.c_void_p, c_float_p, c_int, c_int], c_int),
         "dflash_drafter_crop": ([ctypes.c_void_p, c_int], c_int),
         "dflash_drafter_n_pos": ([ctypes.c_void_p], c_int),
-        "dflash_drafter_draft": ([ctypes.c_void_p, c_int, c_int, c_int, c_int_p, c_float_p, c_float_p], c_int),
+        "dflash_drafter_draft": ([ctypes.c_void_p, c_int, c_int, c_int, c_int, c_int_p, c_float_p, c_float_p], c_int),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)
@@ -178,6 +178,7 @@ class Drafter:
         )
         if not self._ptr:
             raise NativeError(lib.dflash_last_error().decode())
+        self.path, self.device, self.n_threads = Path(drafter_path), device or "CPU", n_threads
         raw = _Info()
         lib.dflash_drafter_get_info(self._ptr, ctypes.byref(raw))
         fields = {name: getattr(raw, name) for name, _ in _Info._fields_[:-1] if name != "n_extract"}
@@ -196,22 +197,25 @@ class Drafter:
     def n_pos(self) -> int:
         return lib.dflash_drafter_n_pos(self._ptr)
 
-    def draft(self, anchor: int, block_size: int | None = None) -> np.ndarray:
-        """Greedy draft of block_size-1 tokens following `anchor` at position n_pos."""
+    def draft(self, anchor: int, block_size: int | None = None, n: int | None = None) -> np.ndarray:
+        """Greedy draft of the first n (default: all block_size-1) tokens of the block following `anchor` at
+        position n_pos. The block is always whole (its positions attend to each other), so a draft does not depend
+        on n; a smaller n saves the LM head's rows."""
         b = block_size or self.info.block_size
-        out = self._tokens[: b - 1]
-        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, 1, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-                                        None, None))
+        out = self._tokens[: n or b - 1]
+        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, len(out), 1,
+                                        out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), None, None))
         return out.copy()
 
-    def draft_top(self, anchor: int, n_top: int, block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The n_top likeliest tokens of each of the block_size-1 draft positions and their probabilities
-        ([block_size-1, n_top] each), likeliest first: the marginals a tree of drafts is built from."""
+    def draft_top(self, anchor: int, n_top: int, block_size: int | None = None,
+                  n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The n_top likeliest tokens of each of the first n (default: all block_size-1) draft positions and their
+        probabilities ([n, n_top] each), likeliest first: the marginals a tree of drafts is built from."""
         b = block_size or self.info.block_size
-        ids = np.zeros((b - 1, n_top), dtype=np.int32)
-        probs = np.zeros((b - 1, n_top), dtype=np.float32)
-        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, n_top, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-                                        _as_float_ptr(probs), None))
+        ids = np.zeros((n or b - 1, n_top), dtype=np.int32)
+        probs = np.zeros_like(ids, dtype=np.float32)
+        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, len(ids), n_top,
+                                        ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), _as_float_ptr(probs), None))
         order = np.argsort(-probs, axis=1, kind="stable")
         return np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1)
 
@@ -220,8 +224,8 @@ class Drafter:
         b = block_size or self.info.block_size
         ids = np.zeros(b - 1, dtype=np.int32)
         logits = np.zeros((b - 1, self.info.n_vocab), dtype=np.float32)
-        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, 1, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-                                        None, _as_float_ptr(logits)))
+        _check(lib.dflash_drafter_draft(self._ptr, anchor, b, b - 1, 1,
+                                        ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), None, _as_float_ptr(logits)))
         return logits
 
     def close(self) -> None:

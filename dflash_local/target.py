@@ -9,6 +9,7 @@ architecture has them, else a saved sequence state that is restored and re-decod
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,21 @@ class TargetParams:
     n_batch: int = 512
     n_ubatch: int = 0  # 0: n_batch
     n_gpu_layers: int = 0
-    n_threads: int = 0  # 0: llama.cpp's default
+    n_threads: int = 0  # 0: the cores this process may use (available_cores)
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()
     n_seq: int = 1  # parallel sequences, each with n_ctx tokens
     kv_unified: bool = False  # one KV buffer of n_ctx for all sequences: a batch of several keeps its order
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity): the thread count for llama.cpp's and the drafter's CPU
+    kernels. llama.cpp's own default is 4 threads, which oversubscribes 2 cores: SmolLM2 ran at 49 tok/s there, against
+    160 with 2 threads."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def read_gguf_arch(path: Path) -> str:
@@ -65,10 +76,11 @@ class Target:
     """A loaded target model and its llama.cpp context."""
 
     def __init__(self, path: str | Path, params: TargetParams, capture_layers: tuple[int, ...] = (),
-                 rollback: int = 0, branches: int = 0):
+                 rollback: int = 0, branches: int = 0, model_of: Target | None = None):
         """rollback: recurrent state snapshots to keep for rejected drafts. branches: the most drafts of a tree that
         decode_tree verifies (each leaf a sequence sharing the prefix's cells; attention models with one sequence
-        only, else 0)."""
+        only, else 0). model_of: a Target of the same file whose loaded weights this one's context uses (it must
+        be closed after this one), so that a second context costs no second copy."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"target model not found: {path}")
@@ -77,19 +89,9 @@ class Target:
         self.arch = read_gguf_arch(path)
         if self.arch == "dflash":
             raise UserError(f"{path} is a DFlash drafter, not a target model")
-        quiet_llama_logs()
-        lc.llama_backend_init()  # the API asks for it before the first model: ggml's timer and f16 tables; repeatable
-        mp = lc.llama_model_default_params()
-        mp.n_gpu_layers = params.n_gpu_layers
-        mp.main_gpu = params.main_gpu
-        # the AMX weight buffers crash ggml's matmul on Sapphire Rapids CPUs (llama.cpp #20824)
-        mp.use_extra_bufts = not cpu_has_amx()
-        if params.tensor_split:
-            self._split = (ctypes.c_float * len(params.tensor_split))(*params.tensor_split)
-            mp.tensor_split = self._split
-        self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            raise UserError(f"llama.cpp could not load {path} (unsupported architecture '{self.arch}' or corrupt file)")
+        self.path, self.params = path, params
+        self._owns_model = model_of is None
+        self.model = self._load_model(path, params) if model_of is None else model_of.model
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.n_embd = lc.llama_model_n_embd(self.model)
@@ -110,8 +112,8 @@ class Target:
         # ubatch per run of consecutive sequence ids (so step() wants them ascending) and regroups a batch of
         # unequal sequences; a shared buffer keeps the batch's order (prefill()).
         cp.kv_unified = kv_unified
-        if params.n_threads > 0:
-            cp.n_threads = cp.n_threads_batch = params.n_threads
+        self.n_threads = params.n_threads or available_cores()
+        cp.n_threads = cp.n_threads_batch = self.n_threads
         if self.recurrent and rollback > 0:
             cp.n_rs_seq = rollback
         if self.capture:
@@ -119,7 +121,7 @@ class Target:
             cp.cb_eval_user_data = self.capture.user_data
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            lc.llama_model_free(self.model)
+            self.close()
             raise UserError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {path}")
         self.n_seq = params.n_seq
         self.kv_unified = kv_unified
@@ -132,6 +134,22 @@ class Target:
         self._batch = lc.llama_batch_init(self.n_batch, 0, max(1, self.branches))
         self._saved: ctypes.Array | None = None
         self._samplers: list[ctypes.c_void_p] = []  # a sampler chain per sequence while sample_on_device
+
+    def _load_model(self, path: Path, params: TargetParams) -> lc.llama_model_p:
+        quiet_llama_logs()
+        lc.llama_backend_init()  # the API asks for it before the first model: ggml's timer and f16 tables; repeatable
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = params.n_gpu_layers
+        mp.main_gpu = params.main_gpu
+        # the AMX weight buffers crash ggml's matmul on Sapphire Rapids CPUs (llama.cpp #20824)
+        mp.use_extra_bufts = not cpu_has_amx()
+        if params.tensor_split:
+            self._split = (ctypes.c_float * len(params.tensor_split))(*params.tensor_split)
+            mp.tensor_split = self._split
+        model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            raise UserError(f"llama.cpp could not load {path} (unsupported architecture '{self.arch}' or corrupt file)")
+        return model
 
     # ---- text --------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -326,7 +344,8 @@ class Target:
             self.ctx = None
             self._free_samplers()  # after the context, which holds them
         if getattr(self, "model", None):
-            lc.llama_model_free(self.model)
+            if self._owns_model:
+                lc.llama_model_free(self.model)
             self.model = None
         if getattr(self, "capture", None):
             self.capture.close()

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 # what 16 tokens' does. From 64 on, ggml's CPU flash attention takes its tiled path (GGML_FA_TILE_Q), which rounds
 # differently from the target's one-token passes.
 TREE_SIZE = 62
+N_TOP = 4  # tokens per draft position a tree may branch into (8 drafted about as well at 15 nodes)
 
 
 @dataclass

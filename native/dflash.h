@@ -67,12 +67,12 @@ int32_t          dflash_drafter_inject(dflash_drafter * d, const float * feature
 int32_t          dflash_drafter_crop(dflash_drafter * d, int32_t n_pos);
 int32_t          dflash_drafter_n_pos(const dflash_drafter * d);
 // Block path at position p0 = n_pos: [anchor, MASK x (block_size-1)] -> the n_top likeliest tokens of
-// positions 1..block_size-1 into out_tokens ([block_size-1][n_top] ids: the argmax for n_top 1, else in
-// no particular order) and, for n_top > 1, their probabilities into out_probs (if not NULL). out_logits,
-// if not NULL, receives the logits [block_size-1, n_vocab] (tests only). The block's K/V do not stay in
-// the cache.
-int32_t          dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t n_top,
-                                      int32_t * out_tokens, float * out_probs, float * out_logits);
+// positions 1..n_draft (n_draft <= block_size-1; the whole block attends as always, only the LM head is cut) into
+// out_tokens ([n_draft][n_top] ids: the argmax for n_top 1, else in no particular order) and, for n_top > 1, their
+// probabilities into out_probs (if not NULL). out_logits, if not NULL, receives the logits [n_draft, n_vocab]
+// (tests only). The block's K/V do not stay in the cache.
+int32_t          dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t n_draft,
+                                      int32_t n_top, int32_t * out_tokens, float * out_probs, float * out_logits);
 
 #ifdef __cplusplus
 }

@@ -437,7 +437,7 @@ int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_
     });
 }
 
-int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t n_top,
+int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t n_draft, int32_t n_top,
                              int32_t * out_tokens, float * out_probs, float * out_logits) {
     return guarded([&] {
         const auto &  in = d->info;
@@ -445,6 +445,9 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
         const int32_t p0 = d->n_pos;
         if (B < 2 || B > in.block_size) {
             throw std::runtime_error("block size must be in 2.." + std::to_string(in.block_size) + " (the drafter's trained size)");
+        }
+        if (n_draft < 1 || n_draft > B - 1) {
+            throw std::runtime_error("n_draft must be in 1.." + std::to_string(B - 1));
         }
         if (n_top < 1 || n_top > in.n_vocab) {
             throw std::runtime_error("n_top must be in 1.." + std::to_string(in.n_vocab));
@@ -497,8 +500,8 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
             ggml_tensor * ff = ggml_mul(ctx, ggml_silu(ctx, ggml_mul_mat(ctx, L.gate, h)), ggml_mul_mat(ctx, L.up, h));
             x = ggml_add(ctx, x, ggml_mul_mat(ctx, L.down, ff));
         }
-        // only positions 1..B-1 are drafts
-        x = ggml_view_2d(ctx, x, in.n_embd, B - 1, x->nb[1], x->nb[1]);
+        // positions 1..n_draft are the drafts wanted: the LM head, most of a pass's cost, runs on those rows only
+        x = ggml_view_2d(ctx, x, in.n_embd, n_draft, x->nb[1], x->nb[1]);
         ggml_tensor * logits = ggml_mul_mat(ctx, d->output, d->norm(ctx, x, d->output_norm));
         ggml_tensor * ids    = nullptr;
         ggml_tensor * probs  = nullptr;
@@ -510,7 +513,7 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
                 ids = ggml_cont(ctx, ggml_argsort_top_k(ctx, logits, n_top));
             }
             ggml_tensor * p = ggml_soft_max(ctx, logits);
-            probs = ggml_get_rows(ctx, ggml_reshape_3d(ctx, p, 1, in.n_vocab, B - 1), ids);  // [1, n_top, B-1]
+            probs = ggml_get_rows(ctx, ggml_reshape_3d(ctx, p, 1, in.n_vocab, n_draft), ids);  // [1, n_top, n_draft]
             ggml_set_output(probs);
             ggml_build_forward_expand(gf, probs);
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,14 @@ from dflash_local.errors import UserError
 from dflash_local.models import default_target
 
 quiet_logs()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' own cache folder (pass costs, acceptance), also for the commands they start: none of the user's."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["DFLASH_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

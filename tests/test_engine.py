@@ -45,21 +45,22 @@ class OracleDrafter:
         assert np.isfinite(features).all()
         self.n_pos = pos0 + len(features)
 
-    def draft(self, anchor: int, block_size: int) -> np.ndarray:
-        return self.draft_top(anchor, 1, block_size)[0][:, 0]
+    def draft(self, anchor: int, block_size: int, n: int | None = None) -> np.ndarray:
+        return self.draft_top(anchor, 1, block_size, n)[0][:, 0]
 
-    def draft_top(self, anchor: int, n_top: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def draft_top(self, anchor: int, n_top: int, block_size: int,
+                  n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For a tree: where the first choice is wrong the second is right, so paths leave the first chain."""
         start = self.n_pos - self.prompt_len + 1  # index of the token after the anchor
         ids = []
-        for i in range(start, start + block_size - 1):
+        for i in range(start, start + (n or block_size - 1)):
             tok = self.continuation[i] if i < len(self.continuation) else 0
             wrong = (i * 2654435761) % 1000 < 1000 // self.miss
             first = (tok + 1) % 7 if wrong else tok
             others = [t for t in (tok, 7, 8, 9, 10) if t != first]
             ids.append([first, *others][:n_top])
         probs = np.array([0.6, 0.3, 0.06, 0.04])[:n_top]
-        return np.array(ids, dtype=np.int32), np.tile(probs, (block_size - 1, 1))
+        return np.array(ids, dtype=np.int32), np.tile(probs, (len(ids), 1))
 
 
 def target_only(path: Path, prompt: list[int], n: int, params: TargetParams = PARAMS) -> list[int]:

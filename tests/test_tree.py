@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dflash_local.draft_length import Choice, DraftLength
+from dflash_local.draft_length import Choice, DraftLength, choices_for
 from dflash_local.tree import build_tree
 
 
@@ -58,21 +58,46 @@ def test_a_smaller_budget_is_the_first_nodes_of_a_bigger_tree():
         assert paths(build_tree(ids, probs, m), m) == paths(big, m)
 
 
+def _costs(target_alone: float, per_draft: float, tree: float) -> dict[Choice, float]:
+    """Step costs of every choice of a 16-block with trees of 62: chains grow with their drafts, trees cost `tree`."""
+    return {c: tree if c.tree else target_alone + c.k * per_draft for c in choices_for(15, 62)}
+
+
 def test_the_draft_length_policy_reads_smaller_choices_off_a_bigger_one():
-    policy = DraftLength(15, 62)
-    policy.record(Choice(True, 62), [1, 2, 20], t_draft=0.01, t_target=0.02)  # the accepted path's nodes, by rank
+    policy = DraftLength(_costs(1e-3, 1e-4, 2e-3), depth=15)
+    policy.record(Choice(True, 62), [1, 2, 20], 0.03, tried=False)  # the accepted path's nodes, by rank
     assert {c.k: policy.gained[c] for c in policy.choices if c.tree} == {15: 2, 31: 3, 62: 3}
     assert not any(policy.seen[c] for c in policy.choices if not c.tree), "a tree says nothing of chains"
-    policy.record(Choice(False, 7), [1, 2], t_draft=0.01, t_target=0.02)
+    policy.record(Choice(False, 7), [1, 2], 0.03, tried=False)
     assert {c.k: policy.gained[c] for c in policy.choices if not c.tree and c.k} == {1: 1, 3: 2, 7: 2, 15: 0}
-    # every choice is tried once, then the fastest by measured gain and cost is kept: here trees cost what one token
-    # does and chains grow with their drafts; all accept 4 drafts where they can
-    policy = DraftLength(15, 62)
-    tried = set()
-    for _ in range(len(policy.choices)):
-        c = policy.choose(15, 62)
-        tried.add(c)
-        policy.record(c, list(range(1, min(c.k, 4) + 1)), t_draft=1e-4, t_target=1e-3 * (1 if c.tree else 1 + c.k / 4))
-    assert tried == set(policy.choices)
-    assert policy.choose(15, 62) == Choice(True, 15)
-    assert policy.choose(15, 0) == Choice(False, 3), "no room for a tree: the fastest chain"
+
+
+def test_the_policy_tries_only_what_could_pay_and_within_its_share_of_the_time():
+    # a CPU-like machine: a draft costs 3/4 of a one-token pass, trees 30 passes: no tree can ever pay (16 tokens at
+    # most for 30 passes' time), chains could if most drafts were accepted
+    policy = DraftLength(_costs(1e-3, 0.75e-3, 30e-3), depth=15)
+    assert policy.choose(15, 62) == (Choice(False, 0), False), "nothing measured: the target alone, no try yet"
+    steps = 0
+    while not (chosen := policy.choose(15, 62))[1]:  # the target alone until the tries' share of time allows one
+        policy.record(chosen[0], [], 1e-3, tried=False)
+        steps += 1
+    assert steps == 59, "a try of a chain of 1 (1.75 ms) needs 3 % of 58.3 ms or more"
+    assert chosen[0] == Choice(False, 1)
+    tries = set()
+    for _ in range(5000):
+        c, tried = policy.choose(15, 62)
+        tries |= {c} if tried else set()
+        policy.record(c, [], 1e-3 + c.k * 0.75e-3 if not c.tree else 30e-3, tried)  # nothing is ever accepted
+    assert not any(c.tree for c in tries), "a tree cannot pay here whatever it accepts"
+    assert policy.t_explore <= 0.03 * policy.t_total
+    assert policy.choose(15, 62)[0] == Choice(False, 0)
+
+
+def test_the_policy_starts_from_what_earlier_runs_accepted():
+    # a GPU-like machine: every pass costs about what one token does; an earlier run saw trees of 62 accept 6 drafts
+    costs = _costs(1e-3, 0.05e-3, 1.5e-3)
+    prior = {c: (100.0, 6.0 * 100 if c.tree else min(c.k, 4) * 100.0) for c in choices_for(15, 62) if c.k}
+    policy = DraftLength(costs, depth=15, prior=prior)
+    assert policy.choose(15, 62) == (Choice(True, 15), False), "the prior's best from the first step"
+    assert policy.seen[Choice(True, 15)] == 32, "earlier runs weigh at most PRIOR_STEPS steps"
+    assert policy.choose(15, 0) == (Choice(False, 7), False), "no room for a tree: the fastest chain"

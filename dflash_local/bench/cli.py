@@ -7,7 +7,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from dflash_local.draft_length import EXPLORE_SHARE
 from dflash_local.tree import TREE_SIZE
+
+
+POLICY = ("adaptive: step costs calibrated before the first step (cached), acceptance learnt as the run goes from "
+          f"what earlier runs cached, tries of choices not known to pay within {EXPLORE_SHARE:.0%} of the decode time")
 
 
 def bench(
@@ -32,7 +37,7 @@ def bench(
     label: str = typer.Option(None, "--label", help="A note stored with the results (e.g. 'random drafter')."),
     ctx_size: int = typer.Option(4096, "--ctx-size", "-c", min=16),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU."),
-    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: llama.cpp's default)."),
+    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: the cores this process may use)."),
     device: str = typer.Option(None, "--device", help="ggml device for the drafter (CPU, CUDA0, ...)."),
 ) -> None:
     """Benchmark DFlash against the target alone (greedy, same prompts, one process); fails if outputs differ."""
@@ -87,7 +92,9 @@ def bench(
         "target": machine.file_info(target) | {"arch": read_gguf_arch(target)},
         "drafter": machine.file_info(drafter) | result.drafter,
         "settings": {"prompt_set": prompts, "n_prompts": len(cfg.prompts), "max_tokens": max_tokens,
-                     "block_sizes": sizes, "adaptive": adaptive, "chat_template": cfg.prompts[0].chat,
+                     "block_sizes": sizes, "adaptive": adaptive, "tree_size": tree_size,
+                     "policy": POLICY if adaptive else "fixed: every step verifies the whole block, a tree where there "
+                                                       "is one", "chat_template": cfg.prompts[0].chat,
                      "greedy": True,
                      "ctx_size": ctx_size, "n_gpu_layers": n_gpu_layers, "threads": threads,
                      "threads_used": result.n_threads, "device": device,

@@ -1,11 +1,9 @@
 """The benchmark loop: target-only and DFlash at each block size on the same prompts, in one process,
 interleaved per prompt after a warm-up, checking on the way that greedy outputs are identical.
 
-Both modes share one target model and context: target-only runs with the hidden-state capture switched
-off (the eval callback then asks for no node, so the scheduler computes each split whole), so the
-baseline holds no second copy of the weights; bench/native/bench_native.py measures what the switched-off
-callback costs against a context without one. A recurrent target is the exception: its DFlash context
-keeps state snapshots for rollback, so the target alone gets a context (and model) of its own.
+Both modes share the target's weights, but the target alone runs in a llama.cpp context of its own, as
+`dflash run --no-draft` does: no capture callback, no shared KV buffer for trees (on a CPU a one-token pass in a
+62-sequence buffer cost ~10 % more), no recurrent-state snapshots.
 """
 
 from __future__ import annotations
@@ -133,7 +131,7 @@ class BenchResult:
     memory: dict[str, float | None]
     notes: list[str]
     drafter: dict[str, object]  # the drafter's shape as the helper read it
-    n_threads: int  # the target context's CPU threads (llama.cpp's default when none were given)
+    n_threads: int  # the target context's CPU threads
 
 
 def find_mismatch(expected: list[int], got: list[int]) -> int | None:
@@ -161,14 +159,12 @@ def run_bench(cfg: BenchConfig, console: Console,
     drafter = open_drafter(cfg.drafter, cfg.target, cfg.params, cfg.device)
     mem1, gpu1 = rss_mb(), gpu_used_mb()
     tg = open_target(cfg.target, cfg.params, drafter, cfg.tree_size)
-    # a recurrent target keeps state snapshots for DFlash's rollback: the target alone must not pay for them
-    base_tg = Target(cfg.target, cfg.params) if tg.recurrent else tg
+    base_tg = Target(cfg.target, cfg.params, model_of=tg)
     try:
         baseline = Engine(base_tg)
         engines = {b: Engine(tg, drafter, b, cfg.adaptive, cfg.tree_size) for b in cfg.block_sizes}
         totals = {"target": Totals("target")} | {f"dflash-{b}": Totals("dflash", b) for b in cfg.block_sizes}
-        notes = ["recurrent target: the target alone ran in a context of its own, without snapshots"] \
-            if base_tg is not tg else []
+        notes: list[str] = []
         texts = [_prompt_text(tg, p, notes) for p in cfg.prompts]
         tokens = [tg.tokenize(text) for text in texts]
         records = [PromptRecord(p.id, text, len(toks), "") for p, text, toks in zip(cfg.prompts, texts, tokens)]
@@ -176,23 +172,14 @@ def run_bench(cfg: BenchConfig, console: Console,
         n_threads = llama_cpp.llama_n_threads(tg.ctx)
         gpu_peak = gpu_used_mb()
 
-        def target_only(toks: list[int], n: int) -> Generation:
-            if base_tg.capture is None:
-                return _generate(baseline, toks, n)
-            base_tg.capture.enable(False)
-            try:
-                return _generate(baseline, toks, n)
-            finally:
-                base_tg.capture.enable(True)
-
         with progress_bar(console) as progress:
             task = progress.add_task("warm-up", total=len(records) * (1 + len(engines)))
-            target_only(tokens[0], WARMUP_TOKENS)
+            _generate(baseline, tokens[0], WARMUP_TOKENS)
             for eng in engines.values():
                 _generate(eng, tokens[0], WARMUP_TOKENS)
             for rec, toks in zip(records, tokens):
                 progress.update(task, description=rec.id)
-                ref = target_only(toks, cfg.max_tokens)
+                ref = _generate(baseline, toks, cfg.max_tokens)
                 totals["target"].add(ref.stats, ref.stop)
                 rec.target_text = tg.text(ref.tokens)
                 rec.runs["target"] = {"generated": ref.stats.generated, "decode_tps": ref.stats.decode_tps}
@@ -210,8 +197,7 @@ def run_bench(cfg: BenchConfig, console: Console,
                 gpu_now = gpu_used_mb()
                 gpu_peak = max(gpu_peak, gpu_now) if gpu_now is not None and gpu_peak is not None else None
     finally:
-        if base_tg is not tg:
-            base_tg.close()
+        base_tg.close()  # before tg, whose model it uses
         tg.close()
         drafter.close()
     memory = {

@@ -57,7 +57,7 @@ def train(
                               "added as identities)."),
     device: str = typer.Option("cpu", "--device", help="Torch device for training: cpu or cuda."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers llama.cpp offloads to the GPU."),
-    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: default)."),
+    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: the cores this process may use)."),
     outtype: str = typer.Option("f16", "--outtype", help="f32, f16, bf16 or q8_0."),
     eval_source: str = typer.Option("chat", "--eval", help="Held-out prompts for tau, as `dflash bench --prompts`: "
                                     "humaneval, chat, a .jsonl/.txt file; or none."),

@@ -1,0 +1,118 @@
+"""What each draft-length choice costs, measured before the first step, and what acceptance earlier runs saw.
+
+Both are kept in the user's cache (cache.py): the costs per machine, target, drafter and settings, so that no run,
+however short, pays for learning them (measuring takes a few dozen passes once); the acceptance per target, drafter
+and block size, as the prior of the next run's policy (draft_length.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from dflash_local import __version__
+from dflash_local.cache import read_json, write_json
+from dflash_local.draft_length import Choice
+from dflash_local.tree import N_TOP, build_tree
+
+if TYPE_CHECKING:
+    from dflash_local.native import Drafter
+    from dflash_local.target import Target
+
+REPEATS = 3  # timed runs of each choice, after one to warm up; the median is kept
+CONTEXT = 32  # positions of context the passes attend to while measured
+
+
+def step_costs(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> dict[Choice, float]:
+    """Seconds a step of each choice takes (drafter pass, target pass, rollback), from the cache or measured now."""
+    key = _key(tg, dr, block_size, "costs", platform.node(), platform.machine(), tg.n_threads,
+               tg.params.n_gpu_layers, dr.device, dr.n_threads)
+    cached = read_json("calibration.json").get(key, {})
+    if all(c.key in cached for c in choices):
+        return {c: cached[c.key] for c in choices}
+    costs = measure(tg, dr, block_size, choices)
+    doc = read_json("calibration.json")
+    doc[key] = {c.key: t for c, t in costs.items()}
+    write_json("calibration.json", doc)
+    return costs
+
+
+def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> dict[Choice, float]:
+    """Each choice's step, as the engine takes it, after CONTEXT positions of a made-up prompt; both caches are
+    cleared afterwards."""
+    tokens = (tg.tokenize("def measure(x):\n    return x * 2\n", add_special=False) or [0]) * (CONTEXT + 64)
+    tg.clear()
+    dr.crop(0)
+    tg.decode(tokens[:CONTEXT], 0, all_logits=False)
+    dr.inject(tg.features(), 0)
+    anchor, pos = tokens[CONTEXT], CONTEXT
+    depth = block_size - 1
+
+    def chain(k: int) -> None:
+        if k:
+            dr.draft(anchor, block_size, k)
+        if k and tg.recurrent and not tg.snapshots:
+            tg.save_state()
+        tg.decode(tokens[CONTEXT:CONTEXT + k + 1], pos, all_logits=True)
+        tg.rollback(pos, pos, [])
+
+    def tree(k: int) -> None:
+        ids, probs = dr.draft_top(anchor, N_TOP, block_size, depth)
+        t = build_tree(ids, probs, k)
+        tg.decode_tree([anchor, *t.tokens], t.depths, t.seqs, pos)
+        tg.keep_branch(pos, [], len(t.seqs[0]))
+
+    costs: dict[Choice, float] = {}
+    try:
+        for c in sorted(choices):  # the target alone first, then each kind from small to big
+            smaller = [costs[s] for s in costs if s.tree == c.tree and s.k]
+            if smaller and smaller[-1] >= (1 + min(c.k, depth)) * costs[Choice(False, 0)]:
+                # a smaller one cannot beat the target alone even if all its drafts were accepted: nor can this one,
+                # which costs at least as much (on a CPU a tree of 62 takes some 20 one-token passes to measure)
+                costs[c] = smaller[-1]
+                continue
+            costs[c] = _median_seconds(lambda c=c: tree(c.k) if c.tree else chain(c.k))
+        return costs
+    finally:
+        tg.clear()
+        dr.crop(0)
+
+
+def _median_seconds(step: Callable[[], None]) -> float:
+    step()
+    times = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def load_acceptance(tg: Target, dr: Drafter, block_size: int) -> dict[Choice, tuple[float, float]]:
+    """(steps, drafts accepted) per choice that earlier runs with this target, drafter and block size recorded."""
+    doc = read_json("acceptance.json").get(_key(tg, dr, block_size, "acceptance"), {})
+    out = {}
+    for name, (seen, gained) in doc.items():
+        kind, k = name.split("-")
+        out[Choice(kind == "tree", int(k))] = (seen, gained)
+    return out
+
+
+def save_acceptance(tg: Target, dr: Drafter, block_size: int, acceptance: dict[Choice, tuple[float, float]]) -> None:
+    doc = read_json("acceptance.json")
+    doc[_key(tg, dr, block_size, "acceptance")] = {c.key: list(v) for c, v in acceptance.items()}
+    write_json("acceptance.json", doc)
+
+
+def _key(tg: Target, dr: Drafter, block_size: int, *more: object) -> str:
+    """The files (path, size, modification time), the block size and whatever else the cached value depends on."""
+    parts = [__version__, block_size, *more]
+    for path in (tg.path, dr.path):
+        st = path.stat()
+        parts += [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
