@@ -106,11 +106,15 @@ class Engine:
         self._pending = []
 
         t0 = time.perf_counter()
-        logits = tg.decode(prompt, 0, all_logits=False)
-        anchor = sampler.sample(logits[0])
-        if dr:
-            dr.inject(tg.features(), 0)
-        stats.t_prefill = time.perf_counter() - t0
+        try:
+            logits = tg.decode(prompt, 0, all_logits=False)
+            anchor = sampler.sample(logits[0])
+            if dr:
+                dr.inject(tg.features(), 0)
+        except KeyboardInterrupt:  # Ctrl-C in the prefill: nothing generated yet
+            return Generation([], stats, "interrupted")
+        finally:
+            stats.t_prefill = time.perf_counter() - t0
 
         policy = self.policy
         out: list[int] = []
