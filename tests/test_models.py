@@ -1,5 +1,5 @@
 """Built-in models: the registry, targets by name or path, the assembly of a model from part packages into the cache
-(on small fake part packages: the file logic, not the model)."""
+(on small fake part packages: the file logic, not the model), and `dflash models`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from dflash_local import model_files, models
+from dflash_local.cli import app
 from dflash_local.errors import UserError
 from dflash_local.model_registry import CODER, DEFAULT_MODEL, MODELS, BuiltinModel, Part
 
@@ -109,4 +111,11 @@ def test_missing_parts(fake_parts):
     # a package without its data file counts as missing
     (model_files.find_parts(model)[0][1]).unlink()
     assert models.installed(model) == "no: 1 of 3 parts missing"
+
+
+def test_models_command():
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    for text in ("smollm2 (default)", "coder", "installed", "shipped drafter", MODELS["smollm2"].drafter):
+        assert text in result.stdout
 
