@@ -1,5 +1,5 @@
 """Built-in models: the registry, targets by name or path, the assembly of a model from part packages into the cache
-(on small fake part packages: the file logic, not the model), and `dflash models`."""
+(on small fake part packages: the file logic, not the model), and greedy identity on the coder model itself."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from llama_helpers import greedy, load
 from typer.testing import CliRunner
 
 from dflash_local import model_files, models
 from dflash_local.cli import app
+from dflash_local.engine import Engine
 from dflash_local.errors import UserError
+from dflash_local.loader import open_drafter, open_target
 from dflash_local.model_registry import CODER, DEFAULT_MODEL, MODELS, BuiltinModel, Part
+from dflash_local.native import cpu_has_amx
+from dflash_local.target import TargetParams
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 
@@ -119,3 +124,24 @@ def test_models_command():
     for text in ("smollm2 (default)", "coder", "installed", "shipped drafter", MODELS["smollm2"].drafter):
         assert text in result.stdout
 
+
+def test_coder_greedy_identity():
+    """The coder (to be the default model) generates the text of llama.cpp's own greedy loop, one thread (README, "How
+    lossless is checked"): with its shipped drafter once there is one, else the target alone."""
+    path = models.resolve_target("coder")
+    params = TargetParams(n_ctx=512, n_threads=1)
+    drafter = models.find_drafter(path)
+    dr = open_drafter(drafter, path, params) if drafter else None
+    tg = open_target(path, params, dr)
+    engine = Engine(tg, dr)
+    # the same weight buffers as Target (AMX ones crash on quantized weights)
+    with load(path, use_extra_bufts=not cpu_has_amx()) as (model, ctx):
+        for text in ("Write a Python function that reverses a string.", "What does `git rebase` do? One sentence."):
+            prompt = tg.tokenize(tg.chat_prompt([("user", text)]))
+            want = greedy(ctx, model, prompt, 24)
+            got = engine.generate(prompt, 24).tokens
+            # the engine stops at an end-of-generation token, the loop does not
+            assert got == want[:len(got)] and (len(got) == 24 or tg.is_eog(want[len(got)])), (text, tg.text(got))
+    tg.close()
+    if dr:
+        dr.close()
