@@ -87,11 +87,14 @@ def list_models() -> None:
             to_install.append(f"{model.name}: {model.install}")
     Console(width=None if sys.stdout.isatty() else 150).print(table)  # a pipe gets every column whole
     for line in to_install:
-        console.print(f"install {line}", highlight=False)
+        console.print(f"install {line}", markup=False, highlight=False)
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    from rich.markup import escape
+
+    # escaped: a message may hold brackets, such as pip's extras ("dflash-local[coder]")
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(2)
 
 

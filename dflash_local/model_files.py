@@ -107,7 +107,7 @@ def _progress(model: BuiltinModel, folder: Path) -> Iterator[Callable[[int], Non
 
     console = Console(stderr=True)
     console.print(f"assembling the built-in model {model.name} from its {len(model.parts)} parts in {folder} "
-                  "(once)", highlight=False)
+                  "(once)", markup=False, highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task(model.name, total=model.size)

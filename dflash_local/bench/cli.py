@@ -45,6 +45,7 @@ def bench(
     from dflash_local.bench import machine, report
     from dflash_local.bench.prompts import load_prompts
     from dflash_local.bench.runner import BenchConfig, Mismatch, run_bench
+    from dflash_local.cli import _fail
     from dflash_local.errors import UserError
     from dflash_local.target import TargetParams, read_gguf_arch
 
@@ -77,8 +78,7 @@ def bench(
         if binary is not None:
             totals |= run_upstream(binary, cfg, result.prompts, result.n_threads, err)
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        raise _fail(str(e)) from None
 
     meta = {
         "label": label,
