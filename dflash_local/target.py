@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import llama_cpp as lc
 import numpy as np
@@ -58,18 +60,60 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def read_gguf_arch(path: Path) -> str:
-    """general.architecture of a GGUF file, with a clear error for anything that is not GGUF."""
-    from gguf import GGUFReader
+# GGUF value types (gguf.GGUFValueType): struct formats of the fixed-size ones
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
+
+def read_gguf_arch(path: Path) -> str:
+    """general.architecture of a GGUF file, with a clear error for anything that is not GGUF.
+
+    Reads the header's keys up to that one (writers put it first), not the whole header: gguf's GGUFReader parses
+    every key and tensor, which took 12 s for the 151,665-token vocabulary and merges of Qwen2.5 on this CPU."""
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError, struct errors, IndexError... on corrupt data
+        with open(path, "rb") as f:
+            magic, version, _, n_kv = struct.unpack("<4sIQQ", _read(f, 24))
+            if magic != b"GGUF" or version not in (2, 3):
+                raise ValueError(f"magic {magic!r}, version {version}")
+            for _ in range(n_kv):
+                key = _read_string(f)
+                (vtype,) = struct.unpack("<I", _read(f, 4))
+                if key == "general.architecture" and vtype == _GGUF_STRING:
+                    return _read_string(f)
+                _skip_value(f, vtype)
+    except (OSError, ValueError, struct.error) as e:
         raise UserError(f"{path} is not a valid GGUF file ({e})") from e
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise UserError(f"{path} has no general.architecture key")
-    return bytes(field.parts[field.data[0]]).decode()
+    raise UserError(f"{path} has no general.architecture key")
+
+
+def _read(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) < n:
+        raise ValueError("truncated header")
+    return data
+
+
+def _read_string(f: BinaryIO) -> str:
+    (n,) = struct.unpack("<Q", _read(f, 8))
+    if n > 1 << 16:  # a key or an architecture's name; a corrupt length must not allocate gigabytes
+        raise ValueError(f"a key of {n} bytes")
+    return _read(f, n).decode()
+
+
+def _skip_value(f: BinaryIO, vtype: int) -> None:
+    if vtype in _GGUF_SCALARS:
+        f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
+    elif vtype == _GGUF_STRING:
+        f.seek(struct.unpack("<Q", _read(f, 8))[0], 1)
+    elif vtype == _GGUF_ARRAY:
+        etype, count = struct.unpack("<IQ", _read(f, 12))
+        if etype in _GGUF_SCALARS:
+            f.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), 1)
+        else:
+            for _ in range(count):
+                _skip_value(f, etype)
+    else:
+        raise ValueError(f"unknown value type {vtype}")
 
 
 class Target:

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from dflash_local.bench import runner
 from dflash_local.bench.llamacpp import command, parse
 from dflash_local.bench.prompts import load_prompts
-from dflash_local.errors import UserError
 from dflash_local.cli import app
+from dflash_local.errors import UserError
+from dflash_local.model_registry import DEFAULT_MODEL, MODELS
 from dflash_local.target import TargetParams
 
 UPSTREAM_LOG = """\
@@ -67,6 +68,18 @@ def test_bench_table_json_plot(models, tmp_path):
         assert {"draft", "target", "capture", "inject", "other"} <= r["shares"].keys()
     assert [p["prompt_tokens"] > 0 for p in doc["prompts"]] == [True, True]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_default_model(tmp_path):
+    """No target: the default built-in model with its shipped drafter."""
+    prompts, out_json = tmp_path / "prompts.txt", tmp_path / "r.json"
+    prompts.write_text("The quick brown fox\n")
+    res = CliRunner().invoke(app, ["bench", "--prompts", str(prompts), "-n", "1", "--max-tokens", "8", "--block-sizes",
+                                   "4", "-c", "256", "-t", "1", "--json", str(out_json)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out_json.read_text())
+    assert doc["ok"] and doc["target"]["name"] == MODELS[DEFAULT_MODEL].file_name
+    assert doc["drafter"]["name"] == MODELS[DEFAULT_MODEL].drafter
 
 
 def test_mismatch_detected():

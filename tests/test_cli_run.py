@@ -10,6 +10,7 @@ from synthetic_drafters import random_drafter_gguf
 from typer.testing import CliRunner
 
 from dflash_local.cli import app
+from dflash_local.model_registry import DEFAULT_MODEL
 
 PROMPT = "Write a haiku about the sea."
 
@@ -35,8 +36,9 @@ def test_run_same_text_as_target_alone(smollm2_path, smol_drafter):
 def test_run_default_model_with_the_shipped_drafter():
     alone = _run("--no-draft", "-p", PROMPT, "--temp", "0", "-n", "24", "-t", "1")
     drafted = _run("-p", PROMPT, "--temp", "0", "-n", "24", "-t", "1")
+    by_name = _run(DEFAULT_MODEL, "-p", PROMPT, "--temp", "0", "-n", "24", "-t", "1")
     assert drafted.exit_code == 0, drafted.output
-    assert alone.stdout.strip() and alone.stdout == drafted.stdout
+    assert alone.stdout.strip() and alone.stdout == drafted.stdout == by_name.stdout
     assert "tau" in drafted.stderr and "no drafter found" not in drafted.stderr
 
 
@@ -51,6 +53,7 @@ def test_run_bad_inputs(smollm2_path, smol_drafter, tiny_target, tmp_path):
     corrupt.write_bytes(b"GGUF" + b"\0" * 64)
     cases = [
         ((tmp_path / "missing.gguf", "-p", "hi"), "target model not found"),
+        (("nope", "-p", "hi"), "neither a file nor a built-in model (smollm2, coder"),
         ((corrupt, "-p", "hi"), "not a valid GGUF"),
         ((smollm2_path, "--drafter", tmp_path / "missing.gguf", "-p", "hi"), "drafter not found"),
         ((smollm2_path, "--drafter", smollm2_path, "-p", "hi"), "not a DFlash drafter"),

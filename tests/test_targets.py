@@ -16,6 +16,9 @@ import target_reference
 from llama_helpers import EXACT, decode, detokenize, greedy, load, logits, tokenize
 from tiny_targets import ARCHS, BOS_ID, GEMMA3_SWA, N_VOCAB, UNK_ID, VOCAB, write_tiny_target
 
+from dflash_local.errors import UserError
+from dflash_local.target import read_gguf_arch
+
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
@@ -76,6 +79,26 @@ def test_llama_reference_matches_llama_cpp(tied: bool, tmp_path: Path) -> None:
     assert len(states) == 5 and all(s.shape == (len(tokens), 64) for s in states)
     want = target_reference.logits(path, tokens)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_read_gguf_arch(tiny_target: Callable[..., Path], tmp_path: Path) -> None:
+    assert [read_gguf_arch(tiny_target(arch)) for arch in ARCHS] == list(ARCHS)
+    w = gguf.GGUFWriter(tmp_path / "late.gguf", "qwen2")
+    w.kv_data[0].clear()  # general.architecture last, after keys of each kind the reader skips
+    w.add_array("a.strings", ["x", "yz"])
+    w.add_array("a.nested", [[1, 2], [3]])
+    w.add_array("a.floats", [1.5, 2.5])
+    w.add_string("a.string", "hello")
+    w.add_bool("a.bool", True)
+    w.add_float64("a.f64", 1.0)
+    w.add_architecture()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    assert read_gguf_arch(tmp_path / "late.gguf") == "qwen2"
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "late.gguf").read_bytes()[:60])
+    with pytest.raises(UserError, match="cut.gguf is not a valid GGUF file"):
+        read_gguf_arch(tmp_path / "cut.gguf")
 
 
 def test_smollm2_generates(smollm2_path: Path) -> None:

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from dflash_local.draft_length import EXPLORE_SHARE
+from dflash_local.model_registry import DEFAULT_MODEL
 from dflash_local.tree import TREE_SIZE
 
 
@@ -16,9 +17,10 @@ POLICY = ("adaptive: step costs calibrated before the first step (cached), accep
 
 
 def bench(
-    target: Path = typer.Argument(..., help="Target GGUF."),
+    target: str = typer.Argument(None, help=f"Target GGUF, or a built-in model's name (`dflash models`; default: "
+                                 f"{DEFAULT_MODEL}, with its shipped drafter)."),
     drafter: Path = typer.Option(None, "--drafter", "-d", help="DFlash drafter GGUF (default: <target>-dflash*.gguf "
-                                 "next to the target)."),
+                                 "next to the target, or the one shipped for it)."),
     prompts: str = typer.Option("humaneval", "--prompts", help="humaneval, chat, or a .jsonl/.txt file."),
     n_prompts: int = typer.Option(64, "-n", "--n-prompts", min=1, help="Use the first N prompts."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1),
@@ -48,6 +50,7 @@ def bench(
     from dflash_local.bench import machine, report
     from dflash_local.bench.prompts import load_prompts
     from dflash_local.bench.runner import BenchConfig, Mismatch, run_bench
+    from dflash_local.cli import _fail
     from dflash_local.errors import UserError
     from dflash_local.target import TargetParams, read_gguf_arch
 
@@ -59,11 +62,10 @@ def bench(
                   highlight=False)
 
     try:
-        if not target.is_file():
-            raise UserError(f"target model not found: {target}")
-        drafter = drafter or models.find_drafter(target)
+        path = models.resolve_target(target)
+        drafter = drafter or models.find_drafter(path)
         if drafter is None:
-            raise UserError(f"no drafter given and none found next to {target.name}: pass --drafter")
+            raise UserError(f"no drafter given and none found for {path.name}: pass --drafter")
         try:
             sizes = sorted({int(b) for b in block_sizes.split(",")})
         except ValueError:
@@ -73,7 +75,7 @@ def bench(
             from dflash_local.bench.llamacpp import find_binary, run_upstream
 
             binary = find_binary(compare_llama_cpp)
-        cfg = BenchConfig(target, drafter, load_prompts(prompts, n_prompts, chat_template), max_tokens, sizes,
+        cfg = BenchConfig(path, drafter, load_prompts(prompts, n_prompts, chat_template), max_tokens, sizes,
                           TargetParams(n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads), device,
                           adaptive, tree_size)
         result = run_bench(cfg, err, on_mismatch)
@@ -81,15 +83,14 @@ def bench(
         if binary is not None:
             totals |= run_upstream(binary, cfg, result.prompts, result.n_threads, err)
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        raise _fail(str(e)) from None
 
     meta = {
         "label": label,
         "command": shlex.join(["dflash", *sys.argv[1:]]),
         "machine": machine.machine_info(),
         "git": machine.git_commit(),
-        "target": machine.file_info(target) | {"arch": read_gguf_arch(target)},
+        "target": machine.file_info(path) | {"arch": read_gguf_arch(path)},
         "drafter": machine.file_info(drafter) | result.drafter,
         "settings": {"prompt_set": prompts, "n_prompts": len(cfg.prompts), "max_tokens": max_tokens,
                      "block_sizes": sizes, "adaptive": adaptive, "tree_size": tree_size,

@@ -23,7 +23,7 @@ DEFAULT_EPOCHS = 3.0  # of 1, 3, 5 and 9.5 epochs, 3 drafted best for SmolLM2 on
 
 
 def train(
-    target: Path = typer.Argument(..., help="Target GGUF the drafter is for."),
+    target: str = typer.Argument(..., help="Target GGUF the drafter is for, or a built-in model's name."),
     output: Path = typer.Option(..., "--output", "-o", help="Drafter GGUF to write."),
     prompts: list[str] = typer.Option(["builtin"], "--prompts", help="'builtin', 'stdlib' (function stubs of this "
                                       "Python's standard library, raw, alone and in chat requests), a folder of "
@@ -70,11 +70,13 @@ def train(
     # llama.cpp's libraries load before gguf's imports: sentencepiece (or tokenizers) loaded first made the first
     # llama_model_load_from_file segfault (seen on the lent H100 machines, which have both installed)
     importlib.import_module("llama_cpp")
+    from dflash_local import models
     from dflash_local.cli import _fail
     from dflash_local.convert.gguf_target import ConversionError
     from dflash_local.errors import UserError
 
     try:
+        args["target"] = models.resolve_target(target)
         _train(**args)
     except (UserError, ConversionError) as e:
         raise _fail(str(e)) from None
@@ -100,8 +102,6 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     from dflash_local.train.target_layers import parse_target_layers
 
     # every input is checked before the hours of work start
-    if not target.is_file():
-        raise UserError(f"target model not found: {target}")
     if steps is not None and epochs is not None:
         raise UserError("give either --steps or --epochs, not both")
     if device not in ("cpu", "cuda"):
