@@ -7,10 +7,11 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.console import Console
+
+from dflash_local.console import command_errors, console
+from dflash_local.errors import UsageError
 
 app = typer.Typer(help="Convert DFlash drafters between formats.", no_args_is_help=True)
-console = Console(stderr=True)
 
 
 class Format(str, Enum):
@@ -35,17 +36,18 @@ def drafter(
 ) -> None:
     """Convert a DFlash drafter checkpoint to GGUF (architecture `dflash`, loadable by llama.cpp)."""
     # imported here: torch and friends would slow down every other `dflash` command
-    from dflash_local.convert.gguf_target import ConversionError
     from dflash_local.convert.hf import convert_hf_to_gguf
 
+    if target is None:
+        with command_errors():
+            raise UsageError("the target model's GGUF is required (--target TARGET.gguf): the drafter carries the "
+                             "target's tokenizer, and its shapes are checked against the target's")
     out = out or Path(f"{Path(src).resolve().name}-{outtype.value}.gguf")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            path = convert_hf_to_gguf(src, out, target, outtype.value, progress=True)
-        except ConversionError as e:
-            console.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            with command_errors():
+                path = convert_hf_to_gguf(src, out, target, outtype.value, progress=True)
         finally:
             for w in caught:
                 console.print(f"warning: {w.message}", style="yellow", markup=False, highlight=False, soft_wrap=True)

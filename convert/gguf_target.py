@@ -14,6 +14,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from dflash_local.errors import UserError
+
 ARCH = "dflash"
 MASK_KEY = "tokenizer.ggml.mask_token_id"
 Q = gguf.GGMLQuantizationType
@@ -26,7 +28,7 @@ OUTTYPES = {  # --outtype -> (type of the matrices, general.file_type)
 ARRAY, INT32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
     """A drafter that cannot be converted or loaded; the message says why, for the user."""
 
 

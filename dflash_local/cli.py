@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from dflash_local import __version__
+from dflash_local.console import command_errors, console, note
 from dflash_local.bench.cli import bench
 from dflash_local.convert.cli import app as convert_app
 from dflash_local.model_registry import DEFAULT_MODEL
@@ -17,6 +18,9 @@ from dflash_local.train.cli import train
 from dflash_local.tree import TREE_SIZE
 
 if TYPE_CHECKING:
+    from dflash_local.engine import Engine
+    from dflash_local.native import Drafter
+    from dflash_local.sampling import SamplingParams
     from dflash_local.target import Target
 
 app = typer.Typer(
@@ -29,7 +33,6 @@ app = typer.Typer(
 app.add_typer(convert_app, name="convert")
 app.command()(train)
 app.command()(bench)
-console = Console(stderr=True, soft_wrap=True)  # stdout carries only the generated text
 
 
 def _version(value: bool) -> None:
@@ -92,14 +95,6 @@ def list_models() -> None:
         console.print(f"install {line}", markup=False, highlight=False)
 
 
-def _fail(message: str) -> typer.Exit:
-    from rich.markup import escape
-
-    # escaped: a message may hold brackets, such as pip's extras ("dflash-local[coder]")
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    return typer.Exit(2)
-
-
 @app.command()
 def run(
     target: str = typer.Argument(None, help=f"Target GGUF, or a built-in model's name (`dflash models`; default: "
@@ -129,13 +124,10 @@ def run(
     """Generate with TARGET, drafting blocks with a DFlash drafter (lossless)."""
     args = dict(locals())
     from dflash_local import models
-    from dflash_local.errors import UserError
 
-    try:
+    with command_errors():
         args["target"] = models.resolve_target(target)
         _run(**args)
-    except UserError as e:
-        raise _fail(str(e)) from None
 
 
 def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | None, no_chat_template: bool,
@@ -144,33 +136,53 @@ def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | No
          tensor_split: str | None, main_gpu: int, device: str | None, no_draft: bool) -> None:
     from dflash_local import models
     from dflash_local.engine import Engine
-    from dflash_local.errors import UserError
+    from dflash_local.errors import UsageError, UserError
     from dflash_local.loader import open_models
     from dflash_local.sampling import SamplingParams
     from dflash_local.target import TargetParams
 
     if prompt is not None and file is not None:
-        raise UserError("give either --prompt or --file, not both")
+        raise UsageError("give either --prompt or --file, not both")
     if file is not None:
         if not file.is_file():
             raise UserError(f"prompt file not found: {file}")
         prompt = file.read_text()
+        if not prompt.strip():
+            raise UserError(f"the prompt file {file} is empty")
+    why = "given with --drafter"
     if not no_draft and drafter is None:
         drafter = models.find_drafter(target)
-    split = tuple(float(x) for x in tensor_split.split(",")) if tensor_split else ()
+        why = "shipped for it" if drafter and drafter.parent == models.SHIPPED_DRAFTERS else "found next to it"
+    try:
+        split = tuple(float(x) for x in tensor_split.split(",")) if tensor_split else ()
+    except ValueError:
+        raise UsageError(f"--tensor-split takes comma-separated numbers, e.g. 3,1, not {tensor_split!r}") from None
     params = TargetParams(n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads, main_gpu=main_gpu,
                           tensor_split=split)
     tg, dr = open_models(target, None if no_draft else drafter, params, device, tree_size)
-    if dr is None and not no_draft:
-        console.print(f"[yellow]note:[/yellow] no drafter found for {target.name} ({target.stem}-dflash*.gguf): "
-                      "running the target alone. Make one with `dflash train`.", highlight=False)
-    engine = Engine(tg, dr, block_size, tree_size=tree_size)
-    sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    try:
+        if dr is None and not no_draft:
+            note(f"no drafter found for {target.name} ({target.stem}-dflash*.gguf): running the target alone. "
+                 "Make one with `dflash train`.")
+        elif dr is not None:
+            console.print(f"[dim]drafter: {drafter} ({why})[/dim]", highlight=False)
+        engine = Engine(tg, dr, block_size, tree_size=tree_size)
+        _chat_or_prompt(tg, dr, engine, prompt, no_chat_template, max_tokens,
+                        SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed))
+    finally:  # in this order: the drafter, then the target's context, capture and model
+        if dr is not None:
+            dr.close()
+        tg.close()
+
+
+def _chat_or_prompt(tg: Target, dr: Drafter | None, engine: Engine, prompt: str | None, no_chat_template: bool,
+                    max_tokens: int, sampling: SamplingParams) -> None:
+    """One answer to the prompt, or a chat when there is none."""
 
     def generate(messages: list[tuple[str, str]]) -> str:
         text = messages[-1][1] if no_chat_template else tg.chat_prompt(messages)
         if text is None:
-            console.print("[yellow]note:[/yellow] the model has no chat template: raw completion", highlight=False)
+            note("the model has no chat template: raw completion")
             text = messages[-1][1]
         stream = TokenStream(tg)
         gen = engine.generate(tg.tokenize(text), max_tokens, sampling, on_tokens=stream.write)
@@ -180,9 +192,9 @@ def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | No
         if dr and s.t_decode > 0:
             shares = (f", drafter {s.t_draft / s.t_decode:.0%}, target {s.t_target / s.t_decode:.0%}"
                       f", tau {s.tau:.2f}")
+        ended = {"interrupted": ", interrupted", "context": ", stopped: the context is full (raise --ctx-size)"}
         console.print(f"[dim]{s.generated} tokens, {s.decode_tps:.1f} tok/s (prompt {s.prompt_tokens} tokens in "
-                      f"{s.t_prefill:.2f} s){shares}{', interrupted' if gen.stop == 'interrupted' else ''}[/dim]",
-                      highlight=False)
+                      f"{s.t_prefill:.2f} s){shares}{ended.get(gen.stop, '')}[/dim]", highlight=False)
         return stream.text
 
     if prompt is not None:

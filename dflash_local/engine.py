@@ -15,7 +15,7 @@ import numpy as np
 
 from dflash_local import calibrate
 from dflash_local.draft_length import Choice, DraftLength, choices_for
-from dflash_local.errors import UserError
+from dflash_local.errors import UsageError, UserError
 from dflash_local.native import Drafter
 from dflash_local.sampling import Sampler, SamplingParams
 from dflash_local.target import Target
@@ -73,7 +73,7 @@ class Engine:
         if drafter is not None:
             self.block_size = block_size or drafter.info.block_size
             if not 2 <= self.block_size <= drafter.info.block_size:
-                raise UserError(f"--block-size must be in 2..{drafter.info.block_size} (the drafter's trained size)")
+                raise UsageError(f"--block-size must be in 2..{drafter.info.block_size} (the drafter's trained size)")
             if target.capture is None:
                 raise ValueError("a target used with a drafter needs capture layers")
         # a tree where the target can hold one (attention models, opened with branches)

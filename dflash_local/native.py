@@ -14,9 +14,7 @@ from pathlib import Path
 import llama_cpp  # noqa: F401  (loads libllama/libggml before libdflash)
 import numpy as np
 
-
-class NativeError(RuntimeError):
-    """A failure reported by the native helper, with its message."""
+from dflash_local.errors import NativeError
 
 
 def _lib_path() -> Path:

@@ -51,20 +51,24 @@ def test_run_finds_no_drafter_and_says_so(tiny_target):
 def test_run_bad_inputs(smollm2_path, smol_drafter, tiny_target, tmp_path):
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + b"\0" * 64)
-    cases = [
-        ((tmp_path / "missing.gguf", "-p", "hi"), "target model not found"),
-        (("nope", "-p", "hi"), "neither a file nor a built-in model (smollm2, coder"),
-        ((corrupt, "-p", "hi"), "not a valid GGUF"),
-        ((smollm2_path, "--drafter", tmp_path / "missing.gguf", "-p", "hi"), "drafter not found"),
-        ((smollm2_path, "--drafter", smollm2_path, "-p", "hi"), "not a DFlash drafter"),
-        ((tiny_target("llama"), "--drafter", smol_drafter, "-p", "hi"), "hidden size"),
-        ((smollm2_path, "--no-draft", "-p", "word " * 400, "--ctx-size", "64"), "but the context holds"),
-        ((smollm2_path, "--drafter", smol_drafter, "--block-size", "32", "-p", "hi"), "--block-size"),
-        ((smollm2_path, "-p", "hi", "-f", tmp_path / "p.txt"), "either --prompt or --file"),
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    cases = [  # exit code 1: bad input; 2: usage
+        ((tmp_path / "missing.gguf", "-p", "hi"), 1, "target model not found"),
+        (("nope", "-p", "hi"), 1, "neither a file nor a built-in model (smollm2, coder"),
+        ((corrupt, "-p", "hi"), 1, "not a valid GGUF"),
+        ((smollm2_path, "--drafter", tmp_path / "missing.gguf", "-p", "hi"), 1, "drafter not found"),
+        ((smollm2_path, "--drafter", smollm2_path, "-p", "hi"), 1, "not a DFlash drafter"),
+        ((tiny_target("llama"), "--drafter", smol_drafter, "-p", "hi"), 1, "hidden size"),
+        ((smollm2_path, "--no-draft", "-p", "word " * 400, "--ctx-size", "64"), 1, "but the context holds"),
+        ((smollm2_path, "-f", empty), 1, "is empty"),
+        ((smollm2_path, "--drafter", smol_drafter, "--block-size", "32", "-p", "hi"), 2, "--block-size"),
+        ((smollm2_path, "-p", "hi", "-f", tmp_path / "p.txt"), 2, "either --prompt or --file"),
+        ((smollm2_path, "-p", "hi", "--tensor-split", "a,b"), 2, "--tensor-split"),
     ]
-    for args, message in cases:
+    for args, code, message in cases:
         result = _run(*args)
-        assert result.exit_code == 2, (args, result.output)
+        assert result.exit_code == code, (args, result.output)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.output
 

@@ -303,5 +303,5 @@ def test_cli(hf_dir, smollm2_path, tmp_path):
     _edit_config(target_layer_ids=[40])(bad)
     failed = runner.invoke(app, ["convert", "drafter", str(bad), "--to", "gguf", "--target", str(smollm2_path),
                                  "-o", str(tmp_path / "y.gguf")])
-    assert failed.exit_code == 2 and "error: target_layer_ids [40]" in failed.output
+    assert failed.exit_code == 1 and "error: target_layer_ids [40]" in failed.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "out.gguf"]

@@ -115,7 +115,7 @@ def test_missing_parts(fake_parts, monkeypatch):
         models.builtin_path(dataclasses.replace(model, parts=(gone,)))
     monkeypatch.setitem(MODELS, "fake", dataclasses.replace(model, parts=(gone,)))
     result = CliRunner().invoke(app, ["run", "fake", "-p", "hi"])
-    assert result.exit_code == 2 and 'run `pip install "dflash-local[fake]"`' in result.stderr, result.output
+    assert result.exit_code == 1 and 'run `pip install "dflash-local[fake]"`' in result.stderr, result.output
     # a package without its data file counts as missing
     (model_files.find_parts(model)[0][1]).unlink()
     assert models.installed(model) == "no: 1 of 3 parts missing"

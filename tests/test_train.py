@@ -433,21 +433,21 @@ def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["missing.gguf"], "target model not found"),
-    (["{target}", "--target-layers", "4"], "outside 1..3"),
-    (["{target}", "--target-layers", "1,x"], "comma-separated"),
-    (["{target}", "--steps", "2", "--epochs", "1"], "either --steps or --epochs"),
-    (["{target}", "--prompts", "missing.jsonl"], "missing.jsonl is none of them"),
-    (["{target}", "--prompts", "{empty}"], "no .py file under it has a documented public function"),
-    (["{target}", "--self-prompts", "2"], "no chat template"),
-    (["{target}", "--init", "missing.gguf"], "--init: drafter not found"),
+@pytest.mark.parametrize("args,code,message", [  # code 1: bad input, 2: usage
+    (["missing.gguf"], 1, "target model not found"),
+    (["{target}", "--target-layers", "4"], 2, "outside 1..3"),
+    (["{target}", "--target-layers", "1,x"], 2, "comma-separated"),
+    (["{target}", "--steps", "2", "--epochs", "1"], 2, "either --steps or --epochs"),
+    (["{target}", "--prompts", "missing.jsonl"], 1, "missing.jsonl is none of them"),
+    (["{target}", "--prompts", "{empty}"], 1, "no .py file under it has a documented public function"),
+    (["{target}", "--self-prompts", "2"], 1, "no chat template"),
+    (["{target}", "--init", "missing.gguf"], 1, "--init: drafter not found"),
 ])
-def test_cli_bad_inputs(target, tmp_path, args, message):
+def test_cli_bad_inputs(target, tmp_path, args, code, message):
     (tmp_path / "empty").mkdir()
     args = [a.format(target=target, empty=tmp_path / "empty") for a in args]
     result = CliRunner().invoke(app, ["train", *args, "-o", str(tmp_path / "d.gguf")])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == code, result.output
     assert message in result.output
 
 

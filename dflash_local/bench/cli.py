@@ -50,18 +50,18 @@ def bench(
     from dflash_local.bench import machine, report
     from dflash_local.bench.prompts import load_prompts
     from dflash_local.bench.runner import BenchConfig, Mismatch, run_bench
-    from dflash_local.cli import _fail
-    from dflash_local.errors import UserError
+    from dflash_local.console import command_errors
+    from dflash_local.console import console as err
+    from dflash_local.errors import UsageError, UserError
     from dflash_local.target import TargetParams, read_gguf_arch
 
-    # a file or pipe gets a table wide enough for every column
-    out, err = Console(width=None if sys.stdout.isatty() else 150), Console(stderr=True)
+    out = Console(width=None if sys.stdout.isatty() else 150)  # a file or pipe gets every column whole
 
     def on_mismatch(m: Mismatch) -> None:
         err.print(f"[bold red]MISMATCH[/bold red] prompt {m.prompt_id}, block {m.block_size}, token {m.index}",
                   highlight=False)
 
-    try:
+    with command_errors():
         path = models.resolve_target(target)
         drafter = drafter or models.find_drafter(path)
         if drafter is None:
@@ -69,7 +69,7 @@ def bench(
         try:
             sizes = sorted({int(b) for b in block_sizes.split(",")})
         except ValueError:
-            raise UserError(f"--block-sizes must be comma-separated integers, not {block_sizes!r}") from None
+            raise UsageError(f"--block-sizes must be comma-separated integers, not {block_sizes!r}") from None
         binary = None
         if compare_llama_cpp is not None:
             from dflash_local.bench.llamacpp import find_binary, run_upstream
@@ -82,8 +82,6 @@ def bench(
         totals = dict(result.totals)
         if binary is not None:
             totals |= run_upstream(binary, cfg, result.prompts, result.n_threads, err)
-    except UserError as e:
-        raise _fail(str(e)) from None
 
     meta = {
         "label": label,

@@ -71,15 +71,11 @@ def train(
     # llama_model_load_from_file segfault (seen on the lent H100 machines, which have both installed)
     importlib.import_module("llama_cpp")
     from dflash_local import models
-    from dflash_local.cli import _fail
-    from dflash_local.convert.gguf_target import ConversionError
-    from dflash_local.errors import UserError
+    from dflash_local.console import command_errors
 
-    try:
+    with command_errors():
         args["target"] = models.resolve_target(target)
         _train(**args)
-    except (UserError, ConversionError) as e:
-        raise _fail(str(e)) from None
 
 
 def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | None, self_prompts: int,
@@ -93,9 +89,9 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
 
     from dflash_local import native
     from dflash_local.bench.prompts import load_prompts
-    from dflash_local.cli import console
+    from dflash_local.console import console
     from dflash_local.convert.gguf_target import OUTTYPES, read_target
-    from dflash_local.errors import UserError
+    from dflash_local.errors import UsageError, UserError
     from dflash_local.target import Target, TargetParams
     from dflash_local.train import answers, data, evaluate
     from dflash_local.train.prompts import training_prompts
@@ -103,13 +99,13 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
 
     # every input is checked before the hours of work start
     if steps is not None and epochs is not None:
-        raise UserError("give either --steps or --epochs, not both")
+        raise UsageError("give either --steps or --epochs, not both")
     if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda, not {device!r}")
+        raise UsageError(f"--device must be cpu or cuda, not {device!r}")
     if device == "cuda" and not _in_child(_cuda_available):
         raise UserError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
     if outtype not in OUTTYPES:
-        raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
+        raise UsageError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
     info = read_target(target)
     capture = parse_target_layers(target_layers, info.n_layer)
     if init is not None:
@@ -209,7 +205,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
 
     import torch
 
-    from dflash_local.cli import console
+    from dflash_local.console import console
     from dflash_local.convert.gguf_io import save_drafter_gguf
     from dflash_local.train import data, trainer
 
@@ -252,7 +248,7 @@ def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple
     import torch
 
     from dflash_local.convert.gguf_io import load_drafter_gguf, target_embeddings
-    from dflash_local.errors import UserError
+    from dflash_local.errors import UsageError, UserError
     from dflash_local.reference import Drafter
     from dflash_local.train import trainer
 
@@ -264,10 +260,10 @@ def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple
     drafter = load_drafter_gguf(init, target)
     have, want = dataclasses.asdict(drafter.cfg), dataclasses.asdict(cfg)
     if diff := [f"{k} {have[k]} (this run: {want[k]})" for k in want if have[k] != want[k] and k != "n_layer"]:
-        raise UserError(f"--init {init} is another shape of drafter: {', '.join(diff)}; give the same "
+        raise UsageError(f"--init {init} is another shape of drafter: {', '.join(diff)}; give the same "
                         "--target-layers and --block-size")
     if layers < drafter.cfg.n_layer:
-        raise UserError(f"--init {init} has {drafter.cfg.n_layer} layers: give --layers {drafter.cfg.n_layer} or more")
+        raise UsageError(f"--init {init} has {drafter.cfg.n_layer} layers: give --layers {drafter.cfg.n_layer} or more")
     if layers == drafter.cfg.n_layer:
         return drafter
     grown = Drafter(cfg, drafter.tok_embd, drafter.lm_head)
@@ -287,7 +283,7 @@ def _check_init(target: Path, init: Path, layers: int, capture: tuple[int, ...],
 def _bar() -> Progress:
     from rich.progress import Progress, TimeElapsedColumn
 
-    from dflash_local.cli import console
+    from dflash_local.console import console
 
     return Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console)
 

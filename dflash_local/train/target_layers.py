@@ -3,7 +3,7 @@ runs llama.cpp."""
 
 from __future__ import annotations
 
-from dflash_local.errors import UserError
+from dflash_local.errors import UsageError, UserError
 
 AUTO_EXTRACT = 5  # layers the z-lab drafters read
 
@@ -25,10 +25,10 @@ def parse_target_layers(spec: str, depth: int) -> tuple[int, ...]:
     try:
         ids = tuple(int(x) for x in spec.split(","))
     except ValueError:
-        raise UserError(f"--target-layers must be 'auto' or comma-separated layer ids, not {spec!r}") from None
+        raise UsageError(f"--target-layers must be 'auto' or comma-separated layer ids, not {spec!r}") from None
     if bad := [i for i in ids if not 1 <= i <= depth - 1]:
-        raise UserError(f"--target-layers {bad} are outside 1..{depth - 1}: the target has {depth} layers "
+        raise UsageError(f"--target-layers {bad} are outside 1..{depth - 1}: the target has {depth} layers "
                         "(GGUF numbering: layer L reads the output of layer L-1; llama.cpp trims the last one)")
     if len(set(ids)) != len(ids):
-        raise UserError(f"--target-layers repeats a layer: {spec}")
+        raise UsageError(f"--target-layers repeats a layer: {spec}")
     return ids
