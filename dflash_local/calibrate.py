@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import statistics
 import time
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from dflash_local.target import Target
 
 REPEATS = 3  # timed runs of each choice, after one to warm up; the median is kept
-CONTEXT = 32  # positions of context the passes attend to while measured
+CONTEXT = 32  # positions of context the passes attend to while measured (fewer in a small context)
 
 
 def step_costs(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> dict[Choice, float]:
@@ -45,12 +46,14 @@ def step_costs(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) 
 def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> dict[Choice, float]:
     """Each choice's step, as the engine takes it, after CONTEXT positions of a made-up prompt; both caches are
     cleared afterwards."""
-    tokens = (tg.tokenize("def measure(x):\n    return x * 2\n", add_special=False) or [0]) * (CONTEXT + 64)
+    pos = max(min(CONTEXT, tg.n_ctx // 2), 1)  # a short context fits a block after it; a pass that does not fit
+    room = min(tg.n_ctx, dr.info.n_ctx - block_size + 1) - pos  # ... is never chosen (cost: infinite)
+    tokens = (tg.tokenize("def measure(x):\n    return x * 2\n", add_special=False) or [0]) * (pos + 64)
     tg.clear()
     dr.crop(0)
-    tg.decode(tokens[:CONTEXT], 0, all_logits=False)
+    tg.decode(tokens[:pos], 0, all_logits=False)
     dr.inject(tg.features(), 0)
-    anchor, pos = tokens[CONTEXT], CONTEXT
+    anchor = tokens[pos]
     depth = block_size - 1
 
     def chain(k: int) -> None:
@@ -58,7 +61,7 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
             dr.draft(anchor, block_size, k)
         if k and tg.recurrent and not tg.snapshots:
             tg.save_state()
-        tg.decode(tokens[CONTEXT:CONTEXT + k + 1], pos, all_logits=True)
+        tg.decode(tokens[pos:pos + k + 1], pos, all_logits=True)
         tg.rollback(pos, pos, [])
 
     def tree(k: int) -> None:
@@ -71,7 +74,9 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
     try:
         for c in sorted(choices):  # the target alone first, then each kind from small to big
             smaller = [costs[s] for s in costs if s.tree == c.tree and s.k]
-            if smaller and smaller[-1] >= (1 + min(c.k, depth)) * costs[Choice(False, 0)]:
+            if c.k + 1 > room:
+                costs[c] = math.inf
+            elif smaller and smaller[-1] >= (1 + min(c.k, depth)) * costs[Choice(False, 0)]:
                 # a smaller one cannot beat the target alone even if all its drafts were accepted: nor can this one,
                 # which costs at least as much (on a CPU a tree of 62 takes some 20 one-token passes to measure)
                 costs[c] = smaller[-1]

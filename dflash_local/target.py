@@ -128,8 +128,8 @@ class Target:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"target model not found: {path}")
-        if params.n_seq > params.n_batch:  # llama.cpp reserves an output per sequence in a batch, and aborts
-            raise ValueError(f"{params.n_seq} sequences need a batch of as many tokens, not {params.n_batch}")
+        if params.n_seq > min(params.n_batch, params.n_ctx):  # llama.cpp reserves an output per sequence, and aborts
+            raise ValueError(f"{params.n_seq} sequences need a batch and a context of as many tokens")
         self.arch = read_gguf_arch(path)
         if self.arch == "dflash":
             raise UserError(f"{path} is a DFlash drafter, not a target model")
@@ -142,6 +142,8 @@ class Target:
         self.n_layer = lc.llama_model_n_layer(self.model)
         self.recurrent = bool(lc.llama_model_is_recurrent(self.model) or lc.llama_model_is_hybrid(self.model))
 
+        # llama.cpp reserves an output per sequence within a batch, which it clamps to the context (it aborts if not)
+        branches = min(branches, params.n_batch, params.n_ctx)
         self.branches = branches if branches > 1 and params.n_seq == 1 and not self.recurrent else 0
         kv_unified = params.kv_unified or self.branches > 0  # the leaves' cells share the prefix's
 
