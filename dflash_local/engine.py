@@ -1,4 +1,4 @@
-"""The DFlash decoding loop (design doc section 5): prefill, then draft -> verify -> accept ->
+"""The DFlash decoding loop (docs/design.md, section 5): prefill, then draft -> verify -> accept ->
 roll back -> inject, until the token budget, an end-of-generation token or the context ends.
 
 Without a drafter the same loop runs the target alone, one token per pass, so the two paths share

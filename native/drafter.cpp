@@ -1,4 +1,4 @@
-// The DFlash v1 drafter on ggml (design doc section 2). Two graphs, rebuilt per call in a reused
+// The DFlash v1 drafter on ggml (docs/design.md, section 2). Two graphs, rebuilt per call in a reused
 // arena and allocated by one gallocr (its buffer grows only when a bigger graph comes):
 //   inject: target features -> fc -> hidden_norm -> per layer K = rope(k_norm(Wk g)), V = Wv g,
 //           written into the drafter's KV cache at their positions;

@@ -141,7 +141,7 @@ def test_identity_smollm2(smollm2_path, tmp_path):
 
 def test_identity_smollm2_long_context_shipped_drafter(smollm2_path):
     """Past 256 tokens llama.cpp's KV view reaches 512 cells, where ggml's CPU flash attention splits one token's
-    attention over threads and rounds differently from a block's (README, "How lossless is checked"); with one
+    attention over threads and rounds differently from a block's (docs/design.md, section 7); with one
     thread they agree, and DFlash with the shipped drafter equals the target alone."""
     params = TargetParams(n_ctx=1024, n_batch=512, n_threads=1)
     dr = Drafter(SHIPPED_DRAFTERS / f"{smollm2_path.stem}-dflash.gguf", smollm2_path, n_ctx=1024 + 64, n_threads=1)

@@ -1,6 +1,6 @@
 """A prompt file of the stubs alone (the `/bare` prompts of `code_stubs`: a blank line, then a function's signature and
 docstring, dedented) of installed packages: the kind of training data that moved HumanEval tau most
-(bench/train/README.md). Plain functions come first, since HumanEval's prompts are plain functions, then methods;
+(bench/HISTORY.md). Plain functions come first, since HumanEval's prompts are plain functions, then methods;
 each part shuffled, so that a data phase cut short by a time limit still spans all the packages.
 
     python bench/train/bare_stubs.py OUT.jsonl PACKAGE [PACKAGE ...]   # e.g. sympy networkx scipy

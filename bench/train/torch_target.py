@@ -4,7 +4,7 @@ at the drafter's layers as the float8 codes and scales that native.Capture.rows_
 
 The weights are the GGUF's, dequantized. RoPE turns adjacent pairs, as llama.cpp's NORM mode does on the converter's
 permuted Q/K (tests/target_reference.py undoes the permutation instead). How close this comes to llama.cpp's
-answers and features: bench/train/README.md.
+answers and features: bench/HISTORY.md (2026-11-28).
 """
 
 from __future__ import annotations

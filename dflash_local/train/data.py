@@ -10,7 +10,7 @@ On disk, one folder:
                 sequences: features are captured after the answers, in a second pass, so they may lag the tokens
   scales.f32    float32 [rows, n_extract]: a row's values at one layer are their codes' values times its scale
                 (native.Capture.rows_e4m3). Half the room of float16, which filled a lent GPU machine's disk; the
-                shipped drafter's held-out tau on such features was 4.25, on float16 ones 4.23 (bench/train/README.md)
+                shipped drafter's held-out tau on such features was 4.25, on float16 ones 4.23 (bench/HISTORY.md)
 Answers are appended and the index is rewritten every few seconds (SAVE_EVERY), so an interrupted run resumes
 about where it stopped; rows past the index, or past the last whole sequence of features (a write cut short),
 are dropped when the folder is opened again. index.json and tokens.i32 alone (a few MB) are enough to move a data

@@ -1,4 +1,4 @@
-"""Training a drafter on a Dataset, per the paper's recipe (design doc section 8).
+"""Training a drafter on a Dataset, per the paper's recipe (docs/design.md, section 9).
 
 Each step takes a few sequences and, in each, random anchor positions in the answer: block
 [token at anchor, MASK...], labels = the next B-1 tokens, context = target features of the positions before
@@ -28,13 +28,13 @@ from dflash_local.train.data import Dataset, Sequence
 IGNORE = -100  # label of block positions past the end of the answer
 # Every HOLD_OUT-th group of sequences (Sequence.group) is held out of training: at each checkpoint, the tau of
 # decoding WALK_SEQS of them picks the weights that are exported, since past a few epochs a small data set is learned by
-# heart (bench/train/README.md: training tau~ 12.5 and HumanEval tau 1.47 at 9.5 epochs, 6.3 and 2.15 at 3).
+# heart (bench/HISTORY.md: training tau~ 12.5 and HumanEval tau 1.47 at 9.5 epochs, 6.3 and 2.15 at 3).
 HOLD_OUT = 50
 WALK_SEQS = 32
 # answer tokens each of them is decoded for: as `bench/train/tau.py` and the HumanEval goal (first 128 tokens). Blocks
 # anchored at random answer positions would flatter the drafter: a run of easy tokens (a loop, a copied line) is
 # crossed in one pass when decoding but is most of the random anchors (held-out tau~ 6.32 by those, tau 2.67 on
-# HumanEval; bench/train/README.md)
+# HumanEval; bench/HISTORY.md)
 WALK_TOKENS = 128
 # steps between readings of the moving averages for the progress bar: each reading waits for the GPU
 SHOW_EVERY = 25
@@ -63,7 +63,7 @@ def mask_token(target_gguf: Path) -> int:
 
 
 def drafter_config(target_gguf: Path, n_layer: int, target_layers: tuple[int, ...], block_size: int) -> DrafterConfig:
-    """The target's hidden size, head layout, FFN width, norm epsilon and RoPE base (design doc section 2)."""
+    """The target's hidden size, head layout, FFN width, norm epsilon and RoPE base (docs/design.md, section 2)."""
     t = read_target(target_gguf)
     fields = read_gguf(target_gguf).fields
 
@@ -237,7 +237,7 @@ class Trainer:
     def held_out_tau(self, pool: list[tuple[int, int, int]] | None = None, n: int = WALK_SEQS) -> float:
         """tau of greedy decoding of the first WALK_TOKENS answer tokens of n sequences spread over pool (default:
         the held-out ones), simulated on their stored answers and features: each pass is anchored where the last
-        one's accepted drafts end, as in the engine (bench/train/README.md: the two agree)."""
+        one's accepted drafts end, as in the engine (bench/HISTORY.md: the two agree)."""
         pool = self.held_out if pool is None else pool
         pool = pool[::max(1, len(pool) // n)][:n]
         self.drafter.eval()
@@ -263,7 +263,7 @@ class Trainer:
 
     def checkpoint_given(self, checkpoint: Path, console: Console) -> None:
         """The checkpoint of trained weights given to start from (dflash train --init), before any step: training on
-        from a drafter can make it worse on the held-out answers (bench/train/README.md), so they may be exported."""
+        from a drafter can make it worse on the held-out answers (bench/HISTORY.md), so they may be exported."""
         if self.held_out:
             console.print(f"step 0 (the given weights): held-out tau {self.checkpoint(checkpoint):.2f}",
                           highlight=False)
@@ -320,7 +320,7 @@ class Trainer:
                                            highlight=False)
                 if deadline is not None and self.step_no < self.opts.steps:
                     # the cosine schedule stretches or shrinks with the rate measured so far: a GPU's first steps
-                    # run slower, and a rate probed on them ended a run 370 s early (bench/gpu/README.md)
+                    # run slower, and a rate probed on them ended a run 370 s early (bench/HISTORY.md)
                     rate = (self.step_no - since[0]) / max(time.time() - since[1], 1e-9)
                     self.opts.steps = self.step_no + max(1, int(0.97 * rate * (deadline - time.time())))
                     progress.update(task, total=self.opts.steps)
