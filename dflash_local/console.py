@@ -7,6 +7,7 @@ of the native helper (bad input, 1); Ctrl-C ends it with 130 after what was done
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,7 +31,10 @@ def error(message: str) -> None:
 
 @contextmanager
 def command_errors() -> Iterator[None]:
-    """The body of a command: its errors a person can act on end it with one line and an exit code."""
+    """The body of a command: its errors a person can act on end it with one line and an exit code. llama.cpp's
+    libraries are loaded first: numpy (or torch, sentencepiece) loaded before them crashed llama.cpp's model load on
+    the lent H100 and H200 machines."""
+    importlib.import_module("llama_cpp")
     try:
         yield
     except UserError as e:

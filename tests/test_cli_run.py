@@ -73,11 +73,14 @@ def test_run_bad_inputs(smollm2_path, smol_drafter, tiny_target, tmp_path):
         assert "Traceback" not in result.output
 
 
-def test_the_command_line_loads_llama_cpp_before_numpy():
+def test_the_command_line_loads_llama_cpp_before_numpy(smollm2_path):
     """numpy loaded before llama_cpp crashed llama.cpp's CUDA model load (an H200 machine): the command line's own
-    modules import neither, and the native helper imports llama_cpp first."""
-    code = ("import sys, dflash_local.cli; assert 'numpy' not in sys.modules, 'numpy'; import dflash_local.native; "
+    modules import neither, and a command loads llama_cpp first."""
+    code = ("import sys, dflash_local.cli; assert 'numpy' not in sys.modules, 'numpy'\n"
+            "try:\n    dflash_local.cli.app(['run', sys.argv[1], '-p', 'hi', '-n', '2', '-t', '1'])\n"
+            "except SystemExit:\n    pass\n"
             "m = list(sys.modules); print(m.index('llama_cpp.llama_cpp') < m.index('numpy'))")  # it loads libllama
     # -P: the installed dflash_local, not the source tree of the current folder
-    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"
+    out = subprocess.run([sys.executable, "-P", "-c", code, str(smollm2_path)], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -1,7 +1,7 @@
-"""Native-helper micro-benchmark (issue "native helper"): per decoding step,
+"""Native-helper micro-benchmark: per decoding step,
 - the hidden-state capture's cost as a fraction of a target verification pass of BLOCK tokens
   (goal <= 3 %): the same pass in a context without the eval callback, with the callback installed but
-  switched off (how `dflash bench` runs the target alone), and capturing;
+  switched off (as the engine replays tokens the drafter has seen), and capturing;
 - the drafter's block pass against that target pass (goal <= 15 %).
 Modes alternate within each iteration so drift hits them alike; medians are reported.
 
