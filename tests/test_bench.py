@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from synthetic_drafters import random_drafter_gguf
 from typer.testing import CliRunner
 
 from dflash_local.bench import runner
+from dflash_local.bench.divergence import classify
 from dflash_local.bench.llamacpp import command, parse
 from dflash_local.bench.prompts import load_prompts
 from dflash_local.cli import app
+from dflash_local.engine import Engine
 from dflash_local.errors import UserError
 from dflash_local.model_registry import DEFAULT_MODEL, MODELS
-from dflash_local.target import TargetParams
+from dflash_local.target import Target, TargetParams
 
 UPSTREAM_LOG = """\
 0.01.807.364 I encoded   23 tokens in    0.066 seconds, speed:   75.775 t/s
@@ -90,13 +93,35 @@ def test_mismatch_detected():
     assert (mm.prompt_id, mm.block_size, mm.index, mm.expected, mm.got) == ("HumanEval/7", 4, 2, [7, 8], [9, 8])
 
 
+def test_a_divergence_at_one_thread_is_never_rounding(smollm2_path):
+    """At one CPU thread a pass of several tokens gives the one-token passes' logits bit for bit (bound 0), so a
+    DFlash token other than the target's own is a failure, however close the two were."""
+    tg = Target(smollm2_path, TargetParams(n_ctx=512, n_threads=1))
+    try:
+        prompt = tg.tokenize("def add(a, b):")
+        expected = Engine(tg).generate(prompt, 24).tokens
+        tg.clear()
+        tg.decode(prompt + expected[:12], 0, all_logits=False)
+        second = int(np.argsort(tg.logits(1)[0])[-2])  # the target's second-best token for expected[12]
+        got = expected[:12] + [second]
+        div = classify(tg, prompt, expected, got, 12, width=16)
+        assert div.gap is not None and div.gap > 0 and div.bound == 0.0 and div.batch_picks_dflash is False
+        assert not div.rounding
+        assert not classify(tg, prompt, expected, expected[:5], 5, width=16).rounding, "a shorter text is a failure"
+    finally:
+        tg.close()
+
+
 def test_mismatch_fails_the_bench(models, tmp_path, monkeypatch):
-    real = runner.check
+    real = runner._generate
 
-    def wrong_reference(prompt_id, block_size, expected, got):
-        return real(prompt_id, block_size, [t + 1 for t in expected], got)  # a deliberately wrong expectation
+    def wrong_dflash(engine, tokens, n):
+        gen = real(engine, tokens, n)
+        if engine.drafter is not None and len(gen.tokens) > 3:
+            gen.tokens[3] += 1  # a deliberate bug: not a token the target chose
+        return gen
 
-    monkeypatch.setattr(runner, "check", wrong_reference)
+    monkeypatch.setattr(runner, "_generate", wrong_dflash)
     out_json = tmp_path / "r.json"
     res = _bench(models, tmp_path, "--block-sizes", "2", "--json", str(out_json))
     assert res.exit_code == 1

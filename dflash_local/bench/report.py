@@ -43,7 +43,7 @@ def build_json(meta: dict[str, object], result: BenchResult, totals: dict[str, T
         "runs": [run_dict(t, base) for t in totals.values()],
         "prompts": [{"id": r.id, "prompt_tokens": r.prompt_tokens, "runs": r.runs} for r in result.prompts],
         "mismatches": [asdict(m) for m in result.mismatches],
-        "ok": not result.mismatches,
+        "ok": not result.failures,
     }
 
 
@@ -90,9 +90,11 @@ def print_table(console: Console, doc: dict[str, object]) -> None:
     for note in doc["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for mm in doc["mismatches"]:
-        console.print(f"[bold red]MISMATCH[/bold red] prompt {mm['prompt_id']} block {mm['block_size']}: token "
-                      f"{mm['index']} is {mm['got']} with DFlash, {mm['expected']} with the target alone",
-                      highlight=False)
+        div = mm["divergence"]
+        kind = "[yellow]rounding[/yellow]" if div["rounding"] else "[bold red]MISMATCH[/bold red]"
+        why = "" if div["gap"] is None else f" (top-2 gap {div['gap']:.4g}, batch/one-token bound {div['bound']:.4g})"
+        console.print(f"{kind} prompt {mm['prompt_id']} block {mm['block_size']}: token {mm['index']} is "
+                      f"{mm['got']} with DFlash, {mm['expected']} with the target alone{why}", highlight=False)
 
 
 def plot(doc: dict[str, object], path: Path) -> None:

@@ -16,6 +16,7 @@ import llama_cpp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dflash_local.bench.divergence import Divergence, classify
 from dflash_local.bench.machine import gpu_used_mb, peak_rss_mb, rss_mb
 from dflash_local.bench.prompts import Prompt
 from dflash_local.engine import Engine, Generation, Stats
@@ -112,6 +113,7 @@ class Mismatch:
     index: int  # first generated token that differs
     expected: list[int]  # a few tokens from `index` on
     got: list[int]
+    divergence: Divergence | None = None  # rounding or not, once classified
 
 
 @dataclass
@@ -132,6 +134,11 @@ class BenchResult:
     notes: list[str]
     drafter: dict[str, object]  # the drafter's shape as the helper read it
     n_threads: int  # the target context's CPU threads
+
+    @property
+    def failures(self) -> list[Mismatch]:
+        """Divergences not shown to be rounding (bench/divergence.py)."""
+        return [m for m in self.mismatches if not (m.divergence and m.divergence.rounding)]
 
 
 def find_mismatch(expected: list[int], got: list[int]) -> int | None:
@@ -190,6 +197,7 @@ def run_bench(cfg: BenchConfig, console: Console,
                     rec.runs[f"dflash-{b}"] = {"generated": gen.stats.generated, "decode_tps": gen.stats.decode_tps,
                                                "tau": gen.stats.tau}
                     if (mm := check(rec.id, b, ref.tokens, gen.tokens)) is not None:
+                        mm.divergence = classify(base_tg, toks, ref.tokens, gen.tokens, mm.index, b)
                         mismatches.append(mm)
                         if on_mismatch:
                             on_mismatch(mm)

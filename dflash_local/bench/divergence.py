@@ -1,0 +1,49 @@
+"""Telling a greedy divergence that is rounding from one that is a bug.
+
+Where a pass of several tokens rounds differently from one-token passes (llama.cpp's CUDA kernels; ggml's CPU flash
+attention with several threads past 256 tokens), DFlash's greedy text can leave the target alone's at a near-tie of
+the target's two best tokens. A divergence counts as rounding when the target alone's logits at that position, as it
+computed them (one token at a time), put its token and DFlash's closer together than the largest difference measured
+between those one-token logits and a pass of `width` tokens over the same positions; anything else is a failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dflash_local.target import Target
+
+
+@dataclass
+class Divergence:
+    gap: float | None  # the target alone's logit of its own token minus that of DFlash's token there
+    bound: float | None  # the largest |logit difference| between the batch and the one-token passes, same positions
+    batch_picks_dflash: bool | None  # whether the batch pass's argmax there is DFlash's token
+    rounding: bool
+
+
+def classify(tg: Target, prompt: list[int], expected: list[int], got: list[int], index: int, width: int) -> Divergence:
+    """expected: the target alone's greedy tokens after prompt; got: DFlash's, first different at index. tg: a context
+    of the target alone (its cache is cleared)."""
+    if index >= min(len(expected), len(got)) or tg.recurrent:  # a shorter text, or state that cannot be re-decoded
+        return Divergence(None, None, None, False)
+    n = len(prompt)
+    start = max(index - width, 0)  # the batch: expected[start:index], whose rows predict expected[start + 1 ..]
+    tg.clear()
+    one_token = {0: tg.decode(prompt, 0, all_logits=False)[0].copy()}  # j -> the logits that chose expected[j]
+    for j in range(index):
+        logits = tg.decode([expected[j]], n + j, all_logits=False)[0]
+        if j + 1 >= start:
+            one_token[j + 1] = logits.copy()
+    here = one_token[index]
+    gap = float(here[expected[index]] - here[got[index]])
+    bound, batch_picks = 0.0, None
+    if index > start:
+        tg.rollback(n + start, n + start, [])
+        batch = tg.decode(expected[start:index], n + start, all_logits=True)
+        bound = max(float(np.abs(batch[r] - one_token[start + r + 1]).max()) for r in range(index - start))
+        batch_picks = int(np.argmax(batch[-1])) == got[index]
+    tg.clear()
+    return Divergence(gap, bound, batch_picks, 0.0 <= gap <= bound)
