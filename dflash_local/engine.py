@@ -17,7 +17,7 @@ from dflash_local import calibrate
 from dflash_local.draft_length import Choice, DraftLength, choices_for
 from dflash_local.errors import UsageError, UserError
 from dflash_local.native import Drafter
-from dflash_local.sampling import Sampler, SamplingParams
+from dflash_local.sampling import Sampler, SamplingParams, greedy_accept
 from dflash_local.target import Target
 from dflash_local.tree import N_TOP, TREE_SIZE, build_tree
 
@@ -99,16 +99,26 @@ class Engine:
                             "raise --ctx-size or shorten the prompt")
         sampler = Sampler(sampling)
         stats = Stats(prompt_tokens=len(prompt))
-        capture0 = tg.capture.seconds if tg.capture else 0.0
         tg.clear()
         if dr:
             dr.crop(0)
         self._pending = []
 
+        tg.greedy_on_device(sampling.greedy)  # the argmax where the model runs: no logits to the host
+        try:
+            return self._generate(prompt, max_tokens, sampler, stats, on_tokens)
+        finally:
+            tg.greedy_on_device(False)
+
+    def _generate(self, prompt: list[int], max_tokens: int, sampler: Sampler, stats: Stats,
+                  on_tokens: Callable[[list[int]], None] | None) -> Generation:
+        """generate's prefill and loop, once both caches are clear."""
+        tg, dr = self.target, self.drafter
+        capture0 = tg.capture.seconds if tg.capture else 0.0
         t0 = time.perf_counter()
         try:
             logits = tg.decode(prompt, 0, all_logits=False)
-            anchor = sampler.sample(logits[0])
+            anchor = int(tg.argmax(1)[0]) if sampler.params.greedy else sampler.sample(logits[0])
             if dr:
                 dr.inject(tg.features(), 0)
         except KeyboardInterrupt:  # Ctrl-C in the prefill: nothing generated yet
@@ -193,7 +203,8 @@ class Engine:
             tg.save_state()
         batch = [anchor, *drafts.tolist()]
         logits = tg.decode(batch, pos, all_logits=True)
-        n_acc, token = sampler.verify(logits, drafts)
+        n_acc, token = greedy_accept(tg.argmax(len(batch)), drafts) if sampler.params.greedy else \
+            sampler.verify(logits, drafts)
         stats.t_target += time.perf_counter() - t
         if dr:
             if not self._pending:
@@ -232,11 +243,16 @@ class Engine:
 
         t = time.perf_counter()
         logits = tg.decode_tree([anchor, *tree.tokens], tree.depths, tree.seqs, pos)
+        picks = tg.argmax(len(tree.tokens) + 1) if sampler.params.greedy else None
+
+        def pick(i: int) -> int:  # the target's token after node i
+            return int(picks[i]) if picks is not None else sampler.sample(logits[i])
+
         path = [0]
-        token = sampler.sample(logits[0])
+        token = pick(0)
         while token in tree.children[path[-1]]:
             path.append(tree.children[path[-1]][token])
-            token = sampler.sample(logits[path[-1]])
+            token = pick(path[-1])
         stats.t_target += time.perf_counter() - t
         t = time.perf_counter()
         dr.inject(tg.features()[path], pos)

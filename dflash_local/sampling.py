@@ -62,9 +62,7 @@ class Sampler:
     def verify(self, logits: np.ndarray, drafts: np.ndarray) -> tuple[int, int]:
         """logits [k+1, V] for [anchor, d1..dk] -> (number of drafts accepted, the next token)."""
         if self.params.greedy:
-            choice = np.argmax(logits, axis=1)
-            n = int(np.argmin(np.append(choice[:-1] == drafts, False)))
-            return n, int(choice[n])
+            return greedy_accept(np.argmax(logits, axis=1), drafts)
         for i, d in enumerate(drafts):
             p = target_probs(logits[i], self.params)
             if self.rng.random() < p[d]:
@@ -72,3 +70,10 @@ class Sampler:
             p[d] = 0.0
             return i, int(self.rng.choice(p.size, p=p / p.sum()))
         return len(drafts), self.sample(logits[len(drafts)])
+
+
+def greedy_accept(choice: np.ndarray, drafts: np.ndarray) -> tuple[int, int]:
+    """The target's argmax for [anchor, d1..dk] -> (drafts accepted: as long as each is the target's choice, its next
+    token)."""
+    n = int(np.argmin(np.append(choice[:-1] == drafts, False)))
+    return n, int(choice[n])

@@ -21,6 +21,7 @@ import numpy as np
 
 from dflash_local.errors import UserError
 from dflash_local.native import Capture, cpu_has_amx
+from dflash_local.tree import TREE_SIZE
 
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h: enum ggml_log_level
@@ -162,6 +163,8 @@ class Target:
         cp.n_threads = cp.n_threads_batch = self.n_threads
         if self.recurrent and rollback > 0:
             cp.n_rs_seq = rollback
+        # a verified block's rows (a tree's are all sequence 0's only when it is one chain), each its argmax in the graph
+        cp.n_outputs_max_per_seq = TREE_SIZE + 1 if capture_layers else 1
         if self.capture:
             cp.cb_eval = self.capture.callback
             cp.cb_eval_user_data = self.capture.user_data
@@ -179,7 +182,9 @@ class Target:
         self.n_batch = lc.llama_n_batch(self.ctx)
         self._batch = lc.llama_batch_init(self.n_batch, 0, max(1, self.branches))
         self._saved: ctypes.Array | None = None
-        self._samplers: list[ctypes.c_void_p] = []  # a sampler chain per sequence while sample_on_device
+        self._samplers: dict[int, ctypes.c_void_p] = {}  # sequence -> its backend sampler chain, while any
+        self.greedy_device = False  # greedy_on_device
+        self._sampled_all = False  # the last decode's outputs all have a token picked in the graph
 
     def _load_model(self, path: Path, params: TargetParams) -> lc.llama_model_p:
         quiet_llama_logs()
@@ -273,21 +278,42 @@ class Target:
         """While min_p is given, llama.cpp samples every sequence's next token inside the graph (its backend
         sampling, where the model runs), at temperature 1 among the tokens within min_p of the likeliest; read them
         with sampled(). None: off again. False (and off) when llama.cpp cannot sample on this backend."""
-        if self._samplers:
-            for seq in range(self.n_seq):
-                lc.llama_set_sampler(self.ctx, seq, None)
-            self._free_samplers()
         if min_p is None:
-            return True
-        for seq in range(self.n_seq):
+            return self._use_samplers({})
+        return self._use_samplers({seq: [lc.llama_sampler_init_min_p(min_p, 1),
+                                         lc.llama_sampler_init_dist((seed + seq) % 2**32)] for seq in range(self.n_seq)})
+
+    def greedy_on_device(self, on: bool) -> bool:
+        """While on, llama.cpp takes the argmax of sequence 0's outputs in the graph, where the model runs, and
+        leaves their logits there (a verification's rows of 150k logits, on a GPU, cost a copy to the host and an
+        argmax there): read the tokens with argmax(). Off: logits as usual. False when this backend cannot."""
+        if on != self.greedy_device:
+            self.greedy_device = self._use_samplers({0: [lc.llama_sampler_init_greedy()]} if on else {}) and on
+        return self.greedy_device
+
+    def _use_samplers(self, chains: dict[int, list[ctypes.c_void_p]]) -> bool:
+        """Backend samplers by sequence (each a chain of llama.cpp samplers), in place of any before; False (and
+        none) when this backend cannot run them."""
+        for seq in self._samplers:
+            lc.llama_set_sampler(self.ctx, seq, None)
+        self._free_samplers()
+        self.greedy_device = False
+        for seq, parts in chains.items():
             chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(min_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist((seed + seq) % 2**32))
-            self._samplers.append(chain)
+            for part in parts:
+                lc.llama_sampler_chain_add(chain, part)
+            self._samplers[seq] = chain
             if not lc.llama_set_sampler(self.ctx, seq, chain):
-                self.sample_on_device(None)
+                self._use_samplers({})
                 return False
         return True
+
+    def argmax(self, n_out: int) -> np.ndarray:
+        """The likeliest token of each of the last decode's n_out outputs: as picked in the graph where all of them
+        were (greedy_on_device), else from their logits."""
+        if self._sampled_all:
+            return np.array([lc.llama_get_sampled_token_ith(self.ctx, i - n_out) for i in range(n_out)])
+        return np.argmax(self.logits(n_out), axis=1)
 
     def sampled(self, seqs: list[int]) -> np.ndarray:
         """The tokens sampled for the last decode's outputs, one per sequence of seqs in order (sample_on_device).
@@ -332,6 +358,9 @@ class Target:
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, p, len(ss), keep
             for j, s in enumerate(ss):
                 b.seq_id[i][j] = s
+        # llama.cpp leaves the logits in the graph only where every output has a sampler (each row goes to the one
+        # of its first sequence)
+        self._sampled_all = self.greedy_device and all(ss[0] in self._samplers for ss, keep in zip(seqs, logits) if keep)
         rc = lc.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) at position {min(positions)}")
@@ -397,9 +426,9 @@ class Target:
             self.capture.close()
 
     def _free_samplers(self) -> None:
-        for chain in self._samplers:
+        for chain in self._samplers.values():
             lc.llama_sampler_free(chain)
-        self._samplers = []
+        self._samplers = {}
 
     def __del__(self) -> None:
         self.close()

@@ -34,7 +34,7 @@ class OracleDrafter:
     def __init__(self, continuation: list[int], prompt_len: int, block_size: int, miss: int = 8):
         self.continuation, self.prompt_len, self.miss = continuation, prompt_len, miss
         self.info = DrafterInfo(n_embd=0, n_vocab=0, n_layer=0, n_head=0, n_head_kv=0, head_dim=0, n_ff=0,
-                                block_size=block_size, mask_token_id=0, n_ctx=0, target_layers=(1,))
+                                block_size=block_size, mask_token_id=0, n_ctx=1 << 30, target_layers=(1,))
         self.n_pos = 0
 
     def crop(self, n_pos: int) -> None:
