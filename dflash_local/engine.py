@@ -58,6 +58,15 @@ class Generation:
     stop: str  # "eog", "length", "context" or "interrupted"
 
 
+def generate_in_job(engine: Engine, prompt: list[int], max_tokens: int) -> Generation:
+    """Greedy generate for a job of many prompts (a bench, an evaluation): Ctrl-C, which generate takes as the end
+    of one answer, ends the whole job."""
+    gen = engine.generate(prompt, max_tokens)
+    if gen.stop == "interrupted":
+        raise KeyboardInterrupt
+    return gen
+
+
 class Engine:
     """Generates with `target`, drafting blocks with `drafter` when one is given."""
 

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dflash_local.bench.divergence import Divergence, classify
 from dflash_local.bench.machine import gpu_used_mb, peak_rss_mb, rss_mb
 from dflash_local.bench.prompts import Prompt
-from dflash_local.engine import Engine, Generation, Stats
+from dflash_local.engine import Engine, Stats, generate_in_job
 from dflash_local.loader import open_drafter, open_target
 from dflash_local.target import Target, TargetParams
 from dflash_local.tree import TREE_SIZE
@@ -181,18 +181,18 @@ def run_bench(cfg: BenchConfig, console: Console,
 
         with progress_bar(console) as progress:
             task = progress.add_task("warm-up", total=len(records) * (1 + len(engines)))
-            _generate(baseline, tokens[0], WARMUP_TOKENS)
+            generate_in_job(baseline, tokens[0], WARMUP_TOKENS)
             for eng in engines.values():
-                _generate(eng, tokens[0], WARMUP_TOKENS)
+                generate_in_job(eng, tokens[0], WARMUP_TOKENS)
             for rec, toks in zip(records, tokens):
                 progress.update(task, description=rec.id)
-                ref = _generate(baseline, toks, cfg.max_tokens)
+                ref = generate_in_job(baseline, toks, cfg.max_tokens)
                 totals["target"].add(ref.stats, ref.stop)
                 rec.target_text = tg.text(ref.tokens)
                 rec.runs["target"] = {"generated": ref.stats.generated, "decode_tps": ref.stats.decode_tps}
                 progress.advance(task)
                 for b, eng in engines.items():
-                    gen = _generate(eng, toks, cfg.max_tokens)
+                    gen = generate_in_job(eng, toks, cfg.max_tokens)
                     totals[f"dflash-{b}"].add(gen.stats, gen.stop)
                     rec.runs[f"dflash-{b}"] = {"generated": gen.stats.generated, "decode_tps": gen.stats.decode_tps,
                                                "tau": gen.stats.tau}
@@ -217,13 +217,6 @@ def run_bench(cfg: BenchConfig, console: Console,
     info = {"block_size": drafter.info.block_size, "n_layer": drafter.info.n_layer,
             "target_layers": list(drafter.info.target_layers)}
     return BenchResult(totals, records, mismatches, memory, notes, info, n_threads)
-
-
-def _generate(engine: Engine, tokens: list[int], n: int) -> Generation:
-    gen = engine.generate(tokens, n)
-    if gen.stop == "interrupted":  # the engine keeps what it has on Ctrl-C; a benchmark stops
-        raise KeyboardInterrupt
-    return gen
 
 
 NO_TEMPLATE = "the target has no chat template: chat prompts ran as raw completion"
