@@ -17,7 +17,7 @@ from dflash_local import calibrate
 from dflash_local.draft_length import Choice, DraftLength, choices_for
 from dflash_local.errors import UsageError, UserError
 from dflash_local.native import Drafter
-from dflash_local.sampling import Sampler, SamplingParams, greedy_accept
+from dflash_local.sampling import Sampler, SamplingParams, accept_picks
 from dflash_local.target import Target
 from dflash_local.tree import N_TOP, TREE_SIZE, build_tree
 
@@ -113,11 +113,11 @@ class Engine:
             dr.crop(0)
         self._pending = []
 
-        tg.greedy_on_device(sampling.greedy)  # the argmax where the model runs: no logits to the host
+        tg.pick_on_device(sampling)  # the target's tokens picked where the model runs: no logits to the host
         try:
             return self._generate(prompt, max_tokens, sampler, stats, on_tokens)
         finally:
-            tg.greedy_on_device(False)
+            tg.pick_on_device(None)
 
     def _generate(self, prompt: list[int], max_tokens: int, sampler: Sampler, stats: Stats,
                   on_tokens: Callable[[list[int]], None] | None) -> Generation:
@@ -127,7 +127,8 @@ class Engine:
         t0 = time.perf_counter()
         try:
             logits = tg.decode(prompt, 0, all_logits=False)
-            anchor = int(tg.argmax(1)[0]) if sampler.params.greedy else sampler.sample(logits[0])
+            anchor = self._picks(sampler, logits, 1)[0]
+            tg.commit([anchor])
             if dr:
                 dr.inject(tg.features(), 0)
         except KeyboardInterrupt:  # Ctrl-C in the prefill: nothing generated yet
@@ -212,8 +213,11 @@ class Engine:
             tg.save_state()
         batch = [anchor, *drafts.tolist()]
         logits = tg.decode(batch, pos, all_logits=True)
-        n_acc, token = greedy_accept(tg.argmax(len(batch)), drafts) if sampler.params.greedy else \
-            sampler.verify(logits, drafts)
+        if (picks := tg.picks(len(batch))) is not None:
+            n_acc, token = accept_picks(picks, drafts)
+            tg.commit(picks[: n_acc + 1].tolist())
+        else:
+            n_acc, token = sampler.verify(logits, drafts)
         stats.t_target += time.perf_counter() - t
         if dr:
             if not self._pending:
@@ -228,6 +232,13 @@ class Engine:
             tg.rollback(pos + n_acc + 1, pos, batch[: n_acc + 1])
             stats.t_target += time.perf_counter() - t
         return drafts[:n_acc].tolist(), token
+
+    def _picks(self, sampler: Sampler, logits: np.ndarray, n: int) -> list[int]:
+        """The target's tokens for the last decode's n rows: picked in the graph, else from the logits."""
+        picks = self.target.picks(n)
+        if picks is not None:
+            return picks.tolist()
+        return [sampler.sample(row) for row in logits[:n]]
 
     def _inject_pending(self, stats: Stats) -> None:
         """The features of positions the target ran alone, into the drafter in one pass."""
@@ -252,7 +263,7 @@ class Engine:
 
         t = time.perf_counter()
         logits = tg.decode_tree([anchor, *tree.tokens], tree.depths, tree.seqs, pos)
-        picks = tg.argmax(len(tree.tokens) + 1) if sampler.params.greedy else None
+        picks = tg.picks(len(tree.tokens) + 1)  # where the tree is one chain: its rows are sequence 0's alone
 
         def pick(i: int) -> int:  # the target's token after node i
             return int(picks[i]) if picks is not None else sampler.sample(logits[i])
@@ -262,6 +273,8 @@ class Engine:
         while token in tree.children[path[-1]]:
             path.append(tree.children[path[-1]][token])
             token = pick(path[-1])
+        if picks is not None:  # one chain: the path is the first rows
+            tg.commit(picks[: len(path)].tolist())
         stats.t_target += time.perf_counter() - t
         t = time.perf_counter()
         dr.inject(tg.features()[path], pos)

@@ -21,6 +21,7 @@ import numpy as np
 
 from dflash_local.errors import UserError
 from dflash_local.native import Capture, cpu_has_amx
+from dflash_local.sampling import SamplingParams
 from dflash_local.tree import TREE_SIZE
 
 
@@ -49,6 +50,22 @@ class TargetParams:
     tensor_split: tuple[float, ...] = ()
     n_seq: int = 1  # parallel sequences, each with n_ctx tokens
     kv_unified: bool = False  # one KV buffer of n_ctx for all sequences: a batch of several keeps its order
+
+
+def _sampler_chain(p: SamplingParams) -> list[ctypes.c_void_p]:
+    """llama.cpp samplers drawing from sampling.target_probs's distribution: temperature, then top-k on the scaled
+    logits, top-p and min-p on their softmax (min-p's ratio to the likeliest is the same with or without top-p's
+    renormalization), then a draw."""
+    if p.greedy:
+        return [lc.llama_sampler_init_greedy()]
+    chain = [lc.llama_sampler_init_temp(p.temperature)]
+    if p.top_k > 0:
+        chain.append(lc.llama_sampler_init_top_k(p.top_k))
+    if p.top_p < 1.0:
+        chain.append(lc.llama_sampler_init_top_p(p.top_p, 1))
+    if p.min_p > 0.0:
+        chain.append(lc.llama_sampler_init_min_p(p.min_p, 1))
+    return [*chain, lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED if p.seed is None else p.seed % 2**32)]
 
 
 def available_cores() -> int:
@@ -183,8 +200,8 @@ class Target:
         self._batch = lc.llama_batch_init(self.n_batch, 0, max(1, self.branches))
         self._saved: ctypes.Array | None = None
         self._samplers: dict[int, ctypes.c_void_p] = {}  # sequence -> its backend sampler chain, while any
-        self.greedy_device = False  # greedy_on_device
-        self._sampled_all = False  # the last decode's outputs all have a token picked in the graph
+        self.picks_on_device = False  # pick_on_device
+        self._picked_all = False  # the last decode's outputs all have a token picked in the graph
 
     def _load_model(self, path: Path, params: TargetParams) -> lc.llama_model_p:
         quiet_llama_logs()
@@ -283,13 +300,15 @@ class Target:
         return self._use_samplers({seq: [lc.llama_sampler_init_min_p(min_p, 1),
                                          lc.llama_sampler_init_dist((seed + seq) % 2**32)] for seq in range(self.n_seq)})
 
-    def greedy_on_device(self, on: bool) -> bool:
-        """While on, llama.cpp takes the argmax of sequence 0's outputs in the graph, where the model runs, and
-        leaves their logits there (a verification's rows of 150k logits, on a GPU, cost a copy to the host and an
-        argmax there): read the tokens with argmax(). Off: logits as usual. False when this backend cannot."""
-        if on != self.greedy_device:
-            self.greedy_device = self._use_samplers({0: [lc.llama_sampler_init_greedy()]} if on else {}) and on
-        return self.greedy_device
+    def pick_on_device(self, sampling: SamplingParams | None) -> bool:
+        """While sampling is given, llama.cpp picks the target's token for each of sequence 0's outputs in the graph,
+        where the model runs (greedy: the argmax; else a sample from the distribution of target_probs, each row with
+        a random number of its own), and leaves their logits there: a verification's rows of 150k logits, on a GPU,
+        cost a copy to the host. Read the tokens with picks(), commit the ones used with commit(). None: off, logits
+        as usual. False when this backend cannot."""
+        self._use_samplers({} if sampling is None else {0: _sampler_chain(sampling)})
+        self.picks_on_device = sampling is not None and bool(self._samplers)
+        return self.picks_on_device
 
     def _use_samplers(self, chains: dict[int, list[ctypes.c_void_p]]) -> bool:
         """Backend samplers by sequence (each a chain of llama.cpp samplers), in place of any before; False (and
@@ -297,7 +316,7 @@ class Target:
         for seq in self._samplers:
             lc.llama_set_sampler(self.ctx, seq, None)
         self._free_samplers()
-        self.greedy_device = False
+        self.picks_on_device = False
         for seq, parts in chains.items():
             chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
             for part in parts:
@@ -308,20 +327,19 @@ class Target:
                 return False
         return True
 
-    def argmax(self, n_out: int) -> np.ndarray:
-        """The likeliest token of each of the last decode's n_out outputs: as picked in the graph where all of them
-        were (greedy_on_device), else from their logits."""
-        if self._sampled_all:
-            return np.array([lc.llama_get_sampled_token_ith(self.ctx, i - n_out) for i in range(n_out)])
-        return np.argmax(self.logits(n_out), axis=1)
+    def picks(self, n_out: int) -> np.ndarray | None:
+        """The tokens picked in the graph for the last decode's n_out outputs (pick_on_device), or None where not all
+        of them were (a row of another sequence than 0 keeps its logits, and then every row does)."""
+        if not self._picked_all:
+            return None
+        return np.array([lc.llama_get_sampled_token_ith(self.ctx, i - n_out) for i in range(n_out)])
 
-    def sampled(self, seqs: list[int]) -> np.ndarray:
-        """The tokens sampled for the last decode's outputs, one per sequence of seqs in order (sample_on_device).
-        Each is accepted, which moves its sampler's random state on (else the next decode draws the same number)."""
-        tokens = np.array([lc.llama_get_sampled_token_ith(self.ctx, i - len(seqs)) for i in range(len(seqs))])
-        for seq, token in zip(seqs, tokens):
-            lc.llama_sampler_accept(self._samplers[seq], int(token))
-        return tokens
+    def commit(self, tokens: list[int]) -> None:
+        """The first picks of the last decode that were used, in order: the sampler's random state moves on past
+        their draws (the unused rows' draws come again in the next decode, which is fine: they decided nothing)."""
+        if self._picked_all:
+            for token in tokens:
+                lc.llama_sampler_accept(self._samplers[0], token)
 
     def decode_tree(self, tokens: list[int], depths: list[int], seqs: list[tuple[int, ...]], pos0: int) -> np.ndarray:
         """Verify a tree of drafts in one pass: token i (0: the anchor, the root) at position pos0 + depths[i], in the
@@ -360,7 +378,7 @@ class Target:
                 b.seq_id[i][j] = s
         # llama.cpp leaves the logits in the graph only where every output has a sampler (each row goes to the one
         # of its first sequence)
-        self._sampled_all = self.greedy_device and all(ss[0] in self._samplers for ss, keep in zip(seqs, logits) if keep)
+        self._picked_all = self.picks_on_device and all(ss[0] == 0 for ss, keep in zip(seqs, logits) if keep)
         rc = lc.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) at position {min(positions)}")
