@@ -327,6 +327,14 @@ class Target:
                 return False
         return True
 
+    def sampled(self, seqs: list[int]) -> np.ndarray:
+        """The tokens sampled for the last decode's outputs, one per sequence of seqs in order (sample_on_device).
+        Each is accepted, which moves its sampler's random state on (else the next decode draws the same number)."""
+        tokens = np.array([lc.llama_get_sampled_token_ith(self.ctx, i - len(seqs)) for i in range(len(seqs))])
+        for seq, token in zip(seqs, tokens):
+            lc.llama_sampler_accept(self._samplers[seq], int(token))
+        return tokens
+
     def picks(self, n_out: int) -> np.ndarray | None:
         """The tokens picked in the graph for the last decode's n_out outputs (pick_on_device), or None where not all
         of them were (a row of another sequence than 0 keeps its logits, and then every row does)."""
