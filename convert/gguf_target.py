@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,21 @@ def read_target(path: Path | str) -> TargetInfo:
         head_dim=field_value(r, f"{arch}.attention.key_length", n_embd // n_head),
         n_vocab=int(tensors["token_embd.weight"].shape[1]), n_ctx=field_value(r, f"{arch}.context_length"),
         mrope=any(field_value(r, f"{arch}.rope.dimension_sections", [])), tokenizer=tokenizer)
+
+
+def write_atomically(w: gguf.GGUFWriter, out: Path, write_tensors: Callable[[], None]) -> Path:
+    """Write w's header and metadata, then its tensors (write_tensors), to a temporary file renamed to out at the
+    end, so that a failure leaves no partial file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder, so that the final rename is atomic
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        write_tensors()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,205 @@
+"""AutoAWQ checkpoints of llama, qwen2 and qwen3 models -> target GGUFs that llama.cpp runs (issue 29).
+
+The AWQ linear layers become Q4_1 (their 4-bit codes carried over exactly, convert/awq.py) or f16; every other
+tensor keeps its values (1-D tensors as f32, as llama.cpp's converter writes them). Metadata and the tokenizer
+follow llama.cpp's convert_hf_to_gguf.py for these architectures.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gguf
+import numpy as np
+import torch
+
+from dflash_local.convert import awq
+from dflash_local.convert.gguf_target import ConversionError, write_atomically
+from dflash_local.convert.hf import load_tensors, resolve_source
+
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+OUTTYPES = {"q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "f16": gguf.LlamaFileType.MOSTLY_F16}
+_PERMUTED_QK = {"llama"}  # llama.cpp's llama arch ropes interleaved pairs: its converter permutes Q and K rows
+# GPT-2 style BPE pre-tokenizer per architecture (llama.cpp picks it by hashing the tokenizer's output; the
+# defaults of these families: Qwen's regex, Llama 3's for a llama-arch BPE tokenizer)
+_BPE_PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
+_DROPPED = ("rotary_emb.inv_freq",)  # recomputed by llama.cpp
+_DOWNLOAD = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+class Hparams(NamedTuple):
+    arch: str
+    n_ctx: int
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int  # also the rotary dimensions: these architectures rope the whole head
+    n_vocab: int  # the embedding's rows, at least the tokenizer's tokens
+    rms_eps: float
+    rope_base: float
+
+
+_HPARAM_KEYS = {  # GGUFWriter method -> Hparams field it writes
+    "add_context_length": "n_ctx", "add_embedding_length": "n_embd", "add_block_count": "n_layer",
+    "add_feed_forward_length": "n_ff", "add_head_count": "n_head", "add_head_count_kv": "n_head_kv",
+    "add_key_length": "head_dim", "add_value_length": "head_dim", "add_rope_dimension_count": "head_dim",
+    "add_layer_norm_rms_eps": "rms_eps", "add_rope_freq_base": "rope_base", "add_vocab_size": "n_vocab",
+}
+
+
+def _arch(config: dict[str, Any], where: str) -> str:
+    model_type = config.get("model_type")
+    if model_type not in ARCHS:
+        archs = config.get("architectures") or []
+        raise ConversionError(f"{where}: model_type = {model_type!r} ({', '.join(archs) or 'no architectures'}): "
+                              f"architecture not supported; AWQ targets of {', '.join(ARCHS)} are")
+    return model_type
+
+
+def parse_hparams(config: dict[str, Any], where: str) -> Hparams:
+    """The target's shapes and constants from config.json, refusing what these architectures do not run."""
+    arch = _arch(config, where)
+
+    def need(name: str) -> Any:
+        if (v := config.get(name)) is None:
+            raise ConversionError(f"{where}: missing required field {name!r}")
+        return v
+
+    if (v := config.get("hidden_act", "silu")) != "silu":
+        raise ConversionError(f"{where}: hidden_act = {v!r}: only silu is converted")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if (kind := rope.get("rope_type", rope.get("type"))) not in (None, "default"):
+        raise ConversionError(f"{where}: rope scaling of type {kind!r} (rope_scaling / rope_parameters): "
+                              f"not converted")
+    if config.get("use_sliding_window"):
+        raise ConversionError(f"{where}: use_sliding_window = true: sliding-window attention is not converted")
+    n_embd, n_head = need("hidden_size"), need("num_attention_heads")
+    return Hparams(arch=arch, n_embd=n_embd, n_layer=need("num_hidden_layers"), n_head=n_head,
+                   n_head_kv=config.get("num_key_value_heads") or n_head,
+                   head_dim=config.get("head_dim") or n_embd // n_head, n_ff=need("intermediate_size"),
+                   n_vocab=need("vocab_size"), n_ctx=need("max_position_embeddings"), rms_eps=need("rms_norm_eps"),
+                   rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+
+
+def _write_hparams(w: gguf.GGUFWriter, hp: Hparams) -> None:
+    for method, field in _HPARAM_KEYS.items():
+        getattr(w, method)(getattr(hp, field))
+
+
+def _write_vocab(w: gguf.GGUFWriter, folder: Path, hp: Hparams) -> None:
+    """Tokens (padded to the embedding's rows, as llama.cpp's converter does), merges and special tokens."""
+    vocab: gguf.Vocab
+    try:
+        vocab = gguf.BpeVocab(folder)
+    except FileNotFoundError:
+        try:
+            vocab = gguf.SentencePieceVocab(folder)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise ConversionError(f"{folder}: no tokenizer this converter reads (a byte-level BPE tokenizer.json, "
+                                  f"or tokenizer.model with sentencepiece installed): {e}") from None
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    if len(tokens) > hp.n_vocab:
+        raise ConversionError(f"{folder}: the tokenizer has {len(tokens)} tokens, more than vocab_size {hp.n_vocab}")
+    for i in range(len(tokens), hp.n_vocab):
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    w.add_tokenizer_model(vocab.tokenizer_model)
+    if isinstance(vocab, gguf.BpeVocab):
+        w.add_tokenizer_pre(_BPE_PRE[hp.arch])
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=isinstance(vocab, gguf.BpeVocab), n_vocab=hp.n_vocab).add_to_gguf(w, quiet=True)
+
+
+def _row_order(n_rows: int, n_head: int) -> np.ndarray:
+    """llama.cpp's converter's Q/K `permute` as a row order: each head's two rotary halves interleaved."""
+    return np.arange(n_rows).reshape(n_head, 2, -1).swapaxes(1, 2).reshape(-1)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16; f32 holds it exactly
+
+
+class _Tensors:
+    """The checkpoint's tensors, taken one module at a time so that leftovers can be reported."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.left = tensors
+
+    def modules(self) -> list[str]:
+        """Module names (without .weight, .bias, .qweight...) in checkpoint order."""
+        return list(dict.fromkeys(name.rsplit(".", 1)[0] for name in self.left))
+
+    def take(self, name: str) -> np.ndarray | None:
+        t = self.left.pop(name, None)
+        return None if t is None else _numpy(t)
+
+
+def convert_awq_target(src: Path | str, out: Path | str, outtype: str = "q4_1", *, progress: bool = False) -> Path:
+    """Convert an AutoAWQ GEMM checkpoint to a target GGUF; nothing is written on failure."""
+    if outtype not in OUTTYPES:
+        raise ConversionError(f"unknown outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    folder = resolve_source(src, _DOWNLOAD)
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{config_path}: unreadable config ({e})") from None
+    hp = parse_hparams(config, str(config_path))
+    qcfg = awq.parse_quant_config(config, str(config_path))
+
+    w = gguf.GGUFWriter(None, arch=gguf.MODEL_ARCH_NAMES[ARCHS[hp.arch]])
+    w.add_name(Path(src).resolve().name if Path(src).exists() else str(src))
+    w.add_file_type(OUTTYPES[outtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_hparams(w, hp)
+    _write_vocab(w, folder, hp)
+    _add_tensors(w, _Tensors(load_tensors(folder)), hp, qcfg, outtype)
+    return write_atomically(w, Path(out), lambda: w.write_tensors_to_file(progress=progress))
+
+
+def _add_tensors(w: gguf.GGUFWriter, tensors: _Tensors, hp: Hparams, qcfg: awq.AwqConfig, outtype: str) -> None:
+    arch = ARCHS[hp.arch]
+    names = gguf.TensorNameMap(arch, hp.n_layer)
+    allowed = set(gguf.MODEL_TENSORS[arch])
+    permuted = {gguf.MODEL_TENSOR.ATTN_Q: hp.n_head, gguf.MODEL_TENSOR.ATTN_K: hp.n_head_kv} \
+        if hp.arch in _PERMUTED_QK else {}
+    for module in tensors.modules():
+        if module.endswith(_DROPPED):
+            tensors.take(f"{module}.{module.rsplit('.', 1)[-1]}")
+            continue
+        found = names.get_type_and_name(module) or names.get_type_and_name(f"model.{module}")
+        if found is None or found[0] not in allowed:
+            extra = sorted(n for n in tensors.left if n.startswith(f"{module}."))
+            raise ConversionError(f"tensors {', '.join(extra)} are not part of a {hp.arch} model")
+        kind, gname = found
+        n_head = permuted.get(kind)
+        if all(f"{module}.{s}" in tensors.left for s in awq.AWQ_SUFFIXES):
+            lin = awq.read_linear(module, *(tensors.take(f"{module}.{s}") for s in awq.AWQ_SUFFIXES), qcfg)
+            if n_head:
+                lin = lin.permute_rows(_row_order(lin.codes.shape[0], n_head))
+            if outtype == "q4_1":
+                w.add_tensor(f"{gname}.weight", lin.to_q4_1(), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+            else:
+                w.add_tensor(f"{gname}.weight", lin.dequantize().astype(np.float16))
+        for suffix in ("weight", "bias"):
+            if (t := tensors.take(f"{module}.{suffix}")) is None:
+                continue
+            if n_head:
+                t = t[_row_order(t.shape[0], n_head)]
+            # 1-D tensors (norms, biases) in f32 as llama.cpp's converter writes them; matrices as they are
+            w.add_tensor(f"{gname}.{suffix}", t.astype(np.float32) if t.ndim == 1 else t)
+        if extra := sorted(n for n in tensors.left if n.rsplit(".", 1)[0] == module):
+            raise ConversionError(f"tensors {', '.join(extra)}: a partial or unknown quantized layer (AutoAWQ GEMM "
+                                  f"has {', '.join(awq.AWQ_SUFFIXES)})")

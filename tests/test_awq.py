@@ -1,0 +1,187 @@
+"""`dflash convert target`: AutoAWQ GEMM checkpoints -> target GGUFs (issue 29).
+
+Exactness of the Q4_1 blocks against AWQ's own dequantization, llama.cpp against a float64 reference forward of
+the converted file, lossless `dflash run` with a drafter, and the refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from awq_checkpoints import SPECS, awq_pack, quantization_config, write_awq_checkpoint
+from gguf.quants import dequantize
+from llama_helpers import EXACT, decode, load, logits, tokenize
+from synthetic_drafters import random_drafter_gguf
+from target_reference import _unpermute
+from typer.testing import CliRunner
+
+import target_reference
+from dflash_local.cli import app
+from dflash_local.convert import awq
+from dflash_local.convert.awq_target import convert_awq_target
+from dflash_local.convert.gguf_target import ConversionError
+
+ARCHS = tuple(SPECS)
+PROMPT = "the fox and the dog was in the little"
+# max |logit difference| / max |logit|, llama.cpp against the float64 reference forward of the same GGUF. llama.cpp's
+# CPU matmul rounds the activations to 8-bit blocks (Q8_1) against Q4_1 weights, to f16 against f16 weights: measured
+# 0.024 (qwen3), 0.044 (qwen2), 0.093 (llama) for q4_1; 0.0011, 0.0016, 0.0029 for f16 (f32 weights: 1e-4,
+# test_targets). A wrong layout is far outside: llama unpermuted Q/K 1.1, nibbles in plain order 1.6.
+LOGIT_TOLERANCE = {"q4_1": 0.15, "f16": 0.01}
+HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """arch -> (folder, layers) of a random AWQ checkpoint, written once per module."""
+    root, cache = tmp_path_factory.mktemp("awq"), {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = write_awq_checkpoint(root / arch, arch)
+        return cache[arch]
+    return get
+
+
+@pytest.fixture(scope="module")
+def converted(checkpoint, tmp_path_factory):
+    """(arch, outtype) -> converted GGUF."""
+    root, cache = tmp_path_factory.mktemp("gguf"), {}
+
+    def get(arch: str, outtype: str = "q4_1") -> Path:
+        if (arch, outtype) not in cache:
+            cache[arch, outtype] = convert_awq_target(checkpoint(arch)[0], root / f"{arch}-{outtype}.gguf", outtype)
+        return cache[arch, outtype]
+    return get
+
+
+def _gguf_weights(path: Path) -> dict[str, tuple[gguf.GGMLQuantizationType, np.ndarray]]:
+    """GGUF name -> (type, float64 values in HF's row order: llama's Q/K unpermuted)."""
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    heads = {"attn_q": reader.fields[f"{arch}.attention.head_count"].contents(),
+             "attn_k": reader.fields[f"{arch}.attention.head_count_kv"].contents()}
+    out = {}
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type).astype(np.float64)
+        if arch == "llama" and (n := heads.get(t.name.split(".")[-2])) is not None and t.name.endswith(".weight"):
+            w = _unpermute(torch.from_numpy(w), n).numpy()
+        out[t.name] = (t.tensor_type, w)
+    return out
+
+
+def _gguf_name(hf: str) -> str:
+    _, _, i, module = hf.split(".", 3)
+    return f"blk.{i}.{HF_TO_GGUF[module]}.weight"
+
+
+def test_unpack_inverts_autoawq_packing():
+    codes = torch.randint(0, 16, (64, 96), generator=torch.Generator().manual_seed(1))
+    assert np.array_equal(awq.unpack(awq_pack(codes).numpy()), codes.numpy())
+    # columns 0..7 hold their own index: nibble i (bits 4i..4i+3) holds column AWQ_ORDER[i] = [0, 2, 4, 6, 1, 3, 5, 7]
+    assert awq_pack(torch.arange(8)[None]).item() == np.int32(np.uint32(0x75316420).view(np.int32))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_q4_1_blocks_are_awq_weights(arch, checkpoint, converted):
+    """Every block dequantizes to AWQ's (q - z) * s within the float16 rounding of m = -z * s (d = s is exact)."""
+    _, layers = checkpoint(arch)
+    weights = _gguf_weights(converted(arch))
+    for hf, layer in layers.items():
+        qtype, got = weights[_gguf_name(hf)]
+        assert qtype == gguf.GGMLQuantizationType.Q4_1, hf
+        bound = 2.0**-11 * np.abs(layer.offset) + 1e-7 * np.abs(layer.weight).max()
+        assert (np.abs(got - layer.weight) <= bound).all(), hf
+    n_linear = sum(t == gguf.GGMLQuantizationType.Q4_1 for t, _ in weights.values())
+    assert n_linear == len(layers) == 7 * SPECS[arch].n_layer
+    assert ("output.weight" in weights) != SPECS[arch].tied
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f16_outtype_dequantizes(arch, checkpoint, converted):
+    _, layers = checkpoint(arch)
+    weights = _gguf_weights(converted(arch, "f16"))
+    for hf, layer in layers.items():
+        qtype, got = weights[_gguf_name(hf)]
+        assert qtype == gguf.GGMLQuantizationType.F16
+        np.testing.assert_array_equal(got, layer.weight.astype(np.float16))
+
+
+@pytest.mark.parametrize("outtype", LOGIT_TOLERANCE)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_matches_the_reference_forward(arch, outtype, converted):
+    path = converted(arch, outtype)
+    with load(path, **EXACT) as (model, ctx):
+        tokens = tokenize(model, PROMPT, add_bos=False)
+        decode(ctx, tokens, 0, all_logits=True)
+        got = np.stack([logits(ctx, model, i) for i in range(len(tokens))])
+    want = target_reference.logits(path, tokens)
+    assert np.abs(got - want).max() / np.abs(want).max() < LOGIT_TOLERANCE[outtype]
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9  # llama q4_1: one near tie of 11 flips
+
+
+def _run(*args: object):
+    return CliRunner().invoke(app, ["run", *map(str, args)])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_run_with_a_drafter_is_the_target_alone(arch, converted, tmp_path):
+    target = converted(arch)
+    drafter = random_drafter_gguf(target, tmp_path / "drafter.gguf")
+    common = ("-p", PROMPT, "--no-chat-template", "--temp", "0", "-n", "24", "-t", "1")
+    alone = _run(target, "--no-draft", *common)
+    drafted = _run(target, "--drafter", drafter, *common)
+    assert alone.exit_code == 0, alone.output
+    assert drafted.exit_code == 0, drafted.output
+    assert alone.stdout.strip() and alone.stdout == drafted.stdout
+
+
+def test_cli_converts(checkpoint, tmp_path):
+    out = tmp_path / "t.gguf"
+    result = CliRunner().invoke(app, ["convert", "target", str(checkpoint("qwen2")[0]), "--to", "gguf", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and f"wrote {out}" in result.stderr
+
+
+REFUSALS = [  # config change -> what the error names
+    ({"quantization_config": quantization_config(32, version="gemv")}, "quantization_config.version"),
+    ({"quantization_config": quantization_config(32, bits=8)}, "quantization_config.bits"),
+    ({"quantization_config": {"quant_method": "awq", "w_bit": 3, "q_group_size": 32, "version": "GEMM"}},
+     "quantization_config.w_bit"),
+    ({"quantization_config": quantization_config(48)}, "quantization_config.group_size"),
+    ({"quantization_config": quantization_config(32, quant_method="gptq")}, "quantization_config.quant_method"),
+    ({"quantization_config": None}, "no quantization_config"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type = 'mistral'"),
+]
+
+
+@pytest.mark.parametrize("change,named", REFUSALS, ids=[n for _, n in REFUSALS])
+def test_refusals(change, named, checkpoint, tmp_path):
+    src = shutil.copytree(checkpoint("qwen2")[0], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text()) | change
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=named.replace(".", r"\.")):
+        convert_awq_target(src, tmp_path / "out.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
+    result = CliRunner().invoke(app, ["convert", "target", str(src), "--to", "gguf", "-o", str(tmp_path / "o.gguf")])
+    assert result.exit_code == 1 and "error:" in result.stderr and named in result.stderr
+
+
+def test_refuses_packing_of_another_shape(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = shutil.copytree(checkpoint("qwen2")[0], tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.qweight"
+    tensors[name] = tensors[name].T.contiguous()  # GEMV-like orientation
+    save_file(tensors, src / "model.safetensors")
+    with pytest.raises(ConversionError, match="up_proj.qweight has shape"):
+        convert_awq_target(src, tmp_path / "out.gguf")
