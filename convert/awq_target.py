@@ -17,15 +17,17 @@ import numpy as np
 import torch
 
 from dflash_local.convert import awq
-from dflash_local.convert.gguf_target import ConversionError, write_atomically
+from dflash_local.convert.gguf_target import ConversionError, write_gguf
 from dflash_local.convert.hf import load_tensors, resolve_source
 
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
 OUTTYPES = {"q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "f16": gguf.LlamaFileType.MOSTLY_F16}
 _PERMUTED_QK = {"llama"}  # llama.cpp's llama arch ropes interleaved pairs: its converter permutes Q and K rows
-# GPT-2 style BPE pre-tokenizer per architecture (llama.cpp picks it by hashing the tokenizer's output; the
-# defaults of these families: Qwen's regex, Llama 3's for a llama-arch BPE tokenizer)
+# GPT-2 style BPE pre-tokenizer per architecture. llama.cpp's converter picks it by hashing the tokenizer's output
+# (which needs transformers); these are the families' own: Qwen's regex, and Llama 3's for a llama-arch BPE
+# tokenizer, which other llama-arch models (SmolLM2: `smollm`) do not share, hence a warning
 _BPE_PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
+_BPE_PRE_GUESSED = {"llama"}
 _DROPPED = ("rotary_emb.inv_freq",)  # recomputed by llama.cpp
 _DOWNLOAD = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
@@ -116,10 +118,14 @@ def _write_vocab(w: gguf.GGUFWriter, folder: Path, hp: Hparams) -> None:
     w.add_tokenizer_model(vocab.tokenizer_model)
     if isinstance(vocab, gguf.BpeVocab):
         w.add_tokenizer_pre(_BPE_PRE[hp.arch])
+        if hp.arch in _BPE_PRE_GUESSED:
+            warnings.warn(f"{folder}: a {hp.arch} model with a BPE tokenizer: pre-tokenizer assumed to be Llama 3's "
+                          f"({_BPE_PRE[hp.arch]!r}); text splits differently if the model's is another", stacklevel=2)
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=isinstance(vocab, gguf.BpeVocab), n_vocab=hp.n_vocab).add_to_gguf(w, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=isinstance(vocab, gguf.BpeVocab), n_vocab=hp.n_vocab)
+    special.add_to_gguf(w, quiet=True)  # merges, bos/eos/pad ids, add_bos, the chat template
 
 
 def _row_order(n_rows: int, n_head: int) -> np.ndarray:
@@ -135,7 +141,7 @@ class _Tensors:
     """The checkpoint's tensors, taken one module at a time so that leftovers can be reported."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.left = tensors
+        self.left = {name: t for name, t in tensors.items() if not name.endswith(_DROPPED)}
 
     def modules(self) -> list[str]:
         """Module names (without .weight, .bias, .qweight...) in checkpoint order."""
@@ -165,20 +171,25 @@ def convert_awq_target(src: Path | str, out: Path | str, outtype: str = "q4_1", 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_hparams(w, hp)
     _write_vocab(w, folder, hp)
-    _add_tensors(w, _Tensors(load_tensors(folder)), hp, qcfg, outtype)
-    return write_atomically(w, Path(out), lambda: w.write_tensors_to_file(progress=progress))
+    data = _add_tensors(w, _Tensors(load_tensors(folder)), hp, qcfg, outtype)
+    return write_gguf(w, Path(out), data, len(data), progress=progress)
 
 
-def _add_tensors(w: gguf.GGUFWriter, tensors: _Tensors, hp: Hparams, qcfg: awq.AwqConfig, outtype: str) -> None:
+def _add_tensors(w: gguf.GGUFWriter, tensors: _Tensors, hp: Hparams, qcfg: awq.AwqConfig,
+                 outtype: str) -> list[np.ndarray]:
+    """Every tensor's info added to w; returns their data in the same order."""
+    data: list[np.ndarray] = []
+
+    def add(name: str, array: np.ndarray, raw_dtype: gguf.GGMLQuantizationType | None = None) -> None:
+        w.add_tensor_info(name, array.shape, array.dtype, array.nbytes, raw_dtype=raw_dtype)
+        data.append(array)
+
     arch = ARCHS[hp.arch]
     names = gguf.TensorNameMap(arch, hp.n_layer)
     allowed = set(gguf.MODEL_TENSORS[arch])
     permuted = {gguf.MODEL_TENSOR.ATTN_Q: hp.n_head, gguf.MODEL_TENSOR.ATTN_K: hp.n_head_kv} \
         if hp.arch in _PERMUTED_QK else {}
     for module in tensors.modules():
-        if module.endswith(_DROPPED):
-            tensors.take(f"{module}.{module.rsplit('.', 1)[-1]}")
-            continue
         found = names.get_type_and_name(module) or names.get_type_and_name(f"model.{module}")
         if found is None or found[0] not in allowed:
             extra = sorted(n for n in tensors.left if n.startswith(f"{module}."))
@@ -190,16 +201,17 @@ def _add_tensors(w: gguf.GGUFWriter, tensors: _Tensors, hp: Hparams, qcfg: awq.A
             if n_head:
                 lin = lin.permute_rows(_row_order(lin.codes.shape[0], n_head))
             if outtype == "q4_1":
-                w.add_tensor(f"{gname}.weight", lin.to_q4_1(), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+                add(f"{gname}.weight", lin.to_q4_1(), gguf.GGMLQuantizationType.Q4_1)
             else:
-                w.add_tensor(f"{gname}.weight", lin.dequantize().astype(np.float16))
+                add(f"{gname}.weight", lin.dequantize().astype(np.float16))
         for suffix in ("weight", "bias"):
             if (t := tensors.take(f"{module}.{suffix}")) is None:
                 continue
             if n_head:
                 t = t[_row_order(t.shape[0], n_head)]
             # 1-D tensors (norms, biases) in f32 as llama.cpp's converter writes them; matrices as they are
-            w.add_tensor(f"{gname}.{suffix}", t.astype(np.float32) if t.ndim == 1 else t)
+            add(f"{gname}.{suffix}", np.ascontiguousarray(t.astype(np.float32) if t.ndim == 1 else t))
         if extra := sorted(n for n in tensors.left if n.rsplit(".", 1)[0] == module):
             raise ConversionError(f"tensors {', '.join(extra)}: a partial or unknown quantized layer (AutoAWQ GEMM "
                                   f"has {', '.join(awq.AWQ_SUFFIXES)})")
+    return data

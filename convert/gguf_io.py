@@ -16,12 +16,10 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import Progress
 
 from dflash_local.convert.gguf_target import (ARCH, ARRAY, INT32, MASK_KEY, OUTTYPES, Q, ConversionError, Reader,
                                               TargetInfo, field_value, read_gguf, read_target,
-                                              write_atomically)
+                                              write_gguf)
 from dflash_local.reference import Drafter, DrafterConfig, parameter_shapes
 
 # Hugging Face (z-lab) tensor names -> GGUF names
@@ -177,15 +175,8 @@ def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, q))
         w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=q)
 
-    def write_tensors() -> None:
-        w.write_ti_data_to_file()
-        with Progress(console=Console(stderr=True), disable=not progress) as bar:
-            task = bar.add_task(f"writing {Path(out).name}", total=len(plan))
-            for _, t, q in plan:
-                w.write_tensor_data(gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), q))
-                bar.advance(task)
-
-    return write_atomically(w, Path(out), write_tensors)
+    data = (gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), q) for _, t, q in plan)
+    return write_gguf(w, Path(out), data, len(plan), progress=progress)
 
 
 def _drafter_config(r: Reader, n_vocab: int) -> DrafterConfig:

@@ -38,6 +38,7 @@ SPECS = {
     "qwen2": Spec("qwen2", 64, 4, 2, 16, 192, 32, tied=False),
     "qwen3": Spec("qwen3", 64, 4, 2, 32, 192, 64, tied=True),
 }
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _QK_GAIN, _EMBD_STD = 3.0, 0.1  # as tests/tiny_targets.py: sharp attention, context-driven predictions
 
 
@@ -126,7 +127,7 @@ def write_awq_checkpoint(folder: Path, arch: str, *, seed: int = 0) -> tuple[Pat
 
     def linear(name: str, n_out: int, n_in: int, gain: float = 1.0, bias: bool = False) -> None:
         layer = random_awq_layer(gen, n_out, n_in, s.group_size, gain)
-        tensors.update({f"{name}.qweight": layer.qweight, f"{name}.qzeros": layer.qzeros, f"{name}.scales": layer.scales})
+        tensors.update({f"{name}.{part}": getattr(layer, part) for part in ("qweight", "qzeros", "scales")})
         layers[name] = layer
         if bias:
             tensors[f"{name}.bias"] = (0.1 * torch.randn(n_out, generator=gen)).half()
@@ -156,7 +157,7 @@ def write_awq_checkpoint(folder: Path, arch: str, *, seed: int = 0) -> tuple[Pat
     save_file(tensors, folder / "model.safetensors")
 
     config = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
+        "architectures": [_HF_CLASSES[arch]],
         "model_type": arch, "hidden_act": "silu", "hidden_size": s.n_embd, "intermediate_size": s.n_ff,
         "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_head_kv,
         "head_dim": s.head_dim, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from awq_checkpoints import SPECS, awq_pack, quantization_config, write_awq_checkpoint
 from gguf.quants import dequantize
-from llama_helpers import EXACT, decode, load, logits, tokenize
-from synthetic_drafters import random_drafter_gguf
-from target_reference import _unpermute
 from typer.testing import CliRunner
 
 import target_reference
+from awq_checkpoints import SPECIAL, SPECS, awq_pack, quantization_config, write_awq_checkpoint
+from llama_helpers import EXACT, decode, load, logits, tokenize
+from synthetic_drafters import random_drafter_gguf
+
 from dflash_local.cli import app
 from dflash_local.convert import awq
 from dflash_local.convert.awq_target import convert_awq_target
@@ -53,13 +54,17 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(checkpoint, tmp_path_factory):
-    """(arch, outtype) -> converted GGUF."""
+    """(arch, outtype) -> converted GGUF; the warnings of each conversion in get.warnings[arch, outtype]."""
     root, cache = tmp_path_factory.mktemp("gguf"), {}
 
     def get(arch: str, outtype: str = "q4_1") -> Path:
         if (arch, outtype) not in cache:
-            cache[arch, outtype] = convert_awq_target(checkpoint(arch)[0], root / f"{arch}-{outtype}.gguf", outtype)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cache[arch, outtype] = convert_awq_target(checkpoint(arch)[0], root / f"{arch}-{outtype}.gguf", outtype)
+            get.warnings[arch, outtype] = [str(w.message) for w in caught]
         return cache[arch, outtype]
+    get.warnings = {}
     return get
 
 
@@ -73,7 +78,7 @@ def _gguf_weights(path: Path) -> dict[str, tuple[gguf.GGMLQuantizationType, np.n
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type).astype(np.float64)
         if arch == "llama" and (n := heads.get(t.name.split(".")[-2])) is not None and t.name.endswith(".weight"):
-            w = _unpermute(torch.from_numpy(w), n).numpy()
+            w = target_reference._unpermute(torch.from_numpy(w), n).numpy()
         out[t.name] = (t.tensor_type, w)
     return out
 
@@ -132,7 +137,7 @@ def _run(*args: object):
     return CliRunner().invoke(app, ["run", *map(str, args)])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_run_with_a_drafter_is_the_target_alone(arch, converted, tmp_path):
     target = converted(arch)
     drafter = random_drafter_gguf(target, tmp_path / "drafter.gguf")
@@ -142,6 +147,19 @@ def test_run_with_a_drafter_is_the_target_alone(arch, converted, tmp_path):
     assert alone.exit_code == 0, alone.output
     assert drafted.exit_code == 0, drafted.output
     assert alone.stdout.strip() and alone.stdout == drafted.stdout
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tokenizer_carried_over(arch, converted):
+    """The BPE vocabulary and merges, the special token, and a warning where the pre-tokenizer is a guess."""
+    reader = gguf.GGUFReader(converted(arch))
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    tokens = field("tokenizer.ggml.tokens")
+    assert field("tokenizer.ggml.model") == "gpt2" and len(tokens) == len(field("tokenizer.ggml.token_type"))
+    assert tokens[field("tokenizer.ggml.eos_token_id")] == SPECIAL and tokens[-1].startswith("[PAD")
+    assert "Ġ t" in field("tokenizer.ggml.merges")
+    guessed = [m for m in converted.warnings[arch, "q4_1"] if "pre-tokenizer assumed" in m]
+    assert len(guessed) == (arch == "llama")
 
 
 def test_cli_converts(checkpoint, tmp_path):
