@@ -29,6 +29,13 @@ _PERMUTED_QK = {"llama"}  # llama.cpp's llama arch ropes interleaved pairs: its 
 _BPE_PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
 _BPE_PRE_GUESSED = {"llama"}
 _DROPPED = ("rotary_emb.inv_freq",)  # recomputed by llama.cpp
+# weights every model of the arch has (GGUF names; blk.* per layer): missing ones are reported before writing
+_REQUIRED = ("token_embd", "output_norm")
+_REQUIRED_PER_LAYER = {
+    "llama": ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"),
+}
+_REQUIRED_PER_LAYER |= {"qwen2": _REQUIRED_PER_LAYER["llama"],
+                        "qwen3": (*_REQUIRED_PER_LAYER["llama"], "attn_q_norm", "attn_k_norm")}
 _DOWNLOAD = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
 
@@ -172,7 +179,18 @@ def convert_awq_target(src: Path | str, out: Path | str, outtype: str = "q4_1", 
     _write_hparams(w, hp)
     _write_vocab(w, folder, hp)
     data = _add_tensors(w, _Tensors(load_tensors(folder)), hp, qcfg, outtype)
+    _check_complete(w, hp, folder)
     return write_gguf(w, Path(out), data, len(data), progress=progress)
+
+
+def _check_complete(w: gguf.GGUFWriter, hp: Hparams, folder: Path) -> None:
+    shapes = {name: ti.shape for name, ti in w.tensors[0].items()}
+    required = [*_REQUIRED, *(f"blk.{i}.{t}" for i in range(hp.n_layer) for t in _REQUIRED_PER_LAYER[hp.arch])]
+    if missing := [f"{name}.weight" for name in required if f"{name}.weight" not in shapes]:
+        raise ConversionError(f"{folder}: missing tensors for a {hp.n_layer}-layer {hp.arch} model "
+                              f"(GGUF names): {', '.join(missing)}")
+    if (rows := shapes["token_embd.weight"][0]) != hp.n_vocab:  # numpy order: [n_vocab, n_embd]
+        raise ConversionError(f"{folder}: the token embedding has {rows} rows, but vocab_size is {hp.n_vocab}")
 
 
 def _add_tensors(w: gguf.GGUFWriter, tensors: _Tensors, hp: Hparams, qcfg: awq.AwqConfig,

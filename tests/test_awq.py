@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import target_reference
@@ -193,13 +195,49 @@ def test_refusals(change, named, checkpoint, tmp_path):
     assert result.exit_code == 1 and "error:" in result.stderr and named in result.stderr
 
 
-def test_refuses_packing_of_another_shape(checkpoint, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    src = shutil.copytree(checkpoint("qwen2")[0], tmp_path / "src")
+def _edit_tensors(src: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
     tensors = load_file(src / "model.safetensors")
-    name = "model.layers.0.mlp.up_proj.qweight"
-    tensors[name] = tensors[name].T.contiguous()  # GEMV-like orientation
+    edit(tensors)
     save_file(tensors, src / "model.safetensors")
-    with pytest.raises(ConversionError, match="up_proj.qweight has shape"):
+
+
+TENSOR_REFUSALS = {  # an edit of the checkpoint's tensors -> what the error says
+    "transposed": (lambda t: t.update({UP: t[UP].T.contiguous()}), "up_proj.qweight has shape"),  # GEMV-like
+    "missing": (lambda t: t.pop("model.layers.1.post_attention_layernorm.weight"), "missing tensors .*blk.1.ffn_norm"),
+    "partial": (lambda t: t.pop("model.layers.0.mlp.up_proj.scales"), "a partial or unknown quantized layer"),
+    "unknown": (lambda t: t.update({"model.extra.weight": t["model.norm.weight"].clone()}), "not part of a qwen2"),
+    "vocabulary": (lambda t: t.update({EMBD: t[EMBD][:-1].clone()}), "embedding has 317 rows, but vocab_size is 318"),
+}
+EMBD = "model.embed_tokens.weight"
+UP = "model.layers.0.mlp.up_proj.qweight"
+
+
+@pytest.mark.parametrize("case", TENSOR_REFUSALS)
+def test_tensor_refusals(case, checkpoint, tmp_path):
+    src = shutil.copytree(checkpoint("qwen2")[0], tmp_path / "src")
+    edit, message = TENSOR_REFUSALS[case]
+    _edit_tensors(src, edit)
+    with pytest.raises(ConversionError, match=message):
         convert_awq_target(src, tmp_path / "out.gguf")
+
+
+def test_refuses_a_missing_tokenizer(checkpoint, tmp_path):
+    src = shutil.copytree(checkpoint("qwen2")[0], tmp_path / "src")
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(ConversionError, match="no tokenizer this converter reads"):
+        convert_awq_target(src, tmp_path / "out.gguf")
+
+
+def test_hub_id_downloads_weights_and_tokenizer(checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = {}
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(checkpoint("qwen3")[0])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    convert_awq_target("someone/tiny-awq", tmp_path / "out.gguf")
+    assert asked["repo_id"] == "someone/tiny-awq"
+    assert {"*.safetensors", "*.json", "tokenizer.model"} <= set(asked["patterns"])
+    assert gguf.GGUFReader(tmp_path / "out.gguf").fields["general.name"].contents() == "someone/tiny-awq"
