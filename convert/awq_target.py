@@ -116,6 +116,8 @@ def _write_vocab(w: gguf.GGUFWriter, folder: Path, hp: Hparams) -> None:
         tokens.append(text)
         scores.append(score)
         types.append(kind)
+    for i in _plain_added_tokens(folder):  # gguf.vocab makes every added token CONTROL; llama.cpp's converter does
+        types[i] = gguf.TokenType.USER_DEFINED  # that only for special ones: the others are text, e.g. <tool_call>
     if len(tokens) > hp.n_vocab:
         raise ConversionError(f"{folder}: the tokenizer has {len(tokens)} tokens, more than vocab_size {hp.n_vocab}")
     for i in range(len(tokens), hp.n_vocab):
@@ -133,6 +135,15 @@ def _write_vocab(w: gguf.GGUFWriter, folder: Path, hp: Hparams) -> None:
     w.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=isinstance(vocab, gguf.BpeVocab), n_vocab=hp.n_vocab)
     special.add_to_gguf(w, quiet=True)  # merges, bos/eos/pad ids, add_bos, the chat template
+
+
+def _plain_added_tokens(folder: Path) -> list[int]:
+    """Ids of tokenizer.json's added tokens that are not special."""
+    try:
+        added = json.loads((folder / "tokenizer.json").read_text()).get("added_tokens") or []
+    except (OSError, ValueError):
+        return []
+    return [t["id"] for t in added if not t.get("special", True)]
 
 
 def _row_order(n_rows: int, n_head: int) -> np.ndarray:

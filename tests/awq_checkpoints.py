@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 _ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]
 _WORDS = "the of and to in is it that for on with as was he she they be at by this have from fox dog little".split()
 SPECIAL = "<|endoftext|>"
+ADDED = {SPECIAL: True, "<tool_call>": False}  # added tokens -> special
 
 
 class Spec(NamedTuple):
@@ -81,7 +82,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def write_tokenizer(folder: Path) -> int:
-    """A byte-level BPE tokenizer.json: the 256 bytes, merges building ' word' for a few words, one special token.
+    """A byte-level BPE tokenizer.json: the 256 bytes, merges building ' word' for a few words, two added tokens.
     Returns the number of tokens."""
     byte_chars = _bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(byte_chars.values())}
@@ -93,8 +94,8 @@ def write_tokenizer(folder: Path) -> int:
             piece += ch
             vocab.setdefault(piece, len(vocab))
     merges = list(map(list, dict.fromkeys(map(tuple, merges))))
-    added = [{"id": len(vocab), "content": SPECIAL, "special": True, "single_word": False, "lstrip": False,
-              "rstrip": False, "normalized": False}]
+    added = [{"id": len(vocab) + i, "content": text, "special": special, "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False} for i, (text, special) in enumerate(ADDED.items())]
     tokenizer = {"version": "1.0", "added_tokens": added, "normalizer": None,
                  "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                                    "use_regex": True},
@@ -104,7 +105,7 @@ def write_tokenizer(folder: Path) -> int:
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": SPECIAL, "bos_token": SPECIAL,
                                                               "add_bos_token": False}))
-    return len(vocab) + 1
+    return len(vocab) + len(ADDED)
 
 
 def quantization_config(group_size: int, **changes: Any) -> dict[str, Any]:
@@ -117,7 +118,8 @@ def write_awq_checkpoint(folder: Path, arch: str, *, seed: int = 0) -> tuple[Pat
     (`model.layers.0.self_attn.q_proj`)."""
     s = SPECS[arch]
     folder.mkdir(parents=True, exist_ok=True)
-    n_vocab = write_tokenizer(folder) + 7  # a few rows more than tokens, as real checkpoints pad vocab_size
+    n_tokens = write_tokenizer(folder)
+    n_vocab = n_tokens + 7  # a few rows more than tokens, as real checkpoints pad vocab_size
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, AwqLayer] = {}
@@ -162,7 +164,7 @@ def write_awq_checkpoint(folder: Path, arch: str, *, seed: int = 0) -> tuple[Pat
         "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_head_kv,
         "head_dim": s.head_dim, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
         "rope_scaling": None, "vocab_size": n_vocab, "tie_word_embeddings": s.tied, "torch_dtype": "float16",
-        "bos_token_id": n_vocab - 8, "eos_token_id": n_vocab - 8,
+        "bos_token_id": n_tokens - len(ADDED), "eos_token_id": n_tokens - len(ADDED),
         "quantization_config": quantization_config(s.group_size),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -159,6 +159,8 @@ def test_tokenizer_carried_over(arch, converted):
     tokens = field("tokenizer.ggml.tokens")
     assert field("tokenizer.ggml.model") == "gpt2" and len(tokens) == len(field("tokenizer.ggml.token_type"))
     assert tokens[field("tokenizer.ggml.eos_token_id")] == SPECIAL and tokens[-1].startswith("[PAD")
+    types = dict(zip(tokens, field("tokenizer.ggml.token_type")))
+    assert types[SPECIAL] == gguf.TokenType.CONTROL and types["<tool_call>"] == gguf.TokenType.USER_DEFINED
     assert "Ġ t" in field("tokenizer.ggml.merges")
     guessed = [m for m in converted.warnings[arch, "q4_1"] if "pre-tokenizer assumed" in m]
     assert len(guessed) == (arch == "llama")
@@ -206,7 +208,7 @@ TENSOR_REFUSALS = {  # an edit of the checkpoint's tensors -> what the error say
     "missing": (lambda t: t.pop("model.layers.1.post_attention_layernorm.weight"), "missing tensors .*blk.1.ffn_norm"),
     "partial": (lambda t: t.pop("model.layers.0.mlp.up_proj.scales"), "a partial or unknown quantized layer"),
     "unknown": (lambda t: t.update({"model.extra.weight": t["model.norm.weight"].clone()}), "not part of a qwen2"),
-    "vocabulary": (lambda t: t.update({EMBD: t[EMBD][:-1].clone()}), "embedding has 317 rows, but vocab_size is 318"),
+    "vocabulary": (lambda t: t.update({EMBD: t[EMBD][:-1].clone()}), "embedding has 318 rows, but vocab_size is 319"),
 }
 EMBD = "model.embed_tokens.weight"
 UP = "model.layers.0.mlp.up_proj.qweight"
