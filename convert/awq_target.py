@@ -28,6 +28,8 @@ _PERMUTED_QK = {"llama"}  # llama.cpp's llama arch ropes interleaved pairs: its 
 # tokenizer, which other llama-arch models (SmolLM2: `smollm`) do not share, hence a warning
 _BPE_PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
 _BPE_PRE_GUESSED = {"llama"}
+# (arch, rope_type) converted: Llama 3.1's scaling, which llama.cpp reads as a rope_freqs tensor
+_ROPE_SCALINGS = {("llama", "llama3")}
 _DROPPED = ("rotary_emb.inv_freq",)  # recomputed by llama.cpp
 # weights every model of the arch has (GGUF names; blk.* per layer): missing ones are reported before writing
 _REQUIRED = ("token_embd", "output_norm")
@@ -51,6 +53,7 @@ class Hparams(NamedTuple):
     n_vocab: int  # the embedding's rows, at least the tokenizer's tokens
     rms_eps: float
     rope_base: float
+    rope_scaling: dict[str, Any] | None  # one of _ROPE_SCALINGS, or None
 
 
 _HPARAM_KEYS = {  # GGUFWriter method -> Hparams field it writes
@@ -82,9 +85,10 @@ def parse_hparams(config: dict[str, Any], where: str) -> Hparams:
     if (v := config.get("hidden_act", "silu")) != "silu":
         raise ConversionError(f"{where}: hidden_act = {v!r}: only silu is converted")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if (kind := rope.get("rope_type", rope.get("type"))) not in (None, "default"):
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind not in (None, "default") and (arch, kind) not in _ROPE_SCALINGS:
         raise ConversionError(f"{where}: rope scaling of type {kind!r} (rope_scaling / rope_parameters): "
-                              f"not converted")
+                              f"not converted for {arch}")
     if config.get("use_sliding_window"):
         raise ConversionError(f"{where}: use_sliding_window = true: sliding-window attention is not converted")
     n_embd, n_head = need("hidden_size"), need("num_attention_heads")
@@ -92,7 +96,23 @@ def parse_hparams(config: dict[str, Any], where: str) -> Hparams:
                    n_head_kv=config.get("num_key_value_heads") or n_head,
                    head_dim=config.get("head_dim") or n_embd // n_head, n_ff=need("intermediate_size"),
                    n_vocab=need("vocab_size"), n_ctx=need("max_position_embeddings"), rms_eps=need("rms_norm_eps"),
-                   rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+                   rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+                   rope_scaling=rope if kind not in (None, "default") else None)
+
+
+def _llama3_rope_factors(hp: Hparams) -> np.ndarray:
+    """Llama 3.1's RoPE scaling as llama.cpp's per-dimension divisors of the frequencies (rope_freqs): 1 for
+    wavelengths under the original context / high_freq_factor, `factor` over original context / low_freq_factor,
+    interpolated smoothly between (transformers' _compute_llama3_parameters, llama.cpp's converter)."""
+    r = hp.rope_scaling or {}
+    factor, low, high = r.get("factor", 8.0), r.get("low_freq_factor", 1.0), r.get("high_freq_factor", 4.0)
+    old_ctx = r.get("original_max_position_embeddings", 8192)
+    freqs = hp.rope_base ** -(np.arange(0, hp.head_dim, 2, dtype=np.float64) / hp.head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    factors = np.where(wavelen < old_ctx / high, 1.0,
+                       np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
 
 
 def _write_hparams(w: gguf.GGUFWriter, hp: Hparams) -> None:
@@ -213,6 +233,8 @@ def _add_tensors(w: gguf.GGUFWriter, tensors: _Tensors, hp: Hparams, qcfg: awq.A
         w.add_tensor_info(name, array.shape, array.dtype, array.nbytes, raw_dtype=raw_dtype)
         data.append(array)
 
+    if hp.rope_scaling is not None:  # the only one converted: llama3
+        add(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(hp))
     arch = ARCHS[hp.arch]
     names = gguf.TensorNameMap(arch, hp.n_layer)
     allowed = set(gguf.MODEL_TENSORS[arch])

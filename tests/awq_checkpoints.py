@@ -32,10 +32,16 @@ class Spec(NamedTuple):
     group_size: int
     tied: bool
     n_layer: int = 2
+    rope_scaling: dict[str, Any] | None = None
 
 
-SPECS = {
+# Llama 3.1's RoPE scaling with an original context of 64, so that positions of a short prompt see all three
+# kinds of dimensions (unscaled, scaled by `factor`, interpolated)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+SPECS = {  # name -> shapes
     "llama": Spec("llama", 128, 4, 2, 32, 256, 128, tied=False),
+    "llama3": Spec("llama", 128, 4, 2, 32, 256, 128, tied=False, rope_scaling=LLAMA3_ROPE),
     "qwen2": Spec("qwen2", 64, 4, 2, 16, 192, 32, tied=False),
     "qwen3": Spec("qwen3", 64, 4, 2, 32, 192, 64, tied=True),
 }
@@ -113,10 +119,11 @@ def quantization_config(group_size: int, **changes: Any) -> dict[str, Any]:
             **changes}
 
 
-def write_awq_checkpoint(folder: Path, arch: str, *, seed: int = 0) -> tuple[Path, dict[str, AwqLayer]]:
-    """A random AWQ checkpoint of SPECS[arch]; returns the folder and its quantized linear layers by HF module name
+def write_awq_checkpoint(folder: Path, name: str, *, seed: int = 0) -> tuple[Path, dict[str, AwqLayer]]:
+    """A random AWQ checkpoint of SPECS[name]; returns the folder and its quantized linear layers by HF module name
     (`model.layers.0.self_attn.q_proj`)."""
-    s = SPECS[arch]
+    s = SPECS[name]
+    arch = s.arch
     folder.mkdir(parents=True, exist_ok=True)
     n_tokens = write_tokenizer(folder)
     n_vocab = n_tokens + 7  # a few rows more than tokens, as real checkpoints pad vocab_size
@@ -163,7 +170,7 @@ def write_awq_checkpoint(folder: Path, arch: str, *, seed: int = 0) -> tuple[Pat
         "model_type": arch, "hidden_act": "silu", "hidden_size": s.n_embd, "intermediate_size": s.n_ff,
         "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_head_kv,
         "head_dim": s.head_dim, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "rope_scaling": None, "vocab_size": n_vocab, "tie_word_embeddings": s.tied, "torch_dtype": "float16",
+        "rope_scaling": s.rope_scaling, "vocab_size": n_vocab, "tie_word_embeddings": s.tied, "torch_dtype": "float16",
         "bos_token_id": n_tokens - len(ADDED), "eos_token_id": n_tokens - len(ADDED),
         "quantization_config": quantization_config(s.group_size),
     }

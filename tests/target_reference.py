@@ -72,6 +72,8 @@ def _forward(path: Path | str, tokens: list[int]) -> tuple[list[np.ndarray], np.
 
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
     inv_freq = kv["rope.freq_base"] ** -exponents
+    if "rope_freqs.weight" in w:  # llama 3.1's RoPE scaling: llama.cpp divides each frequency by its factor
+        inv_freq = inv_freq / w["rope_freqs.weight"]
     angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
     causal = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)
