@@ -27,11 +27,10 @@ class AwqConfig(NamedTuple):
     group_size: int
 
 
-def parse_quant_config(config: Mapping[str, Any], where: str) -> AwqConfig:
-    """The checkpoint's quantization_config, refusing everything but AutoAWQ 4-bit GEMM with zero points."""
-    q = config.get("quantization_config")
+def parse_quant_config(q: Mapping[str, Any] | None, where: str) -> AwqConfig:
+    """A quantization_config, refusing everything but AutoAWQ 4-bit GEMM with zero points."""
     if q is None:
-        raise ConversionError(f"{where}: no quantization_config: not an AWQ checkpoint")
+        raise ConversionError(f"{where}: no quantization_config (nor quant_config.json): not an AWQ checkpoint")
 
     def refuse(field: str, why: str) -> ConversionError:
         return ConversionError(f"{where}: quantization_config.{field} = {q.get(field)!r}: {why}")

@@ -190,6 +190,17 @@ class _Tensors:
         return None if t is None else _numpy(t)
 
 
+def _quant_config(config: dict[str, Any], folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """config.json's quantization_config, or the quant_config.json of older AutoAWQ releases (AWQ implied), and
+    where it was found."""
+    if (q := config.get("quantization_config")) is not None or not (path := folder / "quant_config.json").exists():
+        return q, str(folder / "config.json")
+    try:
+        return {"quant_method": "awq", **json.loads(path.read_text())}, str(path)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: unreadable ({e})") from None
+
+
 def convert_awq_target(src: Path | str, out: Path | str, outtype: str = "q4_1", *, progress: bool = False) -> Path:
     """Convert an AutoAWQ GEMM checkpoint to a target GGUF; nothing is written on failure."""
     if outtype not in OUTTYPES:
@@ -201,7 +212,7 @@ def convert_awq_target(src: Path | str, out: Path | str, outtype: str = "q4_1", 
     except (OSError, ValueError) as e:
         raise ConversionError(f"{config_path}: unreadable config ({e})") from None
     hp = parse_hparams(config, str(config_path))
-    qcfg = awq.parse_quant_config(config, str(config_path))
+    qcfg = awq.parse_quant_config(*_quant_config(config, folder))
 
     w = gguf.GGUFWriter(None, arch=gguf.MODEL_ARCH_NAMES[ARCHS[hp.arch]])
     w.add_name(Path(src).resolve().name if Path(src).exists() else str(src))

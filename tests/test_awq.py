@@ -200,6 +200,7 @@ REFUSALS = [  # config change -> what the error names
     ({"quantization_config": quantization_config(48)}, "quantization_config.group_size"),
     ({"quantization_config": quantization_config(32, quant_method="gptq")}, "quantization_config.quant_method"),
     ({"quantization_config": None}, "no quantization_config"),
+    ({"quantization_config": quantization_config(32, zero_point=False)}, "quantization_config.zero_point"),
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type = 'mistral'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling of type 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling of type 'llama3'"),  # qwen2's
@@ -242,6 +243,19 @@ def test_tensor_refusals(case, checkpoint, tmp_path):
     _edit_tensors(src, edit)
     with pytest.raises(ConversionError, match=message):
         convert_awq_target(src, tmp_path / "out.gguf")
+
+
+def test_older_autoawq_configs(checkpoint, converted, tmp_path):
+    """AutoAWQ's older field names (w_bit, q_group_size, version GEMM), in config.json or in quant_config.json."""
+    old = {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}
+    src = shutil.copytree(checkpoint("qwen2")[0], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    want = [t.data.tobytes() for t in gguf.GGUFReader(converted("qwen2")).tensors]
+    for where, in_config in (("config.json", {"quant_method": "awq", **old}), ("quant_config.json", None)):
+        (src / "config.json").write_text(json.dumps(config | {"quantization_config": in_config}))
+        (src / "quant_config.json").write_text(json.dumps(old))
+        out = convert_awq_target(src, tmp_path / f"{where}.gguf")
+        assert [t.data.tobytes() for t in gguf.GGUFReader(out).tensors] == want, where
 
 
 def test_refuses_a_missing_tokenizer(checkpoint, tmp_path):
