@@ -18,7 +18,6 @@ BITS = 4
 PACK = 32 // BITS  # nibbles per int32
 # AutoAWQ's GEMM packing: the nibble at bits 4*i..4*i+3 of an int32 holds column AWQ_ORDER[i] of its 8 columns
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
-_SHIFTS = np.arange(PACK, dtype=np.uint32) * BITS
 Q4_1_BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_1][0]  # 32 weights
 AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
 
@@ -54,10 +53,11 @@ def parse_quant_config(q: Mapping[str, Any] | None, where: str) -> AwqConfig:
 
 def unpack(packed: np.ndarray) -> np.ndarray:
     """int32 [rows, cols / 8] in AutoAWQ's GEMM order -> uint8 codes [rows, cols] in column order."""
-    nibbles = (packed.view(np.uint32)[..., None] >> _SHIFTS) & 0xF  # [rows, cols / 8, nibble]
-    codes = np.empty(nibbles.shape, np.uint8)
-    codes[..., AWQ_ORDER] = nibbles  # nibble i is column AWQ_ORDER[i]
-    return codes.reshape(packed.shape[0], -1)
+    words = packed.view(np.uint32)
+    codes = np.empty((packed.shape[0], packed.shape[1] * PACK), np.uint8)
+    for i, column in enumerate(AWQ_ORDER):  # nibble i is column AWQ_ORDER[i] of each 8
+        codes[:, column::PACK] = (words >> (BITS * i)) & 0xF
+    return codes
 
 
 class AwqLinear(NamedTuple):
