@@ -126,11 +126,13 @@ def _write_vocab(w: gguf.GGUFWriter, folder: Path, hp: Hparams) -> None:
     try:
         vocab = gguf.BpeVocab(folder)
     except FileNotFoundError:
+        if not (folder / "tokenizer.model").exists():
+            raise ConversionError(f"{folder}: no tokenizer this converter reads: neither a byte-level BPE "
+                                  f"tokenizer.json nor a SentencePiece tokenizer.model") from None
         try:
             vocab = gguf.SentencePieceVocab(folder)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise ConversionError(f"{folder}: no tokenizer this converter reads (a byte-level BPE tokenizer.json, "
-                                  f"or tokenizer.model with sentencepiece installed): {e}") from None
+        except RuntimeError as e:  # sentencepiece is missing
+            raise ConversionError(f"{folder / 'tokenizer.model'}: {e} (pip install sentencepiece)") from None
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text)

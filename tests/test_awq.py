@@ -6,6 +6,7 @@ the converted file, lossless `dflash run` with a drafter, and the refusals.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import warnings
@@ -263,6 +264,10 @@ def test_refuses_a_missing_tokenizer(checkpoint, tmp_path):
     (src / "tokenizer.json").unlink()
     with pytest.raises(ConversionError, match="no tokenizer this converter reads"):
         convert_awq_target(src, tmp_path / "out.gguf")
+    if importlib.util.find_spec("sentencepiece") is None:  # not a dependency
+        (src / "tokenizer.model").write_bytes(b"")
+        with pytest.raises(ConversionError, match="sentencepiece is not installed"):
+            convert_awq_target(src, tmp_path / "out.gguf")
 
 
 def test_hub_id_downloads_weights_and_tokenizer(checkpoint, tmp_path, monkeypatch):
