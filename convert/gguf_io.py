@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,11 +16,10 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import Progress
 
 from dflash_local.convert.gguf_target import (ARCH, ARRAY, INT32, MASK_KEY, OUTTYPES, Q, ConversionError, Reader,
-                                              TargetInfo, field_value, read_gguf, read_target)
+                                              TargetInfo, field_value, read_gguf, read_target,
+                                              write_gguf)
 from dflash_local.reference import Drafter, DrafterConfig, parameter_shapes
 
 # Hugging Face (z-lab) tensor names -> GGUF names
@@ -177,25 +175,8 @@ def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, q))
         w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=q)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder, so that the final rename is atomic
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        with Progress(console=Console(stderr=True), disable=not progress) as bar:
-            task = bar.add_task(f"writing {out.name}", total=len(plan))
-            for _, t, q in plan:
-                w.write_tensor_data(gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), q))
-                bar.advance(task)
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    data = (gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), q) for _, t, q in plan)
+    return write_gguf(w, Path(out), data, len(plan), progress=progress)
 
 
 def _drafter_config(r: Reader, n_vocab: int) -> DrafterConfig:

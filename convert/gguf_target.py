@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+from rich.progress import Progress
 
+from dflash_local.console import console
 from dflash_local.errors import UserError
 
 ARCH = "dflash"
@@ -114,3 +117,27 @@ def read_target(path: Path | str) -> TargetInfo:
         head_dim=field_value(r, f"{arch}.attention.key_length", n_embd // n_head),
         n_vocab=int(tensors["token_embd.weight"].shape[1]), n_ctx=field_value(r, f"{arch}.context_length"),
         mrope=any(field_value(r, f"{arch}.rope.dimension_sections", [])), tokenizer=tokenizer)
+
+
+
+def write_gguf(w: gguf.GGUFWriter, out: Path, data: Iterable[np.ndarray], count: int, *, progress: bool) -> Path:
+    """Write w (metadata and tensor infos added), then the data of its `count` tensors in their order, to a
+    temporary file renamed to out at the end, so that a failure leaves no partial file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder, so that the final rename is atomic
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with Progress(console=console, disable=not progress) as bar:
+            task = bar.add_task(f"writing {out.name}", total=count)
+            for array in data:
+                w.write_tensor_data(array)
+                bar.advance(task)
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

@@ -130,8 +130,11 @@ def parse_config(raw: dict[str, Any], path: Path = Path("config.json")) -> HFDra
     return result
 
 
-def resolve_source(src: Path | str) -> Path:
-    """A local checkpoint folder, or a Hub repo id downloaded (config and safetensors only) to the HF cache."""
+_DRAFTER_FILES = ["*.json", "*.safetensors", "*.pt"]
+
+
+def resolve_source(src: Path | str, patterns: list[str] = _DRAFTER_FILES) -> Path:
+    """A local checkpoint folder, or a Hub repo id downloaded (the files matching patterns) to the HF cache."""
     path = Path(src)
     if path.exists():
         if not path.is_dir():
@@ -143,7 +146,7 @@ def resolve_source(src: Path | str) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(huggingface_hub.snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "*.pt"]))
+        return Path(huggingface_hub.snapshot_download(str(src), allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise ConversionError(f"{src}: no such repo on the Hugging Face Hub (or it is private: log in first)") from None
     except LocalEntryNotFoundError:

@@ -1,8 +1,9 @@
-"""Independent float64 torch forward of a `llama`-arch GGUF target (written for the tiny targets).
+"""Independent float64 torch forward of a `llama`, `qwen2` or `qwen3` GGUF target (written for the tiny targets).
 
-It undoes the converter's Q/K permutation to get Hugging Face weights back and runs the HF Llama
+For llama it undoes the converter's Q/K permutation to get Hugging Face weights back and runs the HF Llama
 math (rotate-half RoPE), so agreeing with llama.cpp (interleaved NORM RoPE on the permuted weights)
-checks both the GGUF layout and the arithmetic.
+checks both the GGUF layout and the arithmetic. qwen2 (Q/K/V biases) and qwen3 (per-head Q/K norms) are
+not permuted: llama.cpp ropes them NeoX style, HF's rotate-half.
 """
 
 from __future__ import annotations
@@ -23,14 +24,29 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def _load(path: Path | str) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
     reader = gguf.GGUFReader(path)
     arch = reader.fields["general.architecture"].contents()
-    if arch != "llama":
-        raise ValueError(f"the reference runs arch llama only, not {arch}")
-    kv = {k.removeprefix("llama."): f.contents() for k, f in reader.fields.items()
-          if k.startswith("llama.")}
+    if arch not in _ARCHS:
+        raise ValueError(f"the reference runs archs {', '.join(_ARCHS)} only, not {arch}")
+    kv = {k.removeprefix(f"{arch}."): f.contents() for k, f in reader.fields.items()
+          if k.startswith(f"{arch}.")}
+    kv["arch"] = arch
     weights = {t.name: torch.from_numpy(dequantize(t.data, t.tensor_type).astype(np.float64))
                for t in reader.tensors}
     weights.setdefault("output.weight", weights["token_embd.weight"])  # tied embeddings
+    if arch == "llama":  # Q and K rows back to HF's order
+        heads = {"attn_q.weight": kv["attention.head_count"], "attn_k.weight": kv["attention.head_count_kv"]}
+        for name, t in weights.items():
+            if (n_head := heads.get(name.split(".", 2)[-1])) is not None:
+                weights[name] = _unpermute(t, n_head)
     return kv, weights
+
+
+_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def _project(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """x @ W.T, plus the bias where the target has one (qwen2's Q/K/V)."""
+    y = x @ w[name + ".weight"].T
+    return y + w[name + ".bias"] if name + ".bias" in w else y
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,6 +72,8 @@ def _forward(path: Path | str, tokens: list[int]) -> tuple[list[np.ndarray], np.
 
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
     inv_freq = kv["rope.freq_base"] ** -exponents
+    if "rope_freqs.weight" in w:  # llama 3.1's RoPE scaling: llama.cpp divides each frequency by its factor
+        inv_freq = inv_freq / w["rope_freqs.weight"]
     angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
     causal = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)
@@ -65,9 +83,11 @@ def _forward(path: Path | str, tokens: list[int]) -> tuple[list[np.ndarray], np.
     for il in range(kv["block_count"]):
         p = f"blk.{il}."
         x = _rms_norm(h, w[p + "attn_norm.weight"], eps)
-        q = _heads(x @ _unpermute(w[p + "attn_q.weight"], n_head).T, n_head)
-        k = _heads(x @ _unpermute(w[p + "attn_k.weight"], n_head_kv).T, n_head_kv)
-        v = _heads(x @ w[p + "attn_v.weight"].T, n_head_kv)
+        q = _heads(_project(x, w, p + "attn_q"), n_head)
+        k = _heads(_project(x, w, p + "attn_k"), n_head_kv)
+        v = _heads(_project(x, w, p + "attn_v"), n_head_kv)
+        if p + "attn_q_norm.weight" in w:  # qwen3: RMS norm of each head before RoPE
+            q, k = _rms_norm(q, w[p + "attn_q_norm.weight"], eps), _rms_norm(k, w[p + "attn_k_norm.weight"], eps)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = (t.repeat_interleave(n_head // n_head_kv, dim=0) for t in (k, v))  # GQA
         att = torch.softmax(q @ k.transpose(1, 2) / head_dim**0.5 + causal, dim=-1)
