@@ -55,7 +55,7 @@ class Stats:
 class Generation:
     tokens: list[int]
     stats: Stats
-    stop: str  # "eog", "length", "context" or "interrupted"
+    stop: str  # "eog", "length", "context", "interrupted" or "cancelled" (on_tokens returned False)
 
 
 class Engine:
@@ -90,7 +90,9 @@ class Engine:
         self._pending_pos = 0
 
     def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
-                 on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+                 on_tokens: Callable[[list[int]], bool | None] | None = None) -> Generation:
+        """on_tokens gets the tokens as they are accepted; returning False stops the generation there (a server's
+        client gone, a stop string seen)."""
         tg, dr = self.target, self.drafter
         if not prompt:
             raise UserError("the prompt is empty")
@@ -111,7 +113,7 @@ class Engine:
             tg.greedy_on_device(False)
 
     def _generate(self, prompt: list[int], max_tokens: int, sampler: Sampler, stats: Stats,
-                  on_tokens: Callable[[list[int]], None] | None) -> Generation:
+                  on_tokens: Callable[[list[int]], bool | None] | None) -> Generation:
         """generate's prefill and loop, once both caches are clear."""
         tg, dr = self.target, self.drafter
         capture0 = tg.capture.seconds if tg.capture else 0.0
@@ -138,8 +140,9 @@ class Engine:
                     stop = "eog"
                     break
                 out.append(anchor)
-                if on_tokens:
-                    on_tokens([anchor])
+                if on_tokens and on_tokens([anchor]) is False:
+                    stop = "cancelled"
+                    break
                 if len(out) >= max_tokens:
                     break
                 if pos + 1 > tg.n_ctx:
@@ -174,8 +177,9 @@ class Engine:
                         anchor_next = tok
                         break
                 out.extend(accepted)
-                if on_tokens and accepted:
-                    on_tokens(accepted)
+                if on_tokens and accepted and on_tokens(accepted) is False:
+                    stop = "cancelled"
+                    break
                 pos += n_acc + 1
                 anchor = anchor_next
         except KeyboardInterrupt:  # Ctrl-C: keep what was produced
