@@ -20,6 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dflash_local.cli import app
+from dflash_local.engine import Engine
+from dflash_local.target import Target, TargetParams
 
 KEY = "sk-test"
 PROMPT = "Write a haiku about the sea."
@@ -181,6 +183,12 @@ def test_a_client_gone_mid_stream_stops_its_generation(smol):
         assert r.status == 200 and r.readline().startswith(b"data: ")
     # 2000 tokens would take the server half a minute: it stops at the next step instead
     smol.wait_idle(timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", smol.port)  # the same, answered whole
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": False}), smol.headers)
+    while not smol.health()["busy"]:
+        time.sleep(0.02)
+    conn.close()
+    smol.wait_idle(timeout=5)
     expected = dflash_run("--no-chat-template", "-p", PROMPT)
     assert complete(smol.client(), PROMPT, True)[0] + "\n" == expected
 
@@ -228,3 +236,15 @@ def test_listens_on_localhost_only_by_default(smol):
     for address in others:
         with pytest.raises(OSError):
             smol.request("GET", "/health", host=address)
+
+
+def test_the_engine_stops_when_on_tokens_returns_false(tiny_target):
+    tg = Target(tiny_target("llama"), TargetParams(n_ctx=128, n_threads=1))
+    try:
+        engine, prompt = Engine(tg), [1, 5, 6, 7, 8]
+        full = engine.generate(prompt, 12).tokens
+        seen: list[int] = []
+        gen = engine.generate(prompt, 12, on_tokens=lambda tokens: seen.extend(tokens) or len(seen) < 5)
+        assert gen.stop == "cancelled" and gen.tokens == seen == full[:5]
+    finally:
+        tg.close()

@@ -142,6 +142,13 @@ def timings(gen: Generation) -> dict[str, float]:
     return t
 
 
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancels the job when its client disconnects (the body has been read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+
+
 class Api:
     """The routes over one worker; `model` is the name the answers carry."""
 
@@ -182,7 +189,7 @@ class Api:
     async def chat(self, request: Request) -> Response:
         self._authorize(request)
         body = await _body(request)
-        return await self._answer(body, _messages(body), None, "chat.completion", "chatcmpl",
+        return await self._answer(request, body, _messages(body), None, "chat.completion", "chatcmpl",
                                   lambda text, first: {"delta": {"role": "assistant", "content": text} if first
                                                        else {"content": text}},
                                   lambda text: {"message": {"role": "assistant", "content": text}})
@@ -190,43 +197,40 @@ class Api:
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
         body = await _body(request)
-        return await self._answer(body, None, _prompt(body), "text_completion", "cmpl",
+        return await self._answer(request, body, None, _prompt(body), "text_completion", "cmpl",
                                   lambda text, first: {"text": text, "logprobs": None},
                                   lambda text: {"text": text, "logprobs": None})
 
-    async def _answer(self, body: dict[str, Any], messages: list[tuple[str, str]] | None, prompt: str | None,
-                      obj: str, prefix: str, chunk: Callable[[str, bool], dict[str, Any]],
+    async def _answer(self, request: Request, body: dict[str, Any], messages: list[tuple[str, str]] | None,
+                      prompt: str | None, obj: str, prefix: str, chunk: Callable[[str, bool], dict[str, Any]],
                       whole: Callable[[str], dict[str, Any]]) -> Response:
         """Queues the request, waits for its start (or its error), then answers whole or streams."""
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be true or false")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        job = Job(messages, prompt, _number({"max_tokens": max_tokens}, "max_tokens", self.defaults.max_tokens, int, 1),
+        body.setdefault("max_tokens", body.get("max_completion_tokens"))  # the newer name for it
+        job = Job(messages, prompt, _number(body, "max_tokens", self.defaults.max_tokens, int, 1),
                   _sampling(body, self.defaults.sampling), _stop(body), asyncio.get_running_loop())
         try:
             self.worker.submit(job)
         except QueueFull:
             raise ApiError(503, "the server is busy: every slot of its queue is taken",
                            {"Retry-After": str(RETRY_AFTER_S)}) from None
+        # until the stream takes over (it sees its client leave when a send fails), a client that leaves cancels
+        watch = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
             event = await job.events.get()
-        except BaseException:  # the client left while its request waited
-            job.cancelled.set()
-            raise
-        if event[0] == "error":
-            return error_response(event[1], event[2])
-        head = {"id": f"{prefix}-{secrets.token_hex(12)}", "created": int(time.time()), "model": self.model}
-        if stream:
-            return StreamingResponse(self._events(job, {**head, "object": obj + ("" if obj == "text_completion"
-                                                                                   else ".chunk")}, chunk),
-                                     media_type="text/event-stream")
-        text = []
-        try:
+            if event[0] == "error":
+                return error_response(event[1], event[2])
+            head = {"id": f"{prefix}-{secrets.token_hex(12)}", "created": int(time.time()), "model": self.model}
+            if stream:
+                return StreamingResponse(self._events(job, {**head, "object": f"{obj}.chunk" if messages else obj},
+                                                      chunk), media_type="text/event-stream")
+            text = []
             while (event := await job.events.get())[0] == "text":
                 text.append(event[1])
         finally:
-            job.cancelled.set()  # a no-op once done; stops the generation if this request was cancelled
+            watch.cancel()
         if event[0] == "error":
             return error_response(event[1], event[2])
         _, gen, finish = event

@@ -96,6 +96,7 @@ class Worker:
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
             if job.cancelled.is_set():  # its client left while it waited
+                job.emit("error", 499, "the client closed the request")
                 continue
             self.current = job
             try:
