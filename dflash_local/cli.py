@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,62 +98,62 @@ def list_models() -> None:
         console.print(f"install {line}", markup=False, highlight=False)
 
 
-# options that `run` and `serve` share
 _TARGET = typer.Argument(None, help=f"Target GGUF, or a built-in model's name (`dflash models`; default: "
                          f"{DEFAULT_MODEL}).")
 _DRAFTER = typer.Option(None, "--drafter", "-d", help="DFlash drafter GGUF (default: <target>-dflash*.gguf next to the "
                         "target, or the one shipped for it).")
-_MAX_TOKENS = typer.Option(256, "--max-tokens", "-n", min=1)
-_TEMP = typer.Option(0.0, "--temp", min=0.0, help="Temperature; 0 is greedy.")
-_TOP_K = typer.Option(0, "--top-k", min=0)
-_TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0)
-_MIN_P = typer.Option(0.0, "--min-p", min=0.0, max=1.0)
-_SEED = typer.Option(None, "--seed", help="Seed for sampling (runs with the same seed repeat).")
-_BLOCK_SIZE = typer.Option(None, "--block-size", help="Draft block size (<= the drafter's trained size).")
-_TREE_SIZE = typer.Option(TREE_SIZE, "--tree-size", min=0, max=TREE_SIZE, help="The most drafts a tree holds (each "
-                          "step verifies as many as measured speed favours); 0: one chain.")
-_CTX_SIZE = typer.Option(4096, "--ctx-size", "-c", min=16)
-_N_GPU_LAYERS = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU.")
-_THREADS = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: the cores this process may use).")
-_TENSOR_SPLIT = typer.Option(None, "--tensor-split", help="Split over GPUs, e.g. 3,1.")
-_MAIN_GPU = typer.Option(0, "--main-gpu")
-_DEVICE = typer.Option(None, "--device", help="ggml device for the drafter (CPU, CUDA0, ...).")
-_NO_DRAFT = typer.Option(False, "--no-draft", help="Run the target alone.")
+# the generation and model options of `run` and `serve` (serve: the defaults of requests that leave them out)
+_SHARED: dict[str, tuple[type, Any]] = {
+    "max_tokens": (int, typer.Option(256, "--max-tokens", "-n", min=1)),
+    "temp": (float, typer.Option(0.0, "--temp", min=0.0, help="Temperature; 0 is greedy.")),
+    "top_k": (int, typer.Option(0, "--top-k", min=0)),
+    "top_p": (float, typer.Option(1.0, "--top-p", min=0.0, max=1.0)),
+    "min_p": (float, typer.Option(0.0, "--min-p", min=0.0, max=1.0)),
+    "seed": (int, typer.Option(None, "--seed", help="Seed for sampling (runs with the same seed repeat).")),
+    "block_size": (int, typer.Option(None, "--block-size", help="Draft block size (<= the drafter's trained size).")),
+    "tree_size": (int, typer.Option(TREE_SIZE, "--tree-size", min=0, max=TREE_SIZE, help="The most drafts a tree holds "
+                                    "(each step verifies as many as measured speed favours); 0: one chain.")),
+    "ctx_size": (int, typer.Option(4096, "--ctx-size", "-c", min=16)),
+    "n_gpu_layers": (int, typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU.")),
+    "threads": (int, typer.Option(0, "--threads", "-t", min=0,
+                                  help="CPU threads (0: the cores this process may use).")),
+    "tensor_split": (str, typer.Option(None, "--tensor-split", help="Split over GPUs, e.g. 3,1.")),
+    "main_gpu": (int, typer.Option(0, "--main-gpu")),
+    "device": (str, typer.Option(None, "--device", help="ggml device for the drafter (CPU, CUDA0, ...).")),
+    "no_draft": (bool, typer.Option(False, "--no-draft", help="Run the target alone.")),
+}
+
+
+def _shared_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Adds the _SHARED options to a command's signature, which Typer reads; the command gets them as **options."""
+    sig = inspect.signature(command)
+    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in _SHARED.items()]
+    command.__signature__ = sig.replace(parameters=own + shared)  # type: ignore[attr-defined]
+    command.__annotations__ |= {name: kind for name, (kind, _) in _SHARED.items()}
+    return command
 
 
 @app.command()
+@_shared_options
 def run(
     target: str = _TARGET,
     drafter: Path = _DRAFTER,
     prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
     file: Path = typer.Option(None, "--file", "-f", help="Read the prompt from a file."),
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Raw completion: no chat template."),
-    max_tokens: int = _MAX_TOKENS,
-    temp: float = _TEMP,
-    top_k: int = _TOP_K,
-    top_p: float = _TOP_P,
-    min_p: float = _MIN_P,
-    seed: int = _SEED,
-    block_size: int = _BLOCK_SIZE,
-    tree_size: int = _TREE_SIZE,
-    ctx_size: int = _CTX_SIZE,
-    n_gpu_layers: int = _N_GPU_LAYERS,
-    threads: int = _THREADS,
-    tensor_split: str = _TENSOR_SPLIT,
-    main_gpu: int = _MAIN_GPU,
-    device: str = _DEVICE,
-    no_draft: bool = _NO_DRAFT,
+    **options: Any,
 ) -> None:
     """Generate with TARGET, drafting blocks with a DFlash drafter (lossless)."""
-    args = dict(locals())
     from dflash_local import models
 
     with command_errors():
-        args["target"] = models.resolve_target(target)
-        _run(**args)
+        _run(models.resolve_target(target), drafter, prompt, file, no_chat_template, **options)
 
 
 @app.command()
+@_shared_options
 def serve(
     target: str = _TARGET,
     drafter: Path = _DRAFTER,
@@ -161,47 +162,14 @@ def serve(
     api_key: str = typer.Option(None, "--api-key", envvar="DFLASH_API_KEY",
                                 help="Answer only requests that carry it (Authorization: Bearer KEY)."),
     queue_size: int = typer.Option(64, "--queue-size", min=1, help="Requests that may wait; more are answered 503."),
-    max_tokens: int = _MAX_TOKENS,
-    temp: float = _TEMP,
-    top_k: int = _TOP_K,
-    top_p: float = _TOP_P,
-    min_p: float = _MIN_P,
-    seed: int = _SEED,
-    block_size: int = _BLOCK_SIZE,
-    tree_size: int = _TREE_SIZE,
-    ctx_size: int = _CTX_SIZE,
-    n_gpu_layers: int = _N_GPU_LAYERS,
-    threads: int = _THREADS,
-    tensor_split: str = _TENSOR_SPLIT,
-    main_gpu: int = _MAIN_GPU,
-    device: str = _DEVICE,
-    no_draft: bool = _NO_DRAFT,
+    **options: Any,
 ) -> None:
     """Serve TARGET over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions), one request at a time;
     the generation options are the defaults of requests that leave them out."""
-    args = dict(locals())
     from dflash_local import models
 
     with command_errors():
-        args["target"] = models.resolve_target(target)
-        _serve(**args)
-
-
-def _serve(target: Path, drafter: Path | None, host: str, port: int, api_key: str | None, queue_size: int,
-           max_tokens: int, temp: float, top_k: int, top_p: float, min_p: float, seed: int | None,
-           **model_args: Any) -> None:
-    from dflash_local.serve.app import Defaults
-    from dflash_local.serve.server import serve
-
-    with open_engine(target, drafter, **model_args) as engine:
-        serve(engine, target.stem, host, port, api_key, queue_size,
-              Defaults(max_tokens, _sampling(temp, top_k, top_p, min_p, seed)))
-
-
-def _sampling(temp: float, top_k: int, top_p: float, min_p: float, seed: int | None) -> SamplingParams:
-    from dflash_local.sampling import SamplingParams
-
-    return SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        _serve(models.resolve_target(target), drafter, host, port, api_key, queue_size, **options)
 
 
 def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | None, no_chat_template: bool,
@@ -220,6 +188,23 @@ def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | No
     with open_engine(target, drafter, **model_args) as engine:
         _chat_or_prompt(engine.target, engine.drafter, engine, prompt, no_chat_template, max_tokens,
                         _sampling(temp, top_k, top_p, min_p, seed))
+
+
+def _serve(target: Path, drafter: Path | None, host: str, port: int, api_key: str | None, queue_size: int,
+           max_tokens: int, temp: float, top_k: int, top_p: float, min_p: float, seed: int | None,
+           **model_args: Any) -> None:
+    from dflash_local.serve.app import Defaults
+    from dflash_local.serve.server import serve
+
+    with open_engine(target, drafter, **model_args) as engine:
+        serve(engine, target.stem, host, port, api_key, queue_size,
+              Defaults(max_tokens, _sampling(temp, top_k, top_p, min_p, seed)))
+
+
+def _sampling(temp: float, top_k: int, top_p: float, min_p: float, seed: int | None) -> SamplingParams:
+    from dflash_local.sampling import SamplingParams
+
+    return SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
 
 
 @contextmanager
