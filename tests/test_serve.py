@@ -248,3 +248,16 @@ def test_the_engine_stops_when_on_tokens_returns_false(tiny_target):
         assert gen.stop == "cancelled" and gen.tokens == seen == full[:5]
     finally:
         tg.close()
+
+
+def test_sigterm_ends_open_streams_and_stops_cleanly(start):
+    server = start("--no-draft", api_key=None)
+    body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 2000, "stream": True}
+    conn, r = server.open("POST", "/v1/completions", body)
+    with closing(conn):
+        assert r.readline().startswith(b"data: ")
+        t0 = time.monotonic()
+        server.stop()  # exit code 0, "stopped": the models closed
+        assert time.monotonic() - t0 < 10
+        rest = r.read().decode()
+    assert '"finish_reason": "length"' in rest and rest.endswith("data: [DONE]\n\n")

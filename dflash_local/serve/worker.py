@@ -78,8 +78,8 @@ class Worker:
         except queue.Full:
             raise QueueFull from None
 
-    def stop(self) -> None:
-        """Cancels the waiting jobs, stops the one running at its next step and ends the thread."""
+    def cancel_all(self) -> None:
+        """Answers the waiting jobs 503 and stops the one running at its next step (the server is stopping)."""
         while True:
             try:
                 job = self.jobs.get_nowait()
@@ -90,6 +90,10 @@ class Worker:
                 job.emit("error", 503, "the server is shutting down")
         if (job := self.current) is not None:
             job.cancelled.set()
+
+    def stop(self) -> None:
+        """Cancels every job and ends the thread."""
+        self.cancel_all()
         self.jobs.put(None)
         self.thread.join()
 
