@@ -61,7 +61,7 @@ def _number(body: dict[str, Any], name: str, default: Any, kind: type, lo: float
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise ApiError(400, f"'{name}' must be a{'n integer' if kind is int else ' number'}")
     if value < lo or (hi is not None and value > hi):
-        raise ApiError(400, f"'{name}' must be in {lo}..{hi if hi is not None else ''}")
+        raise ApiError(400, f"'{name}' must be in {lo}..{hi}" if hi is not None else f"'{name}' must be at least {lo}")
     return kind(value)
 
 
