@@ -92,7 +92,8 @@ class Server:
         """SIGTERM: a clean shutdown (models closed, exit code 0)."""
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(30) == 0, self.log.read_text()
-        assert "stopped" in self.log.read_text()
+        log = self.log.read_text()
+        assert "stopped" in log and "Traceback" not in log and "ERROR" not in log, log
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,7 @@ class Defaults:
 
 
 class ApiError(HTTPException):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(status, message, headers)
+    """An error answered in OpenAI's shape (status, message, headers), as every HTTPException is here."""
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
