@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -95,51 +98,84 @@ def list_models() -> None:
         console.print(f"install {line}", markup=False, highlight=False)
 
 
+_TARGET = typer.Argument(None, help=f"Target GGUF, or a built-in model's name (`dflash models`; default: "
+                         f"{DEFAULT_MODEL}).")
+_DRAFTER = typer.Option(None, "--drafter", "-d", help="DFlash drafter GGUF (default: <target>-dflash*.gguf next to the "
+                        "target, or the one shipped for it).")
+# the generation and model options of `run` and `serve` (serve: the defaults of requests that leave them out)
+_SHARED: dict[str, tuple[type, Any]] = {
+    "max_tokens": (int, typer.Option(256, "--max-tokens", "-n", min=1)),
+    "temp": (float, typer.Option(0.0, "--temp", min=0.0, help="Temperature; 0 is greedy.")),
+    "top_k": (int, typer.Option(0, "--top-k", min=0)),
+    "top_p": (float, typer.Option(1.0, "--top-p", min=0.0, max=1.0)),
+    "min_p": (float, typer.Option(0.0, "--min-p", min=0.0, max=1.0)),
+    "seed": (int, typer.Option(None, "--seed", help="Seed for sampling (runs with the same seed repeat).")),
+    "block_size": (int, typer.Option(None, "--block-size", help="Draft block size (<= the drafter's trained size).")),
+    "tree_size": (int, typer.Option(TREE_SIZE, "--tree-size", min=0, max=TREE_SIZE, help="The most drafts a tree holds "
+                                    "(each step verifies as many as measured speed favours); 0: one chain.")),
+    "ctx_size": (int, typer.Option(4096, "--ctx-size", "-c", min=16)),
+    "n_gpu_layers": (int, typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU.")),
+    "threads": (int, typer.Option(0, "--threads", "-t", min=0,
+                                  help="CPU threads (0: the cores this process may use).")),
+    "tensor_split": (str, typer.Option(None, "--tensor-split", help="Split over GPUs, e.g. 3,1.")),
+    "main_gpu": (int, typer.Option(0, "--main-gpu")),
+    "device": (str, typer.Option(None, "--device", help="ggml device for the drafter (CPU, CUDA0, ...).")),
+    "no_draft": (bool, typer.Option(False, "--no-draft", help="Run the target alone.")),
+}
+
+
+def _shared_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Adds the _SHARED options to a command's signature, which Typer reads; the command gets them as **options."""
+    sig = inspect.signature(command)
+    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in _SHARED.items()]
+    command.__signature__ = sig.replace(parameters=own + shared)  # type: ignore[attr-defined]
+    command.__annotations__ |= {name: kind for name, (kind, _) in _SHARED.items()}
+    return command
+
+
 @app.command()
+@_shared_options
 def run(
-    target: str = typer.Argument(None, help=f"Target GGUF, or a built-in model's name (`dflash models`; default: "
-                                 f"{DEFAULT_MODEL})."),
-    drafter: Path = typer.Option(None, "--drafter", "-d", help="DFlash drafter GGUF (default: <target>-dflash*.gguf "
-                                 "next to the target, or the one shipped for it)."),
+    target: str = _TARGET,
+    drafter: Path = _DRAFTER,
     prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
     file: Path = typer.Option(None, "--file", "-f", help="Read the prompt from a file."),
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Raw completion: no chat template."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1),
-    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Temperature; 0 is greedy."),
-    top_k: int = typer.Option(0, "--top-k", min=0),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0),
-    seed: int = typer.Option(None, "--seed", help="Seed for sampling (runs with the same seed repeat)."),
-    block_size: int = typer.Option(None, "--block-size", help="Draft block size (<= the drafter's trained size)."),
-    tree_size: int = typer.Option(TREE_SIZE, "--tree-size", min=0, max=TREE_SIZE, help="The most drafts a tree "
-                                  "holds (each step verifies as many as measured speed favours); 0: one chain."),
-    ctx_size: int = typer.Option(4096, "--ctx-size", "-c", min=16),
-    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU."),
-    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: the cores this process may use)."),
-    tensor_split: str = typer.Option(None, "--tensor-split", help="Split over GPUs, e.g. 3,1."),
-    main_gpu: int = typer.Option(0, "--main-gpu"),
-    device: str = typer.Option(None, "--device", help="ggml device for the drafter (CPU, CUDA0, ...)."),
-    no_draft: bool = typer.Option(False, "--no-draft", help="Run the target alone."),
+    **options: Any,
 ) -> None:
     """Generate with TARGET, drafting blocks with a DFlash drafter (lossless)."""
-    args = dict(locals())
     from dflash_local import models
 
     with command_errors():
-        args["target"] = models.resolve_target(target)
-        _run(**args)
+        _run(models.resolve_target(target), drafter, prompt, file, no_chat_template, **options)
+
+
+@app.command()
+@_shared_options
+def serve(
+    target: str = _TARGET,
+    drafter: Path = _DRAFTER,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8080, "--port", min=1, max=65535),
+    api_key: str = typer.Option(None, "--api-key", envvar="DFLASH_API_KEY",
+                                help="Answer only requests that carry it (Authorization: Bearer KEY)."),
+    queue_size: int = typer.Option(64, "--queue-size", min=1, help="Requests that may wait; more are answered 503."),
+    **options: Any,
+) -> None:
+    """Serve TARGET over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions), one request at a time;
+    the generation options are the defaults of requests that leave them out."""
+    from dflash_local import models
+
+    with command_errors():
+        _serve(models.resolve_target(target), drafter, host, port, api_key, queue_size, **options)
 
 
 def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | None, no_chat_template: bool,
          max_tokens: int, temp: float, top_k: int, top_p: float, min_p: float, seed: int | None,
-         block_size: int | None, tree_size: int, ctx_size: int, n_gpu_layers: int, threads: int,
-         tensor_split: str | None, main_gpu: int, device: str | None, no_draft: bool) -> None:
-    from dflash_local import models
-    from dflash_local.engine import Engine
+         **model_args: Any) -> None:
     from dflash_local.errors import UsageError, UserError
-    from dflash_local.loader import open_models
-    from dflash_local.sampling import SamplingParams
-    from dflash_local.target import TargetParams
 
     if prompt is not None and file is not None:
         raise UsageError("give either --prompt or --file, not both")
@@ -149,6 +185,40 @@ def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | No
         prompt = file.read_text()
         if not prompt.strip():
             raise UserError(f"the prompt file {file} is empty")
+    with open_engine(target, drafter, **model_args) as engine:
+        _chat_or_prompt(engine.target, engine.drafter, engine, prompt, no_chat_template, max_tokens,
+                        _sampling(temp, top_k, top_p, min_p, seed))
+
+
+def _serve(target: Path, drafter: Path | None, host: str, port: int, api_key: str | None, queue_size: int,
+           max_tokens: int, temp: float, top_k: int, top_p: float, min_p: float, seed: int | None,
+           **model_args: Any) -> None:
+    from dflash_local.serve.app import Defaults
+    from dflash_local.serve.server import serve
+
+    with open_engine(target, drafter, **model_args) as engine:
+        serve(engine, target.stem, host, port, api_key, queue_size,
+              Defaults(max_tokens, _sampling(temp, top_k, top_p, min_p, seed)))
+
+
+def _sampling(temp: float, top_k: int, top_p: float, min_p: float, seed: int | None) -> SamplingParams:
+    from dflash_local.sampling import SamplingParams
+
+    return SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+
+
+@contextmanager
+def open_engine(target: Path, drafter: Path | None, block_size: int | None, tree_size: int, ctx_size: int,
+                n_gpu_layers: int, threads: int, tensor_split: str | None, main_gpu: int, device: str | None,
+                no_draft: bool) -> Iterator[Engine]:
+    """The engine over the target and its drafter (given, next to the target, shipped, or none), saying which; the
+    models are closed on the way out."""
+    from dflash_local import models
+    from dflash_local.engine import Engine
+    from dflash_local.errors import UsageError
+    from dflash_local.loader import open_models
+    from dflash_local.target import TargetParams
+
     why = "given with --drafter"
     if not no_draft and drafter is None:
         drafter = models.find_drafter(target)
@@ -166,9 +236,7 @@ def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | No
                  "Make one with `dflash train`.")
         elif dr is not None:
             console.print(f"[dim]drafter: {drafter} ({why})[/dim]", highlight=False)
-        engine = Engine(tg, dr, block_size, tree_size=tree_size)
-        _chat_or_prompt(tg, dr, engine, prompt, no_chat_template, max_tokens,
-                        SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed))
+        yield Engine(tg, dr, block_size, tree_size=tree_size)
     finally:  # in this order: the drafter, then the target's context, capture and model
         if dr is not None:
             dr.close()

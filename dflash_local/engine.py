@@ -55,7 +55,7 @@ class Stats:
 class Generation:
     tokens: list[int]
     stats: Stats
-    stop: str  # "eog", "length", "context" or "interrupted"
+    stop: str  # "eog", "length", "context", "interrupted" or "cancelled" (on_tokens returned False)
 
 
 def generate_in_job(engine: Engine, prompt: list[int], max_tokens: int) -> Generation:
@@ -99,7 +99,9 @@ class Engine:
         self._pending_pos = 0
 
     def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
-                 on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+                 on_tokens: Callable[[list[int]], bool | None] | None = None) -> Generation:
+        """on_tokens gets the tokens as they are accepted; returning False stops the generation there (a server's
+        client gone, a stop string seen)."""
         tg, dr = self.target, self.drafter
         if not prompt:
             raise UserError("the prompt is empty")
@@ -120,7 +122,7 @@ class Engine:
             tg.pick_on_device(None)
 
     def _generate(self, prompt: list[int], max_tokens: int, sampler: Sampler, stats: Stats,
-                  on_tokens: Callable[[list[int]], None] | None) -> Generation:
+                  on_tokens: Callable[[list[int]], bool | None] | None) -> Generation:
         """generate's prefill and loop, once both caches are clear."""
         tg, dr = self.target, self.drafter
         capture0 = tg.capture.seconds if tg.capture else 0.0
@@ -148,8 +150,9 @@ class Engine:
                     stop = "eog"
                     break
                 out.append(anchor)
-                if on_tokens:
-                    on_tokens([anchor])
+                if on_tokens and on_tokens([anchor]) is False:
+                    stop = "cancelled"
+                    break
                 if len(out) >= max_tokens:
                     break
                 if pos + 1 > tg.n_ctx:
@@ -184,8 +187,9 @@ class Engine:
                         anchor_next = tok
                         break
                 out.extend(accepted)
-                if on_tokens and accepted:
-                    on_tokens(accepted)
+                if on_tokens and accepted and on_tokens(accepted) is False:
+                    stop = "cancelled"
+                    break
                 pos += n_acc + 1
                 anchor = anchor_next
         except KeyboardInterrupt:  # Ctrl-C: keep what was produced
