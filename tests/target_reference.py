@@ -1,8 +1,9 @@
-"""Independent float64 torch forward of a `llama`-arch GGUF target (written for the tiny targets).
+"""Independent float64 torch forward of a `llama`- or `qwen2`-arch GGUF target (written for the tiny targets).
 
-It undoes the converter's Q/K permutation to get Hugging Face weights back and runs the HF Llama
+For llama it undoes the converter's Q/K permutation to get Hugging Face weights back and runs the HF Llama
 math (rotate-half RoPE), so agreeing with llama.cpp (interleaved NORM RoPE on the permuted weights)
-checks both the GGUF layout and the arithmetic.
+checks both the GGUF layout and the arithmetic. qwen2's converter does not permute (llama.cpp ropes it in
+NEOX mode, rotate-half too) and adds Q/K/V biases.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def _load(path: Path | str) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
     reader = gguf.GGUFReader(path)
     arch = reader.fields["general.architecture"].contents()
-    if arch != "llama":
-        raise ValueError(f"the reference runs arch llama only, not {arch}")
-    kv = {k.removeprefix("llama."): f.contents() for k, f in reader.fields.items()
-          if k.startswith("llama.")}
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"the reference runs archs llama and qwen2 only, not {arch}")
+    kv = {k.removeprefix(f"{arch}."): f.contents() for k, f in reader.fields.items()
+          if k.startswith(f"{arch}.")}
     weights = {t.name: torch.from_numpy(dequantize(t.data, t.tensor_type).astype(np.float64))
                for t in reader.tensors}
     weights.setdefault("output.weight", weights["token_embd.weight"])  # tied embeddings
+    kv["arch"] = arch
     return kv, weights
 
 
@@ -53,6 +55,14 @@ def _forward(path: Path | str, tokens: list[int]) -> tuple[list[np.ndarray], np.
     eps = kv["attention.layer_norm_rms_epsilon"]
     n, n_embd = len(tokens), kv["embedding_length"]
     head_dim = kv.get("attention.key_length", n_embd // n_head)
+    permuted = kv["arch"] == "llama"  # qwen2's Q and K are in HF's layout already
+
+    def proj(x: torch.Tensor, p: str, name: str, n_heads: int | None = None) -> torch.Tensor:
+        """x times attn_{name}, plus its bias where there is one; n_heads: Q or K, permuted by llama's converter."""
+        weight, bias = w[f"{p}attn_{name}.weight"], w.get(f"{p}attn_{name}.bias")
+        if n_heads is not None and permuted:
+            weight = _unpermute(weight, n_heads)
+        return x @ weight.T + (0 if bias is None else bias)
 
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
     inv_freq = kv["rope.freq_base"] ** -exponents
@@ -65,9 +75,9 @@ def _forward(path: Path | str, tokens: list[int]) -> tuple[list[np.ndarray], np.
     for il in range(kv["block_count"]):
         p = f"blk.{il}."
         x = _rms_norm(h, w[p + "attn_norm.weight"], eps)
-        q = _heads(x @ _unpermute(w[p + "attn_q.weight"], n_head).T, n_head)
-        k = _heads(x @ _unpermute(w[p + "attn_k.weight"], n_head_kv).T, n_head_kv)
-        v = _heads(x @ w[p + "attn_v.weight"].T, n_head_kv)
+        q = _heads(proj(x, p, "q", n_head), n_head)
+        k = _heads(proj(x, p, "k", n_head_kv), n_head_kv)
+        v = _heads(proj(x, p, "v"), n_head_kv)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = (t.repeat_interleave(n_head // n_head_kv, dim=0) for t in (k, v))  # GQA
         att = torch.softmax(q @ k.transpose(1, 2) / head_dim**0.5 + causal, dim=-1)
