@@ -204,8 +204,9 @@ def _cuda_available() -> bool:
 
 
 def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n_embd: int, layers: int,
-         ffn: int | None, block_size: int, steps: int, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int,
-         resume: bool, init: Path | None, device: str, threads: int, outtype: str) -> tuple[dict[str, float], int]:
+         ffn: int | None, block_size: int, steps: int, batch: int, anchors: int, lr: float, seed: int,
+         checkpoint_every: int, resume: bool, init: Path | None, device: str, threads: int,
+         outtype: str) -> tuple[dict[str, float], int]:
     """Training and export, in the child process: the TrainReport as a dict (unpickling the class would import
     torch in the parent) and the step reached."""
     import dataclasses
