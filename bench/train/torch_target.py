@@ -40,8 +40,9 @@ class TorchTarget:
         self.n_head, self.n_head_kv = kv["attention.head_count"], kv["attention.head_count_kv"]
         self.head_dim = kv.get("attention.key_length", self.n_embd // self.n_head)
         self.eps = kv["attention.layer_norm_rms_epsilon"]
-        with ThreadPoolExecutor() as pool:  # numpy's dequantization runs mostly without the GIL: 1.5B weights
-            self.w = dict(pool.map(lambda t: (t.name, torch.from_numpy(  # take some 30 s on one core
+        # on threads: numpy's dequantization runs mostly without the GIL, and 1.5B weights take some 25 s on one core
+        with ThreadPoolExecutor() as pool:
+            self.w = dict(pool.map(lambda t: (t.name, torch.from_numpy(
                 dequantize(t.data, t.tensor_type).astype(np.float32)).to(device)), reader.tensors))
         self.w.setdefault("output.weight", self.w["token_embd.weight"])  # tied embeddings
         self.device = device
@@ -63,7 +64,7 @@ class TorchTarget:
                    rows: slice) -> Tensor:
         """Self-attention of layer il over x [S, T, n_embd]. Without cache, or with T > 1 (prompts from position 0,
         whose keys go to the cache's rows), whole sequences from position 0, padded at the end: causal is all it
-        takes. With T == 1, one new token per sequence at pos [S, 1], against the cache up to it."""
+        takes. With T == 1, one new token per sequence at pos [S, 1], against the cache's rows up to it."""
         s, t, _ = x.shape
         p = f"blk.{il}."
 
