@@ -68,9 +68,9 @@ def test_tiny_target_generates(arch: str, tiny_target: Callable[..., Path]) -> N
     assert len(out) == 16 and len(set(out)) >= 8, out  # not stuck on one token
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_llama_reference_matches_llama_cpp(tied: bool, tmp_path: Path) -> None:
-    path = write_tiny_target("llama", tmp_path / "llama.gguf", tied=tied)
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False)])
+def test_reference_matches_llama_cpp(arch: str, tied: bool, tmp_path: Path) -> None:
+    path = write_tiny_target(arch, tmp_path / f"{arch}.gguf", tied=tied)
     with load(path, **EXACT) as (model, ctx):
         tokens = tokenize(model, PROMPT + " there was a little fox.")
         decode(ctx, tokens, 0, all_logits=True)

@@ -1,6 +1,6 @@
 """bench/train/torch_target.py, the target in torch that answers and computes features for training on a GPU:
-against the float64 reference of the llama target, and its KV-cached batched answers against greedy decoding
-without a cache, one prompt at a time."""
+against the float64 reference of the llama and qwen2 targets (qwen2: Q/K/V biases, NEOX RoPE), and its KV-cached
+batched answers against greedy decoding without a cache, one prompt at a time."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import target_reference
 from dflash_local.train.trainer import decode_features
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench" / "train"))
+import torch_target  # noqa: E402
 from torch_target import TorchTarget  # noqa: E402
 
 LAYERS = (1, 3, 4)
+ARCHS = ("llama", "qwen2")
 
 
-def test_hidden_states_and_features_match_the_reference(tiny_target: Callable[..., Path]) -> None:
-    path = tiny_target("llama")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hidden_states_and_features_match_the_reference(tiny_target: Callable[..., Path], arch: str) -> None:
+    path = tiny_target(arch)
     seqs = [np.random.default_rng(i).integers(0, 200, size=n) for i, n in enumerate((23, 9))]
     want = [target_reference.hidden_states(path, s.tolist()) for s in seqs]  # index L: GGUF layer L
     tt = TorchTarget(path, torch.device("cpu"))
@@ -37,8 +41,13 @@ def test_hidden_states_and_features_match_the_reference(tiny_target: Callable[..
     assert ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 0.05  # e4m3: 3 mantissa bits
 
 
-def test_batched_answers_equal_greedy_decoding_one_at_a_time(tiny_target: Callable[..., Path]) -> None:
-    tt = TorchTarget(tiny_target("llama"), torch.device("cpu"))
+@pytest.mark.parametrize("arch,prefill_tokens", [("llama", 1 << 16), ("qwen2", 1 << 16), ("qwen2", 12)])
+def test_batched_answers_equal_greedy_decoding_one_at_a_time(tiny_target: Callable[..., Path], arch: str,
+                                                             prefill_tokens: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # prefill_tokens 12: each prompt's prefill a pass of its own (the 1-token one takes the cache's one-token path)
+    monkeypatch.setattr(torch_target, "PREFILL_TOKENS", prefill_tokens)
+    tt = TorchTarget(tiny_target(arch), torch.device("cpu"))
     prompts = [np.random.default_rng(i).integers(0, 200, size=n).tolist() for i, n in enumerate((5, 12, 1))]
 
     def greedy(prompt: list[int], n: int) -> list[int]:  # whole sequence each token, no cache, no padding

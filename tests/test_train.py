@@ -295,9 +295,10 @@ def test_training_prompts_are_many_and_leave_the_benchmarks_out():
         training_prompts(["builtin", "humaneval"])
 
 
-def _trainer(target: Path, dataset: Dataset, block_size: int = 8, lr: float = 3e-3) -> trainer.Trainer:
+def _trainer(target: Path, dataset: Dataset, block_size: int = 8, lr: float = 3e-3,
+             n_ff: int | None = None) -> trainer.Trainer:
     torch.manual_seed(0)
-    cfg = trainer.drafter_config(target, 1, LAYERS, block_size)
+    cfg = trainer.drafter_config(target, 1, LAYERS, block_size, n_ff)
     opts = trainer.TrainOptions(steps=100, batch=2, anchors=8, lr=lr, seed=0)
     return trainer.Trainer(Drafter(cfg, *target_embeddings(target)), dataset, opts, torch.device("cpu"))
 
@@ -341,7 +342,8 @@ def test_held_out_tau_simulates_greedy_decoding(target, dataset):
 
 
 def test_export_matches_native_drafter(target, dataset, tmp_path):
-    tr = _trainer(target, dataset, block_size=16)
+    # an FFN narrower than the target's (192), as --ffn gives: the native helper reads its width from the GGUF
+    tr = _trainer(target, dataset, block_size=16, n_ff=40)
     for _ in range(3):
         tr.step(tr.sample())
     drafter = tr.drafter.eval()
@@ -353,7 +355,7 @@ def test_export_matches_native_drafter(target, dataset, tmp_path):
     tokens, ctx = dataset.arrays()[0], _features(dataset)[:9]
     nd = NativeDrafter(out, target, n_ctx=64, n_threads=2)
     try:
-        assert nd.info.target_layers == LAYERS and nd.info.block_size == 16
+        assert nd.info.target_layers == LAYERS and nd.info.block_size == 16 and nd.info.n_ff == 40
         nd.inject(ctx, 0)
         anchor = int(tokens[9])
         got = nd.draft_logits(anchor)
@@ -370,7 +372,8 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     prompts.write_text("\n".join(json.dumps({"prompt": p.text, "chat": p.chat}) for p in PROMPTS))
     out = tmp_path / "d.gguf"
     args = ["train", str(target), "-o", str(out), "--prompts", str(prompts), "--max-new-tokens", "16",
-            "--layers", "1", "--threads", "2", "--checkpoint-every", "2", "--eval", str(prompts), "--eval-prompts", "2"]
+            "--layers", "1", "--ffn", "48", "--threads", "2", "--checkpoint-every", "2", "--eval", str(prompts),
+            "--eval-prompts", "2"]
     result = _run_cli([*args, "--data-only"])
     assert result.returncode == 0, result.stdout
     assert "4 prompts to answer" in result.stdout and "4 sequences" in result.stdout and not out.exists()
@@ -380,7 +383,8 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     assert "holds float16 features of an earlier version, no longer read" in " ".join(result.stdout.split())
     assert out.is_file() and out.with_suffix(".ckpt").is_file()
     assert "tau" in result.stdout and "0 prompts to answer (4 done" in result.stdout
-    assert NativeDrafter(out, target).info.target_layers == (2,)  # auto for a 4-layer target
+    info = NativeDrafter(out, target).info
+    assert info.target_layers == (2,) and info.n_ff == 48  # auto for a 4-layer target; --ffn
 
     result = _run_cli([*args, "--steps", "5", "--resume", "--eval", "none"])
     assert result.returncode == 0, result.stdout
@@ -390,8 +394,11 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     assert result.returncode == 0, result.stdout
     assert "none: the checkpoint is at step 5" in result.stdout
 
-    # another drafter starting from that one's weights: with a learning rate of 0 it stays that drafter
+    # another drafter starting from that one's weights (and its FFN width): with a learning rate of 0 it stays that
+    # drafter
     again = tmp_path / "again.gguf"
+    args.remove("--ffn")
+    args.remove("48")
     result = _run_cli([*args, "-o", str(again), "--init", str(out), "--steps", "1", "--lr", "0", "--eval", "none",
                        "--outtype", "f32", "--data-dir", str(tmp_path / "d-data")])
     assert result.returncode == 0, result.stdout
@@ -399,7 +406,10 @@ def test_cli_end_to_end_and_resume(target, tmp_path):
     for name, t in load_drafter_gguf(out, target).state_dict().items():
         assert torch.equal(load_drafter_gguf(again, target).state_dict()[name], t), name
     result = _run_cli([*args, "--init", str(out), "--block-size", "8"])
-    assert result.returncode == 2 and "give the same --target-layers and --block-size" in result.stdout, result.stdout
+    assert result.returncode == 2 and "give the same --target-layers, --block-size and --ffn" in " ".join(
+        result.stdout.split()), result.stdout
+    result = _run_cli([*args, "--init", str(out), "--ffn", "64"])
+    assert result.returncode == 2 and "n_ff 48 (this run: 64)" in " ".join(result.stdout.split()), result.stdout
 
 
 def test_init_grows_a_drafter_by_identity_layers(target, tmp_path):

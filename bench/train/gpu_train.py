@@ -1,13 +1,13 @@
 """`dflash train` on a GPU machine without a CUDA build of llama.cpp (one took 339 s of the lent H100's 30 minutes):
-the target runs in torch (bench/train/torch_target.py, `llama` arch) to answer the prompts and to compute the
-features, which stay in GPU memory; nothing is written but the answers' tokens. Then the same Trainer as
+the target runs in torch (bench/train/torch_target.py, `llama` and `qwen2` archs) to answer the prompts and to compute
+the features, which stay in GPU memory; nothing is written but the answers' tokens. Then the same Trainer as
 `dflash train`, for as many steps as fit before --deadline, and the export. llama.cpp only tokenizes the prompts, in a
 first run on any machine where it works (its CPU build crashed at the tokenizer's start on the lent H100s):
 
     python bench/train/gpu_train.py TARGET.gguf --data-dir DIR --prompts FILE [--prompts ...] --tokenize-to todo.pkl
     python bench/train/gpu_train.py TARGET.gguf -o DRAFTER.gguf --data-dir DIR [--todo todo.pkl --max-answers N
         --answer-seconds S] [--max-new-tokens 160] [--layers 6] [--batch 32] [--anchors 32] [--lr 1e-3]
-        [--init D.gguf] (--steps N | --deadline UNIX_TIME) [--checkpoint-every 1000] [--outtype q8_0]
+        [--ffn N] [--init D.gguf] (--steps N | --deadline UNIX_TIME) [--checkpoint-every 1000] [--outtype q8_0]
 
 DIR may hold sequences already (index.json and tokens.i32 of `dflash train` or of earlier runs): they are trained on
 too. The prompts are answered in order, up to --answer-batch at a time, until --max-answers or --answer-seconds.
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--target-layers", default="auto")
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--ffn", type=int, help="the drafter's FFN width (default: --init's, else the target's)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--anchors", type=int, default=32)
@@ -88,10 +89,13 @@ def main() -> None:
     from torch_target import TorchTarget
 
     dev = torch.device(a.device)
+    # TF32 errs far less than the features' float8 storage, and than llama.cpp's own answers do (8-bit activations
+    # in its quantized matmuls: logits 2e-2 off the exact ones for SmolLM2, bench/train/README.md); float32 took a
+    # wide target's answers to the GPU's slower arithmetic
+    torch.backends.cuda.matmul.allow_tf32 = True
     tt = TorchTarget(a.target, dev)
     if a.todo:
         answer(tt, todo, ds, a, eog)
-    torch.backends.cuda.matmul.allow_tf32 = True  # the features: TF32 errs far less than their float8 storage
     t0 = time.perf_counter()
     codes, scales = features(tt, ds, layers)
     del tt
@@ -200,7 +204,7 @@ def train(a: argparse.Namespace, ds: Dataset, layers: tuple[int, ...], feats: tu
 
     torch.manual_seed(a.seed)
     dev = torch.device(a.device)
-    drafter = initial_drafter(a.target, a.init, a.layers, layers, a.block_size).to(dev)
+    drafter = initial_drafter(a.target, a.init, a.layers, layers, a.block_size, a.ffn).to(dev)
     opts = trainer.TrainOptions(steps=a.steps or 100_000, batch=a.batch, anchors=a.anchors, lr=a.lr, seed=a.seed,
                                 checkpoint_every=a.checkpoint_every)
     tr = trainer.Trainer(drafter, ds, opts, dev, features=feats)

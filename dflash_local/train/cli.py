@@ -39,6 +39,8 @@ def train(
     data_dir: Path = typer.Option(None, "--data-dir", help="Dataset folder (default: <output>-data next to the "
                                   "output); an interrupted run resumes there."),
     layers: int = typer.Option(2, "--layers", min=1, max=8, help="Drafter decoder layers."),
+    ffn: int = typer.Option(None, "--ffn", min=1, help="Drafter FFN width (default: --init's, else the target's "
+                            "feed_forward_length; narrower keeps a drafter for a wide target small)."),
     block_size: int = typer.Option(16, "--block-size", min=2, max=64),
     target_layers: str = typer.Option("auto", "--target-layers", help="Target layers whose hidden states the "
                                       "drafter reads: 'auto' or GGUF ids (HF id + 1), e.g. 2,8,15,22,28."),
@@ -79,7 +81,8 @@ def train(
 
 
 def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | None, self_prompts: int,
-           max_new_tokens: int, parallel: int, data_dir: Path | None, layers: int, block_size: int, target_layers: str,
+           max_new_tokens: int, parallel: int, data_dir: Path | None, layers: int, ffn: int | None, block_size: int,
+           target_layers: str,
            steps: int | None, epochs: float | None, batch: int, anchors: int, lr: float, seed: int,
            checkpoint_every: int, resume: bool, init: Path | None, device: str, n_gpu_layers: int, threads: int,
            outtype: str, eval_source: str, eval_prompts: int, data_only: bool) -> None:
@@ -109,7 +112,7 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
     info = read_target(target)
     capture = parse_target_layers(target_layers, info.n_layer)
     if init is not None:
-        _in_child(_check_init, target, init, layers, capture, block_size)
+        _in_child(_check_init, target, init, layers, capture, block_size, ffn)
     train_prompts = training_prompts(prompts, max_prompts)
     held_out = [] if eval_source == "none" else load_prompts(eval_source, eval_prompts)
     data_dir = data_dir or output.parent / f"{output.stem}-data"
@@ -158,8 +161,8 @@ def _train(target: Path, output: Path, prompts: list[str], max_prompts: int | No
 
     # 2. training, 3. export
     steps = steps or max(1, round((epochs or DEFAULT_EPOCHS) * ds.anchor_positions / (batch * anchors)))
-    fit, step_no = _in_child(_fit, target, output, data_dir, capture, info.n_embd, layers, block_size, steps, batch,
-                             anchors, lr, seed, checkpoint_every, resume, init, device, threads, outtype)
+    fit, step_no = _in_child(_fit, target, output, data_dir, capture, info.n_embd, layers, ffn, block_size, steps,
+                             batch, anchors, lr, seed, checkpoint_every, resume, init, device, threads, outtype)
 
     # 4. evaluation
     ev = None
@@ -197,8 +200,9 @@ def _cuda_available() -> bool:
 
 
 def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n_embd: int, layers: int,
-         block_size: int, steps: int, batch: int, anchors: int, lr: float, seed: int, checkpoint_every: int,
-         resume: bool, init: Path | None, device: str, threads: int, outtype: str) -> tuple[dict[str, float], int]:
+         ffn: int | None, block_size: int, steps: int, batch: int, anchors: int, lr: float, seed: int,
+         checkpoint_every: int, resume: bool, init: Path | None, device: str, threads: int,
+         outtype: str) -> tuple[dict[str, float], int]:
     """Training and export, in the child process: the TrainReport as a dict (unpickling the class would import
     torch in the parent) and the step reached."""
     import dataclasses
@@ -214,7 +218,7 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     torch.manual_seed(seed)
     dev = torch.device(device)
     ds = data.Dataset(data_dir, target, capture, n_embd)
-    drafter = initial_drafter(target, init, layers, capture, block_size).to(dev)
+    drafter = initial_drafter(target, init, layers, capture, block_size, ffn).to(dev)
     opts = trainer.TrainOptions(steps=steps, batch=batch, anchors=anchors, lr=lr, seed=seed,
                                 checkpoint_every=checkpoint_every)
     tr = trainer.Trainer(drafter, ds, opts, dev)
@@ -238,11 +242,12 @@ def _fit(target: Path, output: Path, data_dir: Path, capture: tuple[int, ...], n
     return dataclasses.asdict(fit), tr.step_no
 
 
-def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple[int, ...],
-                    block_size: int) -> Drafter:
-    """The drafter training starts from: random weights of the shape asked for, or init's. More layers than init's
-    are appended after its own, each the identity at first (its attention and FFN output projections zero), so
-    that training starts from init's drafts with more capacity."""
+def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple[int, ...], block_size: int,
+                    ffn: int | None = None) -> Drafter:
+    """The drafter training starts from: random weights of the shape asked for (FFN width ffn, default the
+    target's), or init's (ffn default: init's). More layers than init's are appended after its own, each the identity
+    at first (its attention and FFN output projections zero), so that training starts from init's drafts with more
+    capacity."""
     import dataclasses
 
     import torch
@@ -252,16 +257,16 @@ def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple
     from dflash_local.reference import Drafter
     from dflash_local.train import trainer
 
-    cfg = trainer.drafter_config(target, layers, capture, block_size)
     if init is None:
-        return Drafter(cfg, *target_embeddings(target))
+        return Drafter(trainer.drafter_config(target, layers, capture, block_size, ffn), *target_embeddings(target))
     if not init.is_file():
         raise UserError(f"--init: drafter not found: {init}")
     drafter = load_drafter_gguf(init, target)
+    cfg = trainer.drafter_config(target, layers, capture, block_size, ffn or drafter.cfg.n_ff)
     have, want = dataclasses.asdict(drafter.cfg), dataclasses.asdict(cfg)
     if diff := [f"{k} {have[k]} (this run: {want[k]})" for k in want if have[k] != want[k] and k != "n_layer"]:
         raise UsageError(f"--init {init} is another shape of drafter: {', '.join(diff)}; give the same "
-                        "--target-layers and --block-size")
+                        "--target-layers, --block-size and --ffn")
     if layers < drafter.cfg.n_layer:
         raise UsageError(f"--init {init} has {drafter.cfg.n_layer} layers: give --layers {drafter.cfg.n_layer} or more")
     if layers == drafter.cfg.n_layer:
@@ -275,9 +280,10 @@ def initial_drafter(target: Path, init: Path | None, layers: int, capture: tuple
     return grown
 
 
-def _check_init(target: Path, init: Path, layers: int, capture: tuple[int, ...], block_size: int) -> None:
+def _check_init(target: Path, init: Path, layers: int, capture: tuple[int, ...], block_size: int,
+                ffn: int | None) -> None:
     """initial_drafter's checks, before the data phase: a Drafter itself would bring torch into the parent."""
-    initial_drafter(target, init, layers, capture, block_size)
+    initial_drafter(target, init, layers, capture, block_size, ffn)
 
 
 def _bar() -> Progress:
