@@ -51,7 +51,7 @@ class Server:
     def wait_started(self) -> None:
         deadline = time.monotonic() + 90
         while True:
-            assert self.proc.poll() is None, log.read_text()
+            assert self.proc.poll() is None, self.log.read_text()
             try:
                 if self.request("GET", "/health").status_code == 200:
                     break
