@@ -61,4 +61,4 @@ CODER = BuiltinModel(
 )
 
 MODELS: dict[str, BuiltinModel] = {m.name: m for m in (SMOLLM2, CODER)}
-DEFAULT_MODEL = "smollm2"  # what `dflash run` and `dflash bench` use with no target
+DEFAULT_MODEL = "coder"  # what `dflash run` and `dflash bench` use with no target

