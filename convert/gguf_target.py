@@ -14,8 +14,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-ARCH = "dflash"
-MASK_KEY = "tokenizer.ggml.mask_token_id"
+from dflash_local.convert.schema import ARCH, MASK_KEY
+from dflash_local.errors import ConversionError
+
 Q = gguf.GGMLQuantizationType
 OUTTYPES = {  # --outtype -> (type of the matrices, general.file_type)
     "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
@@ -24,10 +25,6 @@ OUTTYPES = {  # --outtype -> (type of the matrices, general.file_type)
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 ARRAY, INT32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32
-
-
-class ConversionError(Exception):
-    """A drafter that cannot be converted or loaded; the message says why, for the user."""
 
 
 class Reader(gguf.GGUFReader):

@@ -109,13 +109,14 @@ def _run(target: Path | None, drafter: Path | None, prompt: str | None, file: Pa
          max_tokens: int, temp: float, top_k: int, top_p: float, min_p: float, seed: int | None,
          block_size: int | None, tree_size: int, ctx_size: int, n_gpu_layers: int, threads: int,
          tensor_split: str | None, main_gpu: int, device: str | None, no_draft: bool) -> None:
-    from dflash_local import models
+    from dflash_local import models, native
     from dflash_local.engine import Engine
     from dflash_local.errors import UserError
     from dflash_local.loader import open_models
     from dflash_local.sampling import SamplingParams
     from dflash_local.target import TargetParams
 
+    native.exit_on_ggml_abort()  # what llama.cpp asserts on in a model file that the checks before it missed
     if prompt is not None and file is not None:
         raise UserError("give either --prompt or --file, not both")
     if file is not None:

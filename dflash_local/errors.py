@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input: a missing or corrupt file, a drafter for another target, a prompt too long..."""
+
+
+class ConversionError(UserError):
+    """A drafter that cannot be converted or loaded: its file, checkpoint or target is not what the format asks."""

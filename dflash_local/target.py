@@ -19,6 +19,7 @@ import numpy as np
 
 from dflash_local.errors import UserError
 from dflash_local.native import Capture, cpu_has_amx
+from dflash_local.target_check import check_target_file
 
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h: enum ggml_log_level
@@ -86,7 +87,7 @@ class Target:
             raise UserError(f"target model not found: {path}")
         if params.n_seq > params.n_batch:  # llama.cpp reserves an output per sequence in a batch, and aborts
             raise ValueError(f"{params.n_seq} sequences need a batch of as many tokens, not {params.n_batch}")
-        self.arch = read_gguf_arch(path)
+        self.arch = check_target_file(path).arch  # the checks llama.cpp lacks, before it reads the file
         if self.arch == "dflash":
             raise UserError(f"{path} is a DFlash drafter, not a target model")
         self.path, self.params = path, params
