@@ -51,7 +51,7 @@ class Key:
     default: float | None = None  # assumed when absent (defaults that depend on other keys: schema_check)
     minimum: int = 0  # INT and INTS (each element)
     maximum: int = INT32_MAX
-    max_len: int = 0  # INTS: the most elements (0: no limit)
+    max_len: int = 0  # INTS: the most elements
     refused: str = ""  # the feature the key configures, which this runtime does not implement: refused ...
     harmless: tuple[float | str, ...] = ()  # ... unless its value is one of these, which leave the feature off
 

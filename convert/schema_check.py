@@ -18,8 +18,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dflash_local.convert.schema import (ARCH, DEFAULT_BLOCK_SIZE, GLOBAL_TENSORS, KEYS, KEYS_BY_NAME, LAYER_TENSORS, MASK_KEY,
-                                         MATRIX_TYPES, NORM_TYPES, Dim, GGMLType, Key, Kind, Tensor)
+from dflash_local.convert.schema import (ARCH, DEFAULT_BLOCK_SIZE, GLOBAL_TENSORS, KEYS, KEYS_BY_NAME, LAYER_TENSORS,
+                                         MASK_KEY, MATRIX_TYPES, NORM_TYPES, Dim, GGMLType, Key, Kind, Tensor)
 from dflash_local.errors import ConversionError
 from dflash_local.gguf_file import ARRAY, BOOL, FLOATS, INTEGERS, STRING, TensorInfo, Value
 
@@ -155,7 +155,8 @@ def tensor_plan(hp: Hparams) -> Iterator[tuple[int | None, str, Tensor, Shape]]:
 def _check_tensors(hp: Hparams, tensors: Mapping[str, TensorInfo], where: str) -> None:
     # extras first, from the names alone: a corrupt block_count must not make us list billions of expected names
     if extra := sorted(name for name in tensors if not _expected(name, hp.n_layer)):
-        raise ConversionError(f"{where}: unexpected tensors {_some(extra)}: they belong to a feature this runtime "
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise ConversionError(f"{where}: unexpected tensor {extra[0]}{more}: it belongs to a feature this runtime "
                               f"does not implement, or to more layers than block_count {hp.n_layer}")
     # no extras: the tensors present are expected ones, so the first missing ones come within len(tensors) + 3
     missing: list[str] = []
@@ -194,7 +195,3 @@ def _type_name(ggml_type: int) -> str:
         return GGMLType(ggml_type).name
     except ValueError:
         return f"of ggml type {ggml_type}"
-
-
-def _some(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

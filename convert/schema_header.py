@@ -36,7 +36,7 @@ struct key {{
     bool         has_default;
     double       default_value;
     int64_t      minimum, maximum;  // INT and each element of INTS
-    int32_t      max_len;           // INTS: the most elements (0: no limit)
+    int32_t      max_len;           // INTS: the most elements
     const char * refused;           // the feature it configures, refused unless harmless ("": none)
     int32_t      n_harmless;        // harmless numbers (bools as 0 and 1) ...
     double       harmless[{MAX_HARMLESS}];

@@ -243,8 +243,9 @@ static void load_drafter(dflash_drafter & d, const std::string & drafter_path, c
     for (const auto & [key, feature] : { std::pair{ "dflash.attention.value_length", "value heads of another size" },
                                          std::pair{ "dflash.rope.dimension_count", "partial rotary embeddings" } }) {
         if ((int64_t) dr.num(key, in.head_dim) != in.head_dim) {
-            throw fail(std::string(key) + " = " + std::to_string((int64_t) dr.num(key)) + " differs from the head size " +
-                       std::to_string(in.head_dim) + ": " + feature + ", which this runtime does not implement");
+            throw fail(std::string(key) + " = " + std::to_string((int64_t) dr.num(key)) +
+                       " differs from the head size " + std::to_string(in.head_dim) + ": " + feature +
+                       ", which this runtime does not implement");
         }
     }
     if (dr.has("dflash.rope.dimension_sections")) {

@@ -7,6 +7,7 @@
 #include "ggml.h"
 #include "gguf.h"
 
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <iterator>
@@ -66,12 +67,30 @@ const char * kind_name(kind k) {
     return "?";
 }
 
+// The names of convert/schema_check.py's messages (gguf_file.TYPE_NAMES), with their article.
+const char * type_name(gguf_type t) {
+    static const char * names[GGUF_TYPE_COUNT] = { "a uint8",   "an int8",  "a uint16", "an int16",  "a uint32",
+                                                   "an int32",  "a float32", "a bool",  "a string",  "an array",
+                                                   "a uint64",  "an int64", "a float64" };
+    return t >= 0 && t < GGUF_TYPE_COUNT ? names[t] : "?";
+}
+
 std::string describe(const gguf_context * g, int64_t id) {
     const gguf_type t = gguf_get_kv_type(g, id);
     if (t == GGUF_TYPE_ARRAY) {
-        return "an array of " + std::to_string(gguf_get_arr_n(g, id)) + " " + gguf_type_name(gguf_get_arr_type(g, id));
+        const std::string elem = type_name(gguf_get_arr_type(g, id));
+        return "an array of " + std::to_string(gguf_get_arr_n(g, id)) + " " + elem.substr(elem.find(' ') + 1);
     }
-    return std::string("a ") + gguf_type_name(t);
+    return type_name(t);
+}
+
+// ggml's name of a type, in upper case as the schema (GGMLType) writes them.
+std::string ggml_name(ggml_type t) {
+    std::string name = ggml_type_name(t);
+    for (auto & c : name) {
+        c = (char) std::toupper((unsigned char) c);
+    }
+    return name;
 }
 
 std::string number(double v) {
@@ -243,11 +262,14 @@ void dflash_check_tensors(const gguf_context * g, ggml_context * meta, const int
             expect += (d ? ", " : "") + std::to_string(want[d]);
         }
         if (!same) {
-            throw std::runtime_error(where + ": tensor " + name + " has shape " + got + "], the keys give " + expect + "]");
+            throw std::runtime_error(where + ": tensor " + name + " has shape " + got + "], the keys give " + expect +
+                                     "]");
         }
         const bool vector = t.n_dims == 1;
-        if (!(vector ? in(norm_types, std::size(norm_types), m->type) : in(matrix_types, std::size(matrix_types), m->type))) {
-            throw std::runtime_error(where + ": tensor " + name + " is " + ggml_type_name(m->type) +
+        const bool allowed = vector ? in(norm_types, std::size(norm_types), m->type)
+                                    : in(matrix_types, std::size(matrix_types), m->type);
+        if (!allowed) {
+            throw std::runtime_error(where + ": tensor " + name + " is " + ggml_name(m->type) +
                                      (vector ? ", expected F32" : ", a type this runtime does not multiply by"));
         }
     }
