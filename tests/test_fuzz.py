@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -100,3 +102,16 @@ def test_damaged_files_end_cleanly(tiny_target, tmp_path, capsys):
             failures.append(f"{copy.name} ({what}): {why}\n{result[2][-600:]}")
     assert not failures, f"{len(failures)} of {len(cases)} runs did not end cleanly:\n" + "\n".join(failures[:10])
     assert codes.get("0", 0) and codes.get("2", 0)  # both kinds of damage: harmless ones and refused ones
+
+
+def test_an_assertion_in_llama_cpp_ends_in_one_error_line(tiny_target, tmp_path):
+    """The last line of defence: what the checks before llama.cpp miss and it asserts on (here a duplicate token, with
+    the check for it switched off) ends as one error line and exit code 1, not as SIGABRT and a backtrace."""
+    target = tmp_path / "duplicate-token.gguf"
+    target.write_bytes(tiny_target("llama").read_bytes().replace(b"<0x25>", b"<0x24>", 1))
+    code = ("import sys, dflash_local.target_check as c; c._check_vocab = lambda layout: None; "
+            "from dflash_local.cli import app; app(sys.argv[1:], prog_name='dflash')")
+    args = ["run", str(target), "--no-draft", "-p", "hi", "-n", "4", "-t", "1"]
+    p = subprocess.run([sys.executable, "-P", "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and problem((p.returncode, p.stdout, p.stderr)) is None, p.stderr
+    assert "GGML_ASSERT(id_to_token.size() == token_to_id.size())" in p.stderr
