@@ -4,7 +4,8 @@ ggml's GGUF reader and llama.cpp's loader trust parts of a file that a truncatio
 of what they trust ends in an assertion (an abort) rather than an error: here every count, length, type, shape and
 offset is checked against the file, so that a corrupt file is a clear error instead. Fast enough to run before every
 load: keys and tensor infos only (array contents are skipped unless asked for), about 0.1 s for a 150k-token
-vocabulary. Light to import (the command line imports llama.cpp, then numpy, and only when it runs a model).
+vocabulary. Imports nothing heavy (the command line loads llama.cpp before numpy): ggml's type sizes are asked
+for on first use.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ class Value(NamedTuple):
     count: int = 1  # arrays: their length
 
     def describe(self) -> str:
+        """Its type, for a message: "a uint32", "an array of 3 int32"."""
         if self.type == ARRAY:
             return f"an array of {self.count} {TYPE_NAMES.get(self.elem_type, '?')}"
-        return f"a {TYPE_NAMES[self.type]}"
+        name = TYPE_NAMES[self.type]
+        return f"{'an' if name[0] in 'aeio' else 'a'} {name}"  # a uint32, an int32
 
 
 class TensorInfo(NamedTuple):

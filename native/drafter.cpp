@@ -51,7 +51,12 @@ struct gguf_file {
         const int64_t id = gguf_find_key(gguf, key.c_str());
         return id < 0 || gguf_get_kv_type(gguf, id) != GGUF_TYPE_STRING ? fallback : gguf_get_val_str(gguf, id);
     }
-    bool has(const std::string & key) const { return gguf_find_key(gguf, key.c_str()) >= 0; }
+    bool has(const std::string & key) const {
+        if (key.rfind("dflash.", 0) == 0 && !dflash_schema_has(key.c_str())) {
+            throw std::logic_error("not a key of the schema: " + key);  // a typo would read as absent
+        }
+        return gguf_find_key(gguf, key.c_str()) >= 0;
+    }
 
     // A numeric scalar of any integer or float type.
     double num(const std::string & key) const {

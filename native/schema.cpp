@@ -220,6 +220,8 @@ void dflash_check_keys(const gguf_context * g, const std::string & where) {
     }
 }
 
+bool dflash_schema_has(const char * name) { return find_key(name) != nullptr; }
+
 double dflash_schema_default(const char * name) {
     const key * k = find_key(name);
     if (!k || !k->has_default) {
