@@ -89,18 +89,14 @@ def check_keys(fields: Mapping[str, Value], where: str) -> dict[str, Any]:
 
 
 def _value(key: Key, field: Value, where: str) -> Any:
-    if key.kind == Kind.INTS:
-        ok = field.type == ARRAY and field.elem_type in INTEGERS
-        items = field.value if ok and field.value is not None and len(field.value) <= key.max_len else None
-    else:
-        ok = field.type in _KIND_TYPES[key.kind]
-        items = [field.value] if ok and key.kind == Kind.INT else None
-    if not ok:
+    ints = key.kind == Kind.INTS
+    if not (field.type == ARRAY and field.elem_type in INTEGERS if ints else field.type in _KIND_TYPES[key.kind]):
         raise ConversionError(f"{where}: {key.name} is {field.describe()}, expected {key.kind.value}: the file is "
                               "corrupt or was written by another tool; convert the drafter again")
-    if key.kind == Kind.INTS and items is None:
+    if ints and field.count > key.max_len:  # shorter than gguf_file.SHORT_ARRAY: read
         raise ConversionError(f"{where}: {key.name} has {field.count} elements, at most {key.max_len}")
-    if items is not None and not all(key.minimum <= v <= key.maximum for v in items):
+    items = field.value if ints else [field.value] if key.kind == Kind.INT else []
+    if not all(key.minimum <= v <= key.maximum for v in items):
         raise ConversionError(f"{where}: {key.name} = {field.value} is outside {key.minimum}..{key.maximum}")
     return field.value
 

@@ -69,7 +69,7 @@ def _ints(layout: Layout, key: str) -> list[int] | None:
 def _check_hparams(layout: Layout, arch: str) -> None:
     n_layer = _ints(layout, f"{arch}.block_count")
     if n_layer is not None and (len(n_layer) != 1 or not 1 <= n_layer[0] <= MAX_LAYERS):
-        raise _fail(layout, f"{arch}.block_count is {n_layer}, not 1..{MAX_LAYERS}")
+        raise _fail(layout, f"{arch}.block_count is {layout.fields[f'{arch}.block_count'].value}, not 1..{MAX_LAYERS}")
     heads = _ints(layout, f"{arch}.attention.head_count") or []
     kv_heads = _ints(layout, f"{arch}.attention.head_count_kv") or heads
     if len(kv_heads) == 1:
@@ -79,11 +79,11 @@ def _check_hparams(layout: Layout, arch: str) -> None:
     for n_head, n_kv in zip(heads, kv_heads):  # grouped-query attention: every KV head serves a whole group
         if n_kv < 0 or n_head < 0 or (n_kv and (n_head % n_kv or n_kv > n_head)):
             raise _fail(layout, f"{arch}.attention.head_count {n_head} is not a multiple of head_count_kv {n_kv}")
-    sizes = [s for key in ("key_length", "value_length") for s in _ints(layout, f"{arch}.attention.{key}") or []]
     for key in ("embedding_length", "feed_forward_length", "rope.dimension_count", "attention.key_length",
                 "attention.value_length"):
         if any(not 0 <= v < _U32 // 2 for v in _ints(layout, f"{arch}.{key}") or []):
             raise _fail(layout, f"{arch}.{key} is out of range")
+    sizes = [s for key in ("key_length", "value_length") for s in _ints(layout, f"{arch}.attention.{key}") or []]
     if heads and sizes and max(heads) * max(sizes) >= _U32 // 2:
         raise _fail(layout, f"{arch}.attention.head_count {max(heads)} times the head size {max(sizes)} overflows")
     n_rot, head = _ints(layout, f"{arch}.rope.dimension_count"), _ints(layout, f"{arch}.attention.key_length")

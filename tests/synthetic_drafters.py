@@ -104,8 +104,9 @@ def random_drafter_gguf(target_gguf: Path, out: Path, *, n_layer: int = 1, targe
 
 def edit_gguf(src: Path, out: Path, keys: Mapping[str, tuple[Any, gguf.GGUFValueType]] = {}, drop: tuple[str, ...] = (),
               tensors: Callable[[dict[str, np.ndarray]], None] | None = None) -> Path:
-    """A copy of a GGUF with keys set (name -> (value, type); arrays of int32), keys dropped and its tensors (name ->
-    numpy array, of the file's type: f32 or f16) edited in place by `tensors`."""
+    """A copy of a GGUF with keys set (name -> (value, type); arrays typed by their first element: int32, float32,
+    string...), keys dropped and its tensors (name -> numpy array, of the file's type: f32 or f16) edited in place by
+    `tensors`."""
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(out, r.fields["general.architecture"].contents())
     for name, field in r.fields.items():
@@ -113,7 +114,7 @@ def edit_gguf(src: Path, out: Path, keys: Mapping[str, tuple[Any, gguf.GGUFValue
             vtype = field.types[0]
             w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1] if len(field.types) > 1 else None)
     for name, (value, vtype) in keys.items():
-        sub_type = gguf.GGUFValueType.INT32 if vtype == gguf.GGUFValueType.ARRAY else None
+        sub_type = gguf.GGUFValueType.get_type(value[0]) if vtype == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(name, value, vtype, sub_type=sub_type)
     data = {t.name: np.array(t.data) for t in r.tensors}
     if tensors:

@@ -14,10 +14,13 @@ import sys
 from pathlib import Path
 
 import gguf
+import pytest
 from cli_worker import Result, run_many
-from synthetic_drafters import random_drafter_gguf
+from synthetic_drafters import edit_gguf, random_drafter_gguf
 
+from dflash_local.errors import UserError
 from dflash_local.gguf_file import read_layout
+from dflash_local.target_check import check_target_file
 
 N_CASES = int(os.environ.get("DFLASH_FUZZ_CASES", 150))
 SEED = int(os.environ.get("DFLASH_FUZZ_SEED", 0))
@@ -118,3 +121,23 @@ def test_an_assertion_in_llama_cpp_ends_in_one_error_line(tiny_target, tmp_path)
     p = subprocess.run([sys.executable, "-P", "-c", code, *args], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and problem((p.returncode, p.stdout, p.stderr)) is None, p.stderr
     assert "GGML_ASSERT(id_to_token.size() == token_to_id.size())" in p.stderr
+
+
+U32 = gguf.GGUFValueType.UINT32
+
+
+@pytest.mark.parametrize("keys, words", [
+    ({"llama.block_count": (513, U32)}, "llama.block_count is 513, not 1..512"),
+    ({"llama.attention.head_count_kv": (2**28 + 2, U32)}, "not a multiple of head_count_kv 268435458"),
+    ({"llama.attention.key_length": (2**29, U32)}, "overflows"),
+    ({"llama.rope.dimension_count": (64, U32)}, "rope.dimension_count 64 exceeds the head size 16"),
+    ({"tokenizer.ggml.scores": ([0.0] * 3, gguf.GGUFValueType.ARRAY)}, "tokenizer.ggml.scores is an array of 3"),
+])
+def test_what_llama_cpp_trusts_is_checked_first(tiny_target, tmp_path, keys, words):
+    """Values of a target that llama.cpp asserts on (found by the fuzz test) are refused before it loads the file."""
+    with pytest.raises(UserError, match=words):
+        check_target_file(edit_gguf(tiny_target("llama"), tmp_path / "t.gguf", keys=keys))
+    duplicate = tmp_path / "duplicate-token.gguf"
+    duplicate.write_bytes(tiny_target("llama").read_bytes().replace(b"<0x25>", b"<0x24>", 1))
+    with pytest.raises(UserError, match="has the same token twice"):
+        check_target_file(duplicate)
