@@ -1,14 +1,10 @@
-"""The GGUF side of the drafter format: the one writer and the reader (facts about the target: gguf_target).
-
-Layout: upstream llama.cpp's architecture `dflash` (src/models/dflash.cpp). The drafter shares the target's
-token embedding and output head instead of storing them, and carries a copy of the target's tokenizer.
+"""The GGUF side of the drafter format: the one writer and the reader (facts about the target: gguf_target), both by
+the schema (keys, tensors and what is refused: schema; checked by schema_check).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,51 +13,18 @@ import gguf
 import numpy as np
 import torch
 
-from dflash_local.convert.gguf_target import (ARCH, ARRAY, INT32, MASK_KEY, OUTTYPES, Q, ConversionError, Reader,
-                                              TargetInfo, field_value, read_gguf, read_target,
-                                              write_gguf)
+from dflash_local.convert.gguf_target import (ARCH, MASK_KEY, OUTTYPES, Q, ConversionError, TargetInfo, read_gguf,
+                                              read_target, write_gguf)
+from dflash_local.convert.schema import KEYS_BY_NAME, WRITTEN_AS
+from dflash_local.convert.schema_check import check_drafter, tensor_plan
+from dflash_local.errors import UserError
+from dflash_local.gguf_file import ARRAY, STRING, TensorInfo, Value, read_layout
 from dflash_local.reference import Drafter, DrafterConfig, parameter_shapes
-
-# Hugging Face (z-lab) tensor names -> GGUF names
-_GLOBAL_NAMES = {"fc.weight": "fc.weight", "hidden_norm.weight": "enc.output_norm.weight",
-                 "norm.weight": "output_norm.weight"}
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-# dflash.* keys that change the computation in ways this runtime does not implement: key -> harmless value test
-_UNSUPPORTED_KEYS = {
-    "attention.sliding_window": lambda v: v == 0,
-    "logit_scale": lambda v: v == 1.0,
-    "final_logit_softcapping": lambda v: v <= 0,
-    "attention.value_scale": lambda v: v in (0.0, 1.0),
-    "attention.scale": lambda v: v == 0.0,
-    "hidden_activation": lambda v: v == "silu",
-    "rope.scaling.type": lambda v: v == "none",
-    "expert_count": lambda v: v == 0,
-    "hyper_connection_count": lambda v: v == 0,
-    "conv_kernel_size": lambda v: False,
-    "conv_group_size": lambda v: False,
-    "selector_rank": lambda v: False,
-    "selector_top_k": lambda v: False,
-}
-
-_KNOWN_KEYS = {  # dflash.* keys the reader understands
-    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-    "attention.head_count_kv", "attention.key_length", "attention.value_length", "attention.layer_norm_rms_epsilon",
-    "rope.freq_base", "rope.dimension_count", "rope.dimension_sections", "target_layers", "block_size",
-    "attention.causal", "embedding_scale", "vocab_size", *_UNSUPPORTED_KEYS,
-}
 
 
 def gguf_names(cfg: DrafterConfig) -> dict[str, str]:
     """Hugging Face name -> GGUF name of every drafter tensor."""
-    names = dict(_GLOBAL_NAMES)
-    for i in range(cfg.n_layer):
-        names |= {f"layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in _LAYER_NAMES.items()}
-    return names
+    return {t.hf if i is None else f"layers.{i}.{t.hf}": gname for i, gname, t, _ in tensor_plan(cfg)}
 
 
 def _dequantize(t: Any) -> np.ndarray:
@@ -143,34 +106,22 @@ def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str
     check_target(cfg, target)
     check_tensors(cfg, tensors)
 
-    a = ARCH
-    w = gguf.GGUFWriter(None, arch=a)
+    values = drafter_metadata(cfg, context_length or target.n_ctx, mrope or target.mrope)
+    plan = [(gname, tensors[hf], _tensor_type(tuple(tensors[hf].shape), qtype))
+            for hf, gname in gguf_names(cfg).items()]
+    # what is written is what the reader takes: checked by the same rules before a byte is written
+    check_drafter({key: _as_value(key, v) for key, v in values.items()} | {"general.architecture": Value(STRING, ARCH)},
+                  {gname: TensorInfo(gname, tuple(reversed(t.shape)), q, 0, 0) for gname, t, q in plan}, str(out))
+
+    w = gguf.GGUFWriter(None, arch=ARCH)
     if name:
         w.add_string("general.name", name)
     w.add_uint32("general.file_type", file_type)
-    w.add_uint32(f"{a}.context_length", context_length or target.n_ctx)
-    w.add_uint32(f"{a}.embedding_length", cfg.n_embd)
-    w.add_uint32(f"{a}.block_count", cfg.n_layer)
-    w.add_uint32(f"{a}.feed_forward_length", cfg.n_ff)
-    w.add_uint32(f"{a}.attention.head_count", cfg.n_head)
-    w.add_uint32(f"{a}.attention.head_count_kv", cfg.n_head_kv)
-    w.add_uint32(f"{a}.attention.key_length", cfg.head_dim)
-    w.add_uint32(f"{a}.attention.value_length", cfg.head_dim)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps)
-    w.add_float32(f"{a}.rope.freq_base", cfg.rope_base)
-    w.add_bool(f"{a}.attention.causal", False)
-    w.add_uint32(f"{a}.block_size", cfg.block_size)
-    w.add_key_value(f"{a}.target_layers", list(cfg.target_layers), ARRAY, sub_type=INT32)
-    if cfg.embedding_scale is not None:
-        w.add_float32(f"{a}.embedding_scale", cfg.embedding_scale)
-    if mrope or target.mrope:  # the drafter ropes on the temporal section only
-        w.add_key_value(f"{a}.rope.dimension_sections", [cfg.head_dim // 2, 0, 0, 0], ARRAY, sub_type=INT32)
+    for key, value in values.items():
+        vtype, sub_type = WRITTEN_AS[KEYS_BY_NAME[key].kind]
+        w.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type=sub_type and gguf.GGUFValueType(sub_type))
     for key, value, vtype, sub_type in target.tokenizer:
         w.add_key_value(key, value, vtype, sub_type=sub_type)
-    w.add_uint32(MASK_KEY, cfg.mask_token_id)
-
-    plan = [(gname, tensors[hf], _tensor_type(tuple(tensors[hf].shape), qtype))
-            for hf, gname in gguf_names(cfg).items()]
     for gname, t, q in plan:
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, q))
         w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=q)
@@ -179,49 +130,44 @@ def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str
     return write_gguf(w, Path(out), data, len(plan), progress=progress)
 
 
-def _drafter_config(r: Reader, n_vocab: int) -> DrafterConfig:
+def drafter_metadata(cfg: DrafterConfig, context_length: int, mrope: bool) -> dict[str, Any]:
+    """The schema's keys a drafter of cfg is written with. mrope: the target uses M-RoPE, of which the drafter ropes
+    the temporal section only."""
     a = ARCH
-    get = functools.partial(field_value, r)
-    for key, harmless in _UNSUPPORTED_KEYS.items():
-        if (v := get(f"{a}.{key}", None)) is not None and not harmless(v):
-            raise ConversionError(f"{r.path}: {a}.{key} = {v!r} is a feature this runtime does not implement")
-    for key in r.fields:
-        if key.startswith(f"{a}.") and key[len(a) + 1:] not in _KNOWN_KEYS:
-            warnings.warn(f"{r.path}: ignoring unknown key {key}", stacklevel=3)
-    n_embd, n_head = get(f"{a}.embedding_length"), get(f"{a}.attention.head_count")
-    head_dim = get(f"{a}.attention.key_length", n_embd // n_head)
-    if {get(f"{a}.attention.value_length", head_dim), get(f"{a}.rope.dimension_count", head_dim)} != {head_dim}:
-        raise ConversionError(f"{r.path}: value length or rotary dimensions differ from the head size {head_dim}")
-    if get(f"{a}.attention.causal", False):
-        raise ConversionError(f"{r.path}: causal attention inside the block is not implemented")
-    sections = get(f"{a}.rope.dimension_sections", [])
-    if any(sections) and list(sections) != [head_dim // 2, 0, 0, 0]:
-        raise ConversionError(f"{r.path}: M-RoPE sections {sections}: only [{head_dim // 2}, 0, 0, 0] is implemented")
-    return DrafterConfig(
-        n_embd=n_embd, n_layer=get(f"{a}.block_count"), n_head=n_head,
-        n_head_kv=get(f"{a}.attention.head_count_kv", n_head), head_dim=head_dim,
-        n_ff=get(f"{a}.feed_forward_length"), n_vocab=n_vocab,
-        rms_eps=get(f"{a}.attention.layer_norm_rms_epsilon"), rope_base=get(f"{a}.rope.freq_base", 10000.0),
-        target_layers=tuple(get(f"{a}.target_layers")), mask_token_id=get(MASK_KEY),
-        block_size=get(f"{a}.block_size", 16), embedding_scale=get(f"{a}.embedding_scale", None))
+    values: dict[str, Any] = {
+        f"{a}.context_length": context_length, f"{a}.embedding_length": cfg.n_embd, f"{a}.block_count": cfg.n_layer,
+        f"{a}.feed_forward_length": cfg.n_ff, f"{a}.attention.head_count": cfg.n_head,
+        f"{a}.attention.head_count_kv": cfg.n_head_kv, f"{a}.attention.key_length": cfg.head_dim,
+        f"{a}.attention.value_length": cfg.head_dim, f"{a}.attention.layer_norm_rms_epsilon": cfg.rms_eps,
+        f"{a}.rope.freq_base": cfg.rope_base, f"{a}.attention.causal": False, f"{a}.block_size": cfg.block_size,
+        f"{a}.target_layers": list(cfg.target_layers), MASK_KEY: cfg.mask_token_id,
+    }
+    if cfg.embedding_scale is not None:
+        values[f"{a}.embedding_scale"] = cfg.embedding_scale
+    if mrope:
+        values[f"{a}.rope.dimension_sections"] = [cfg.head_dim // 2, 0, 0, 0]
+    return values
+
+
+def _as_value(key: str, value: Any) -> Value:
+    """A value as the reader would find it in the file."""
+    vtype, sub_type = WRITTEN_AS[KEYS_BY_NAME[key].kind]
+    return Value(vtype, value, sub_type, len(value)) if vtype == ARRAY else Value(vtype, value)
 
 
 def load_drafter_gguf(drafter_gguf: Path | str, target_gguf: Path | str, dtype: torch.dtype = torch.float32) -> Drafter:
     """A reference Drafter from a `dflash` GGUF (ours or upstream's) and the target's embedding and head."""
-    r = read_gguf(drafter_gguf)
-    if (arch := field_value(r, "general.architecture")) != ARCH:
-        raise ConversionError(f"{drafter_gguf}: architecture {arch!r}, expected {ARCH!r}")
+    try:
+        layout = read_layout(drafter_gguf)
+    except UserError as e:
+        raise ConversionError(str(e)) from None
+    hp = check_drafter(layout.fields, layout.tensors, str(drafter_gguf))
     target = read_target(target_gguf)
-    cfg = _drafter_config(r, target.n_vocab)
+    cfg = DrafterConfig(**vars(hp), n_vocab=target.n_vocab)
     check_config(cfg)
     check_target(cfg, target)
+    stored = {t.name: t for t in read_gguf(drafter_gguf).tensors}
     names = gguf_names(cfg)
-    stored = {t.name: t for t in r.tensors}
-    if extra := sorted(stored.keys() - set(names.values())):
-        raise ConversionError(f"{drafter_gguf}: tensors of features this runtime does not implement: "
-                              f"{', '.join(extra)}")
-    if missing := sorted(set(names.values()) - stored.keys()):
-        raise ConversionError(f"{drafter_gguf}: missing tensors: {', '.join(missing)}")
     state = {hf: torch.tensor(_dequantize(stored[gname]), dtype=dtype) for hf, gname in names.items()}
     check_tensors(cfg, state)
     with torch.device("meta"):  # skip the random initialization: every parameter is assigned below

@@ -17,10 +17,9 @@ import numpy as np
 from rich.progress import Progress
 
 from dflash_local.console import console
-from dflash_local.errors import UserError
+from dflash_local.convert.schema import ARCH, MASK_KEY
+from dflash_local.errors import ConversionError
 
-ARCH = "dflash"
-MASK_KEY = "tokenizer.ggml.mask_token_id"
 Q = gguf.GGMLQuantizationType
 OUTTYPES = {  # --outtype -> (type of the matrices, general.file_type)
     "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
@@ -29,10 +28,6 @@ OUTTYPES = {  # --outtype -> (type of the matrices, general.file_type)
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 ARRAY, INT32 = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32
-
-
-class ConversionError(UserError):
-    """A drafter that cannot be converted or loaded; the message says why, for the user."""
 
 
 class Reader(gguf.GGUFReader):

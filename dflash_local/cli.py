@@ -175,8 +175,10 @@ def serve(
 def _run(target: Path, drafter: Path | None, prompt: str | None, file: Path | None, no_chat_template: bool,
          max_tokens: int, temp: float, top_k: int, top_p: float, min_p: float, seed: int | None,
          **model_args: Any) -> None:
+    from dflash_local import native
     from dflash_local.errors import UsageError, UserError
 
+    native.exit_on_ggml_abort()  # what llama.cpp asserts on in a model file that the checks before it missed
     if prompt is not None and file is not None:
         raise UsageError("give either --prompt or --file, not both")
     if file is not None:

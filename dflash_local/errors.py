@@ -16,3 +16,7 @@ class UsageError(UserError):
 
 class NativeError(RuntimeError):
     """A failure reported by the native helper, with its message."""
+
+
+class ConversionError(UserError):
+    """A drafter that cannot be converted or loaded: its file, checkpoint or target is not what the format asks."""

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dflash_local.convert.schema import MAX_BLOCK_SIZE
+from dflash_local.convert.schema_check import check_drafter
 from dflash_local.errors import UserError
+from dflash_local.gguf_file import read_layout
 from dflash_local.native import Drafter, NativeError
-from dflash_local.target import Target, TargetParams, available_cores, read_gguf_arch
+from dflash_local.target import Target, TargetParams, available_cores
+from dflash_local.target_check import check_target_file
 from dflash_local.tree import TREE_SIZE
 
 
 def open_drafter(path: Path, target_path: Path, params: TargetParams, device: str | None = None) -> Drafter:
-    """The drafter for a target run with params; its context holds one block past the target's last position."""
+    """The drafter for a target run with params; its context holds one block past the target's last position.
+    Both files are checked here first (structure, and the drafter against the schema): the native loader reads both,
+    and refuses what the schema refuses, but what ggml's GGUF reader trusts it cannot check."""
     if not path.is_file():
         raise UserError(f"drafter not found: {path}")
-    arch = read_gguf_arch(path)
-    if arch != "dflash":
-        raise UserError(f"{path} is not a DFlash drafter (architecture '{arch}')")
+    check_target_file(target_path)
+    layout = read_layout(path)
+    check_drafter(layout.fields, layout.tensors, str(path))
     try:
-        return Drafter(path, target_path, n_ctx=params.n_ctx + 64, device=device,
+        return Drafter(path, target_path, n_ctx=params.n_ctx + MAX_BLOCK_SIZE, device=device,
                        n_threads=params.n_threads or available_cores())
     except NativeError as e:
         raise UserError(f"cannot use drafter {path} with {target_path.name}: {e}") from e

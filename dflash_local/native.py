@@ -32,6 +32,8 @@ def _load() -> ctypes.CDLL:
         "dflash_ggml_build_version": ([], ctypes.c_char_p),
         "dflash_devices": ([], ctypes.c_char_p),
         "dflash_last_error": ([], ctypes.c_char_p),
+        "dflash_exit_on_ggml_abort": ([], None),
+        "dflash_ggml_type_size": ([c_int, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)], c_int),
         "dflash_capture_new": ([c_int, c_int_p, c_int], ctypes.c_void_p),
         "dflash_capture_free": ([ctypes.c_void_p], None),
         "dflash_capture_reset": ([ctypes.c_void_p], None),
@@ -81,6 +83,21 @@ def cpu_has_amx() -> bool:
     """Whether ggml's CPU backend uses AMX here (its AMX matmul segfaults: llama.cpp issue #20824)."""
     lib.ggml_cpu_has_amx_int8.restype = ctypes.c_int
     return bool(lib.ggml_cpu_has_amx_int8())
+
+
+def exit_on_ggml_abort() -> None:
+    """A failed assertion in llama.cpp or ggml (a corrupt model it trusted, or a bug) ends the process with one
+    `error:` line on stderr and exit code 1, not a backtrace and SIGABRT; for the command line."""
+    lib.dflash_exit_on_ggml_abort()
+
+
+def ggml_type_sizes() -> dict[int, tuple[int, int]]:
+    """ggml type -> (elements per block, bytes per block), for every type this ggml knows."""
+    block, size, sizes = ctypes.c_int64(), ctypes.c_int64(), {}
+    for t in range(256):  # ggml has some 40 types
+        if lib.dflash_ggml_type_size(t, ctypes.byref(block), ctypes.byref(size)) == 0:
+            sizes[t] = (block.value, size.value)
+    return sizes
 
 
 def devices() -> list[str]:

@@ -9,31 +9,19 @@ a..a+B-1 and attends, without a causal mask, to the context positions < a and to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from dflash_local.convert.schema_check import Hparams
+
 
 @dataclass(frozen=True)
-class DrafterConfig:
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_vocab: int
-    rms_eps: float
-    rope_base: float
-    target_layers: tuple[int, ...]  # GGUF convention: HF target_layer_ids + 1 (input of llama.cpp layer L)
-    mask_token_id: int
-    block_size: int = 16
-    embedding_scale: float | None = None
+class DrafterConfig(Hparams):
+    """A drafter's hyperparameters (those of its GGUF) and the size of the vocabulary it shares with its target."""
 
-    @property
-    def n_extract(self) -> int:
-        return len(self.target_layers)
+    n_vocab: int = field(kw_only=True)
 
 
 Rope = tuple[Tensor, Tensor]  # cos and sin [..., n_tok, 1, head_dim] of rope_tables

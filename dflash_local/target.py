@@ -22,6 +22,7 @@ import numpy as np
 from dflash_local.errors import UserError
 from dflash_local.native import Capture, cpu_has_amx
 from dflash_local.sampling import SamplingParams
+from dflash_local.target_check import check_target_file
 from dflash_local.tree import TREE_SIZE
 
 
@@ -148,7 +149,7 @@ class Target:
             raise UserError(f"target model not found: {path}")
         if params.n_seq > min(params.n_batch, params.n_ctx):  # llama.cpp reserves an output per sequence, and aborts
             raise ValueError(f"{params.n_seq} sequences need a batch and a context of as many tokens")
-        self.arch = read_gguf_arch(path)
+        self.arch = check_target_file(path).arch  # the checks llama.cpp lacks, before it reads the file
         if self.arch == "dflash":
             raise UserError(f"{path} is a DFlash drafter, not a target model")
         self.path, self.params = path, params

@@ -19,6 +19,12 @@ const char * dflash_ggml_build_version(void);
 const char * dflash_devices(void);
 // Message of the last failed call on this thread ("" if none).
 const char * dflash_last_error(void);
+// Elements per block and bytes per block of a ggml type (enum ggml_type) of the ggml compiled against; -1 for a type it
+// does not know, so that GGUF files can be checked before ggml reads them.
+int32_t      dflash_ggml_type_size(int32_t type, int64_t * block, int64_t * bytes);
+// From now on a failed GGML_ASSERT in ggml or llama.cpp prints one "error: ..." line to stderr and exits with code 1
+// (_Exit: nothing else runs) instead of printing a backtrace and aborting: for a command line, not for a library.
+void         dflash_exit_on_ggml_abort(void);
 
 // ---- capture --------------------------------------------------------------------------------
 // Collects the rows of graph nodes `l_out-(L-1)` for the GGUF target layers L, into a row-major

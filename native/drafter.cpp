@@ -6,6 +6,7 @@
 //           cached context + block -> output_norm -> target LM head -> argmax on the backend.
 #include "dflash.h"
 #include "common.h"
+#include "dflash_schema.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -50,7 +51,12 @@ struct gguf_file {
         const int64_t id = gguf_find_key(gguf, key.c_str());
         return id < 0 || gguf_get_kv_type(gguf, id) != GGUF_TYPE_STRING ? fallback : gguf_get_val_str(gguf, id);
     }
-    bool has(const std::string & key) const { return gguf_find_key(gguf, key.c_str()) >= 0; }
+    bool has(const std::string & key) const {
+        if (key.rfind("dflash.", 0) == 0 && !dflash_schema_has(key.c_str())) {
+            throw std::logic_error("not a key of the schema: " + key);  // a typo would read as absent
+        }
+        return gguf_find_key(gguf, key.c_str()) >= 0;
+    }
 
     // A numeric scalar of any integer or float type.
     double num(const std::string & key) const {
@@ -206,54 +212,69 @@ static void load_drafter(dflash_drafter & d, const std::string & drafter_path, c
                          const char * device, int32_t n_ctx, int32_t n_threads) {
     gguf_file dr(drafter_path);
     const std::string arch = dr.str("general.architecture");
-    if (arch != "dflash") {
+    if (arch != dflash_schema::arch) {
         throw std::runtime_error("'" + drafter_path + "' is not a DFlash drafter (architecture '" + arch +
                                  "'; expected 'dflash')");
     }
+    dflash_check_keys(dr.gguf, drafter_path);  // types, ranges, required and refused keys: the casts below are safe
     auto & in = d.info;
     in.n_embd    = (int32_t) dr.num("dflash.embedding_length");
     in.n_layer   = (int32_t) dr.num("dflash.block_count");
     in.n_ff      = (int32_t) dr.num("dflash.feed_forward_length");
     in.n_head    = (int32_t) dr.num("dflash.attention.head_count");
     in.n_head_kv = (int32_t) dr.num("dflash.attention.head_count_kv", in.n_head);
-    in.head_dim  = (int32_t) dr.num("dflash.attention.key_length", in.n_embd / in.n_head);
-    in.block_size    = (int32_t) dr.num("dflash.block_size", 16);
-    in.mask_token_id = (int32_t) dr.num("tokenizer.ggml.mask_token_id");
+    in.block_size    = (int32_t) dr.num("dflash.block_size", dflash_schema_default("dflash.block_size"));
+    in.mask_token_id = (int32_t) dr.num(dflash_schema::mask_key);
     in.n_ctx     = n_ctx;
-    d.eps        = (float) dr.num("dflash.attention.layer_norm_rms_epsilon", 1e-6);
-    d.rope_base  = (float) dr.num("dflash.rope.freq_base", 10000.0);
+    d.eps        = (float) dr.num("dflash.attention.layer_norm_rms_epsilon");
+    d.rope_base  = (float) dr.num("dflash.rope.freq_base", dflash_schema_default("dflash.rope.freq_base"));
     d.embd_scale = (float) dr.num("dflash.embedding_scale", 0.0);
 
-    // features the runtime does not implement are refused, never ignored
-    if ((int32_t) dr.num("dflash.attention.value_length", in.head_dim) != in.head_dim) {
-        throw std::runtime_error("drafter has different key and value head sizes; not supported");
+    // the rules beyond the schema's tables, as convert/schema_check.py has them: features the runtime does not
+    // implement are refused, never ignored
+    auto fail = [&](const std::string & msg) { return std::runtime_error(drafter_path + ": " + msg); };
+    if (!dr.has("dflash.attention.key_length") && in.n_embd % in.n_head != 0) {
+        throw fail("no dflash.attention.key_length, and embedding_length " + std::to_string(in.n_embd) +
+                   " is not a multiple of head_count " + std::to_string(in.n_head));
     }
-    if ((int32_t) dr.num("dflash.rope.dimension_count", in.head_dim) != in.head_dim) {
-        throw std::runtime_error("drafter uses partial rotary embeddings; not supported");
+    in.head_dim = (int32_t) dr.num("dflash.attention.key_length", in.n_embd / in.n_head);
+    if (in.n_head % in.n_head_kv != 0) {
+        throw fail("dflash.attention.head_count " + std::to_string(in.n_head) + " is not a multiple of head_count_kv " +
+                   std::to_string(in.n_head_kv));
     }
-    if (dr.num("dflash.attention.sliding_window", 0) > 0) {
-        throw std::runtime_error("drafter uses sliding-window attention; not supported");
+    if (in.head_dim % 2 != 0) {
+        throw fail("the head size " + std::to_string(in.head_dim) + " is odd: RoPE needs an even head size");
     }
-    if (dr.has("dflash.rope.dimension_sections")) {
-        const auto s = dr.ints("dflash.rope.dimension_sections");
-        // [head_dim/2, 0, 0, 0] (drafts for M-RoPE targets) is plain NeoX RoPE on the temporal position
-        for (size_t i = 1; i < s.size(); ++i) {
-            if (s[i] != 0) {
-                throw std::runtime_error("drafter uses multi-section M-RoPE; not supported");
-            }
+    for (const auto & [key, feature] : { std::pair{ "dflash.attention.value_length", "value heads of another size" },
+                                         std::pair{ "dflash.rope.dimension_count", "partial rotary embeddings" } }) {
+        if ((int64_t) dr.num(key, in.head_dim) != in.head_dim) {
+            throw fail(std::string(key) + " = " + std::to_string((int64_t) dr.num(key)) +
+                       " differs from the head size " + std::to_string(in.head_dim) + ": " + feature +
+                       ", which this runtime does not implement");
         }
     }
-    const auto layers = dr.ints("dflash.target_layers");
-    if (layers.empty() || layers.size() > 64) {
-        throw std::runtime_error("drafter has " + std::to_string(layers.size()) + " target layers (need 1..64)");
+    if (dr.has("dflash.rope.dimension_sections")) {
+        // [head_dim/2, 0, 0, 0] (drafts for M-RoPE targets) is plain NeoX RoPE on the temporal position
+        const auto s   = dr.ints("dflash.rope.dimension_sections");
+        bool       any = false, rest = false;
+        for (size_t i = 0; i < s.size(); ++i) {
+            any  = any || s[i] != 0;
+            rest = rest || (i > 0 && s[i] != 0);
+        }
+        if (any && (s[0] != in.head_dim / 2 || rest)) {
+            throw fail("dflash.rope.dimension_sections: multi-section M-RoPE, which this runtime does not implement "
+                       "(only [" + std::to_string(in.head_dim / 2) + ", 0, 0, 0])");
+        }
     }
+    const auto layers = dr.ints("dflash.target_layers");  // 1..max_target_layers ids >= 1 (schema)
     in.n_extract = (int32_t) layers.size();
     for (size_t i = 0; i < layers.size(); ++i) {
         in.target_layers[i] = (int32_t) layers[i];
     }
-    if (in.n_head % in.n_head_kv != 0) {
-        throw std::runtime_error("drafter head_count is not a multiple of head_count_kv");
-    }
+    const int64_t E = in.n_embd, HD = in.head_dim, Q = (int64_t) in.n_head * HD, KV = (int64_t) in.n_head_kv * HD;
+    const int64_t dims[] = { E, E * in.n_extract, Q, KV, HD, in.n_ff };  // by dflash_schema::dim
+    static_assert((int) dflash_schema::dim::FF == 5, "dims follows dflash_schema::dim");
+    dflash_check_tensors(dr.gguf, dr.meta, dims, in.n_layer, drafter_path);
 
     gguf_file tg(target_path);
     const std::string tarch   = tg.str("general.architecture");
@@ -314,7 +335,6 @@ static void load_drafter(dflash_drafter & d, const std::string & drafter_path, c
         plan.push_back({ &f, { name, t } });
         return t;
     };
-    const int64_t E = in.n_embd, HD = in.head_dim, Q = (int64_t) in.n_head * HD, KV = (int64_t) in.n_head_kv * HD;
     d.fc          = take(dr, "fc.weight", { E * in.n_extract, E });
     d.hidden_norm = take(dr, "enc.output_norm.weight", { E });
     d.output_norm = take(dr, "output_norm.weight", { E });

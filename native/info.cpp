@@ -3,7 +3,10 @@
 #include "common.h"
 
 #include "ggml-backend.h"
+#include "ggml.h"
 
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 static thread_local std::string g_last_error;
@@ -25,3 +28,22 @@ const char * dflash_devices(void) {
     }
     return names.c_str();
 }
+
+int32_t dflash_ggml_type_size(int32_t type, int64_t * block, int64_t * bytes) {
+    if (type < 0 || type >= GGML_TYPE_COUNT || ggml_blck_size((ggml_type) type) <= 0) {
+        return -1;  // unknown, or a type ggml removed (its slot has no block size)
+    }
+    *block = ggml_blck_size((ggml_type) type);
+    *bytes = (int64_t) ggml_type_size((ggml_type) type);
+    return 0;
+}
+
+// A failed GGML_ASSERT (ggml_abort): one error line and exit code 1 instead of a backtrace and SIGABRT.
+static void exit_with_error(const char * message) {
+    std::fprintf(stderr, "error: llama.cpp stopped on a failed check (%s): the model file is probably damaged or of a "
+                         "kind this llama.cpp cannot run\n", message);
+    std::fflush(stderr);
+    std::_Exit(1);
+}
+
+void dflash_exit_on_ggml_abort(void) { ggml_set_abort_callback(exit_with_error); }

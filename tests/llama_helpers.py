@@ -127,8 +127,9 @@ def logits(ctx: llama_cpp.llama_context_p, model: llama_cpp.llama_model_p,
 
 
 def greedy(ctx: llama_cpp.llama_context_p, model: llama_cpp.llama_model_p, tokens: list[int],
-           n: int) -> list[int]:
-    """The `n` tokens the target alone picks greedily after `tokens`, from an emptied memory.
+           n: int, rows: list[np.ndarray] | None = None) -> list[int]:
+    """The `n` tokens the target alone picks greedily after `tokens`, from an emptied memory; each step's logits
+    are appended to `rows` if given.
 
     Does not stop at end-of-generation tokens, so the result is always `n` long.
     """
@@ -136,7 +137,10 @@ def greedy(ctx: llama_cpp.llama_context_p, model: llama_cpp.llama_model_p, token
     out: list[int] = []
     decode(ctx, tokens, 0)
     for step in range(n):
-        out.append(int(np.argmax(logits(ctx, model))))
+        row = logits(ctx, model)
+        if rows is not None:
+            rows.append(row)
+        out.append(int(np.argmax(row)))
         if step < n - 1:
             decode(ctx, out[-1:], len(tokens) + step)
     return out

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -97,3 +100,29 @@ def random_drafter_gguf(target_gguf: Path, out: Path, *, n_layer: int = 1, targe
                                head_dim=t.head_dim, n_ff=2 * t.n_embd, vocab_size=t.n_vocab, target_layer_ids=ids,
                                mask_token_id=t.n_vocab - 1, seed=seed, mrope=t.mrope)
         return convert_hf_to_gguf(src, out, target_gguf, outtype)
+
+
+def edit_gguf(src: Path, out: Path, keys: Mapping[str, tuple[Any, gguf.GGUFValueType]] = {}, drop: tuple[str, ...] = (),
+              tensors: Callable[[dict[str, np.ndarray]], None] | None = None) -> Path:
+    """A copy of a GGUF with keys set (name -> (value, type); arrays typed by their first element: int32, float32,
+    string...), keys dropped and its tensors (name -> numpy array, of the file's type: f32 or f16) edited in place by
+    `tensors`."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(out, r.fields["general.architecture"].contents())
+    for name, field in r.fields.items():
+        if name not in drop and name not in keys and not name.startswith("GGUF.") and name != "general.architecture":
+            vtype = field.types[0]
+            w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for name, (value, vtype) in keys.items():
+        sub_type = gguf.GGUFValueType.get_type(value[0]) if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, value, vtype, sub_type=sub_type)
+    data = {t.name: np.array(t.data) for t in r.tensors}
+    if tensors:
+        tensors(data)
+    for name, array in data.items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
