@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from dflash_local.convert.gguf_target import (ARCH, ARRAY, INT32, MASK_KEY, OUTTYPES, Q, ConversionError, Reader,
-                                              TargetInfo, field_value, read_gguf, read_target)
+                                              TargetInfo, atomic_path, field_value, read_gguf, read_target)
 from dflash_local.reference import Drafter, DrafterConfig, parameter_shapes
 
 # Hugging Face (z-lab) tensor names -> GGUF names
@@ -94,10 +93,11 @@ def check_config(cfg: DrafterConfig) -> None:
 
 
 def check_target(cfg: DrafterConfig, target: TargetInfo) -> None:
-    """The drafter fits the target: shared embedding and head, head layout, usable feature layers."""
+    """The drafter fits the target: shared embedding and head, usable feature layers. Its heads are its own (it
+    never reads the target's attention): Qwen3.5-27B's drafter has heads of 128 against the target's 256."""
     name = target.path.name
-    for what, mine, theirs in (("hidden size", cfg.n_embd, target.n_embd), ("head_dim", cfg.head_dim, target.head_dim),
-                               ("vocabulary size", cfg.n_vocab, target.n_vocab)):
+    for what, mine, theirs in (("hidden size", cfg.n_embd, target.n_embd), ("vocabulary size", cfg.n_vocab,
+                                                                            target.n_vocab)):
         if mine != theirs:
             raise ConversionError(f"drafter {what} {mine} differs from the target's ({theirs} in {name}): "
                                   f"this drafter was made for another target")
@@ -130,21 +130,9 @@ def _tensor_type(shape: tuple[int, ...], qtype: Q) -> Q:
     return qtype
 
 
-def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str, torch.Tensor], target: TargetInfo,
-                       outtype: str = "f16", *, context_length: int | None = None, mrope: bool = False,
-                       name: str | None = None, progress: bool = False) -> Path:
-    """Validate, then write a `dflash` GGUF atomically (a temporary file renamed at the end).
-
-    tensors: Hugging Face names (a reference.Drafter state_dict). The tokenizer comes from the target;
-    M-RoPE sections are written when the checkpoint (`mrope`) or the target uses M-RoPE.
-    """
-    if outtype not in OUTTYPES:
-        raise ConversionError(f"unknown outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
-    qtype, file_type = OUTTYPES[outtype]
-    check_config(cfg)
-    check_target(cfg, target)
-    check_tensors(cfg, tensors)
-
+def drafter_writer(cfg: DrafterConfig, target: TargetInfo, file_type: int, *, context_length: int | None = None,
+                   mrope: bool = False, name: str | None = None) -> gguf.GGUFWriter:
+    """A GGUFWriter holding a drafter's keys (section 4 of docs/design.md), its tensors still to add."""
     a = ARCH
     w = gguf.GGUFWriter(None, arch=a)
     if name:
@@ -170,6 +158,25 @@ def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str
     for key, value, vtype, sub_type in target.tokenizer:
         w.add_key_value(key, value, vtype, sub_type=sub_type)
     w.add_uint32(MASK_KEY, cfg.mask_token_id)
+    return w
+
+
+def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str, torch.Tensor], target: TargetInfo,
+                       outtype: str = "f16", *, context_length: int | None = None, mrope: bool = False,
+                       name: str | None = None, progress: bool = False) -> Path:
+    """Validate, then write a `dflash` GGUF atomically (a temporary file renamed at the end).
+
+    tensors: Hugging Face names (a reference.Drafter state_dict). The tokenizer comes from the target;
+    M-RoPE sections are written when the checkpoint (`mrope`) or the target uses M-RoPE.
+    """
+    if outtype not in OUTTYPES:
+        raise ConversionError(f"unknown outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    qtype, file_type = OUTTYPES[outtype]
+    check_config(cfg)
+    check_target(cfg, target)
+    check_tensors(cfg, tensors)
+
+    w = drafter_writer(cfg, target, file_type, context_length=context_length, mrope=mrope, name=name)
 
     plan = [(gname, tensors[hf], _tensor_type(tuple(tensors[hf].shape), qtype))
             for hf, gname in gguf_names(cfg).items()]
@@ -178,23 +185,18 @@ def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str
         w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=q)
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder, so that the final rename is atomic
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        with Progress(console=Console(stderr=True), disable=not progress) as bar:
-            task = bar.add_task(f"writing {out.name}", total=len(plan))
-            for _, t, q in plan:
-                w.write_tensor_data(gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), q))
-                bar.advance(task)
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            with Progress(console=Console(stderr=True), disable=not progress) as bar:
+                task = bar.add_task(f"writing {out.name}", total=len(plan))
+                for _, t, q in plan:
+                    w.write_tensor_data(gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), q))
+                    bar.advance(task)
+        finally:
+            w.close()
     return out
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,3 +116,18 @@ def read_target(path: Path | str) -> TargetInfo:
         head_dim=field_value(r, f"{arch}.attention.key_length", n_embd // n_head),
         n_vocab=int(tensors["token_embd.weight"].shape[1]), n_ctx=field_value(r, f"{arch}.context_length"),
         mrope=any(field_value(r, f"{arch}.rope.dimension_sections", [])), tokenizer=tokenizer)
+
+
+@contextmanager
+def atomic_path(out: Path | str) -> Iterator[Path]:
+    """A temporary name beside out to write the file under: renamed to out when the block ends, removed if it fails,
+    so that a failure or an interrupt leaves no half-written file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder, so that the final rename is atomic
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
