@@ -1,6 +1,6 @@
 """Random-weight targets of every supported architecture (llama, qwen2, qwen3, gemma3, qwen35), as llama.cpp's
-converters lay them out: float32 for the tests' tiny models, or random quantized blocks in the mix of llama.cpp's
-Q4_K_M for full-size ones.
+converters lay them out: float32 for the tests' tiny models, or random quantized blocks (llama.cpp's Q4_K_M mix, or
+Q8_0) for full-size ones.
 
 Weights are deterministic for a seed and scaled so that greedy output depends on the context and does not collapse
 into one repeated token (measured on the tiny models over seeds and prompts): embeddings enter the residual stream at
@@ -68,9 +68,9 @@ class TargetShape:
         return self.head_dim // 4 if self.arch == "qwen35" else self.head_dim  # qwen35 ropes a quarter of the head
 
 
-def write_target(path: Path, shape: TargetShape, *, name: str, seed: int = 0, quantized: bool = False,
+def write_target(path: Path, shape: TargetShape, *, name: str, seed: int = 0, quant: str | None = None,
                  chat_template: str | None = None, progress: bool = False, on_bytes: OnBytes | None = None) -> Path:
-    """Write a random target of `shape` to path: float32, or (quantized) random blocks typed as in Q4_K_M.
+    """Write a random target of `shape` to path: float32, or random blocks typed as in `quant` (one of QUANTS).
     progress: a bar on stderr; on_bytes: TensorWriter.write's."""
     if shape.arch not in ARCHS:
         raise ValueError(f"unknown arch {shape.arch!r}; expected one of {ARCHS}")
@@ -79,8 +79,7 @@ def write_target(path: Path, shape: TargetShape, *, name: str, seed: int = 0, qu
     arch = shape.arch
     w = gguf.GGUFWriter(None, arch)
     w.add_string("general.name", name)
-    file_type = gguf.LlamaFileType.MOSTLY_Q4_K_M if quantized else gguf.LlamaFileType.ALL_F32
-    w.add_uint32("general.file_type", int(file_type))
+    w.add_uint32("general.file_type", int(QUANTS[quant][0] if quant else gguf.LlamaFileType.ALL_F32))
     for key, val in {
         "context_length": shape.context_length, "embedding_length": shape.n_embd, "block_count": shape.n_layer,
         "feed_forward_length": shape.n_ff, "attention.head_count": shape.n_head,
@@ -106,7 +105,7 @@ def write_target(path: Path, shape: TargetShape, *, name: str, seed: int = 0, qu
     add_tokenizer(w, shape.n_vocab, chat_template)
 
     rng = np.random.default_rng([seed, ARCHS.index(arch)])
-    tw = TensorWriter(w, rng, _q4_k_m(shape) if quantized else None)
+    tw = TensorWriter(w, rng, QUANTS[quant][1](shape) if quant else None)
     for spec in tensors(shape):
         tw.add(spec)
     return tw.write(Path(path), progress, on_bytes)
@@ -198,3 +197,9 @@ def _q4_k_m(shape: TargetShape):
         return Q.Q4_K
 
     return qtype
+
+
+# file type and the type of each matrix: llama.cpp's Q4_K_M mix, or Q8_0 throughout (on a CPU, passes of several
+# tokens give a one-token pass's logits bit for bit with Q8_0 weights, not with K-quants: bench/README.md)
+QUANTS = {"q4_k_m": (gguf.LlamaFileType.MOSTLY_Q4_K_M, _q4_k_m),
+          "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, lambda shape: lambda spec: Q.Q8_0)}
