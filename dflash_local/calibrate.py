@@ -100,7 +100,7 @@ def _median_seconds(step: Callable[[], None]) -> float:
 
 def load_acceptance(tg: Target, dr: Drafter, block_size: int) -> dict[Choice, tuple[float, float]]:
     """(steps, drafts accepted) per choice that earlier runs with this target, drafter and block size recorded."""
-    doc = read_json("acceptance.json").get(_key(tg, dr, block_size, "acceptance"), {})
+    doc = read_json("acceptance.json").get(_acceptance_key(tg, dr, block_size), {})
     out = {}
     for name, (seen, gained) in doc.items():
         kind, k = name.split("-")
@@ -110,8 +110,13 @@ def load_acceptance(tg: Target, dr: Drafter, block_size: int) -> dict[Choice, tu
 
 def save_acceptance(tg: Target, dr: Drafter, block_size: int, acceptance: dict[Choice, tuple[float, float]]) -> None:
     doc = read_json("acceptance.json")
-    doc[_key(tg, dr, block_size, "acceptance")] = {c.key: list(v) for c, v in acceptance.items()}
+    doc[_acceptance_key(tg, dr, block_size)] = {c.key: list(v) for c, v in acceptance.items()}
     write_json("acceptance.json", doc)
+
+
+def _acceptance_key(tg: Target, dr: Drafter, block_size: int) -> str:
+    # an emulated drafter (bench/emulate.py) accepts what its profile says, never what the real one learnt
+    return _key(tg, dr, block_size, "acceptance", *([dr.acceptance_key] if dr.acceptance_key else []))
 
 
 def _key(tg: Target, dr: Drafter, block_size: int, *more: object) -> str:
