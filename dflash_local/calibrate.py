@@ -81,20 +81,24 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
                 # which costs at least as much (on a CPU a tree of 62 takes some 20 one-token passes to measure)
                 costs[c] = smaller[-1]
                 continue
-            costs[c] = _median_seconds(lambda c=c: tree(c.k) if c.tree else chain(c.k))
+            costs[c] = median_seconds(lambda c=c: tree(c.k) if c.tree else chain(c.k))
         return costs
     finally:
         tg.clear()
         dr.crop(0)
 
 
-def _median_seconds(step: Callable[[], None]) -> float:
-    step()
+def median_seconds(step: Callable[[], object], repeats: int = REPEATS,
+                   after: Callable[[], object] | None = None) -> float:
+    """The median time of step over `repeats` runs, after one to warm up; after (untimed) follows each run."""
     times = []
-    for _ in range(REPEATS):
+    for i in range(repeats + 1):
         t = time.perf_counter()
         step()
-        times.append(time.perf_counter() - t)
+        if i:
+            times.append(time.perf_counter() - t)
+        if after:
+            after()
     return statistics.median(times)
 
 

@@ -1,5 +1,6 @@
-"""bench/shapes.py (mission-size random targets and drafters, scaled down here): the files load in llama.cpp and the
-native helper, DFlash gives the target's own greedy text on them, random quantized blocks keep the weights' spread."""
+"""bench/shapes.py (mission-size random targets and drafters, scaled down here) and bench/pass_costs.py: the files
+load in llama.cpp and the native helper, DFlash gives the target's own greedy text on them, random quantized blocks
+keep the weights' spread, and the per-pass costs come out whole."""
 
 from __future__ import annotations
 
@@ -102,3 +103,21 @@ def test_random_blocks_keep_the_spread(qtype):
         w = gguf.quants.dequantize(np.frombuffer(f.getvalue(), np.uint8).reshape(blocks.shape), qtype)
         assert w.shape == (64, 512) and np.isfinite(w).all()
         assert w.std() == pytest.approx(std, rel=0.02) and abs(w.mean()) < 0.05 * std
+
+
+def test_pass_costs(shapes, tmp_path):
+    target = shapes / "qwen35-27b-x0.05.Q8_0.gguf"
+    out = tmp_path / "costs.json"
+    _script("pass_costs.py", target, shapes / "qwen35-27b-x0.05.Q8_0-dflash.gguf", "--context", "32",
+            "--sizes", "1,2,4", "--repeats", "1", "-t", "1", "--json", out)
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "dflash-pass-costs/1" and doc["target"]["recurrent"] and doc["command"]
+    assert {"cpu", "gpus"} <= doc["machine"].keys() and "git" in doc
+    ms = doc["ms"]
+    for key in ("target_alone", "verify_capture", "verify_no_capture", "rollback", "inject"):
+        assert set(ms[key]) == {"1", "2", "4"} and all(v > 0 for v in ms[key].values())
+    assert set(ms["draft"]) == {"2", "4"} and set(doc["policy_step_ms"]) == {"0", "1", "3", "7", "15"}
+    mem = doc["memory"]
+    assert mem["n_rs_seq"] == 16 and mem["snapshots_mb"] == pytest.approx(16 * mem["recurrent_state_mb"])
+    assert mem["recurrent_state_mb"] > 0
+    assert doc["bound_speedup"]["tau=7.7"]["4"]["tau"] > doc["bound_speedup"]["tau=3.4"]["4"]["tau"]
