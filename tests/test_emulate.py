@@ -132,3 +132,27 @@ def test_emulated_acceptance_on_a_hybrid_target(tiny_target, tmp_path):
         alone.close()
         tg.close()
         emu.close()
+
+
+def test_oracle_follows_any_text(llama):
+    """The target alone's greedy continuation of texts that leave the one it was given, again and again (an attention
+    cache keeps what still agrees), checked against a context of its own."""
+    path = llama[0]
+    tg = Target(path, PARAMS)
+    check = Target(path, PARAMS, model_of=tg)
+    try:
+        oracle = Oracle(tg)
+        prompt = tg.tokenize("Once upon a time")
+        ref = Engine(check).generate(prompt, 40).tokens
+        oracle.start(prompt, ref)
+        assert oracle.tokens(ref[:10], 5) == ref[10:15] and oracle.seconds == 0.0
+        text = ref[:10]
+        for step in range(4):  # leave the known text at a later token each time
+            text = text + [(oracle.tokens(text, 1)[0] + 1) % tg.n_vocab]
+            got = oracle.tokens(text, 6)
+            assert got == Engine(check).generate(prompt + text, 6).tokens, step
+            text = text + got[:3]
+        assert oracle.seconds > 0
+    finally:
+        check.close()
+        tg.close()

@@ -104,15 +104,19 @@ class Oracle:
         self.prompt: list[int] = []
         self.known: list[int] = []  # the continuation after the prompt, as far as known
         self.ended = False  # known ends with an end-of-generation token
-        self._logits: np.ndarray | None = None  # the next token's logits at the end of known, while the cache has it
+        self._cached = 0  # leading tokens of prompt + known in tg's cache
+        self._logits: np.ndarray | None = None  # the next token's logits after prompt + known, while known
 
     def start(self, prompt: list[int], continuation: list[int]) -> None:
-        self.prompt, self.known, self.ended, self._logits = list(prompt), list(continuation), False, None
+        """A new text; tg's cache is taken to hold nothing of it."""
+        self.prompt, self.known, self.ended, self._cached, self._logits = list(prompt), list(continuation), False, 0, None
 
     def tokens(self, emitted: list[int], k: int) -> list[int]:
         """The k tokens the target alone would give after prompt + emitted (fewer after an end of generation)."""
         n = len(emitted)
         if self.known[:n] != emitted:  # DFlash's text left it: follow DFlash's
+            agree = next((i for i, (a, b) in enumerate(zip(self.known, emitted)) if a != b), min(len(self.known), n))
+            self._cached = min(self._cached, len(self.prompt) + agree)
             self.known, self.ended, self._logits = list(emitted), False, None
         if len(self.known) < n + k and not self.ended:
             t = time.perf_counter()
@@ -122,9 +126,15 @@ class Oracle:
 
     def _extend(self, length: int) -> None:
         tg = self.tg
-        if self._logits is None:  # decode the text so far, in the target alone's own context
-            tg.clear()
-            self._logits = tg.decode(self.prompt + self.known, 0, all_logits=False)[0]
+        if self._logits is None:  # decode what the cache lacks: an attention cache keeps what still agrees
+            text = self.prompt + self.known
+            keep = 0 if tg.recurrent else min(self._cached, len(text) - 1)
+            if keep:
+                tg.rollback(keep, keep, [])
+            else:
+                tg.clear()
+            self._logits = tg.decode(text[keep:], keep, all_logits=False)[0]
+            self._cached = len(text)
         while len(self.known) < length and not self.ended:
             token = int(np.argmax(self._logits))
             self.known.append(token)
@@ -132,6 +142,7 @@ class Oracle:
             self.ended = tg.is_eog(token) or pos + 1 > tg.n_ctx
             if not self.ended:
                 self._logits = tg.decode([token], pos, all_logits=False)[0]
+                self._cached += 1
 
 
 class EmulatedDrafter:
