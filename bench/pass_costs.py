@@ -8,7 +8,9 @@
 - the drafter's block pass drafting k - 1 tokens (`draft`) and its context pass over k accepted rows (`inject`);
 - the step of each chain length as the adaptive policy calibrates it (calibrate.measure, `policy_step`);
 - on hybrid targets the recurrent state of a sequence and the memory of its snapshots (llama.cpp keeps n_rs_seq of
-  them: `llama_n_rs_seq`); on NVIDIA GPUs each context's device memory;
+  them: `llama_n_rs_seq`); on NVIDIA GPUs the device memory of the drafter (its weights, the target's embedding and
+  head, its cache for --ctx-size), of the target's weights with DFlash's context (together what `dflash run --tree-size
+  0 -c N` holds), and of the target alone's context;
 - the speedup bound tau_k x t(target alone, 1 token) / (t(verify, k) + P(a draft rejected) t(rollback, k) + t(draft,
   k) + t(inject, k)) for a geometric profile of each --tau cut to a block of k (tau_k; bench/emulate.py).
 
@@ -70,12 +72,13 @@ def main() -> None:
     if max(sizes) > dr.info.block_size:
         ap.error(f"--sizes: the drafter's block is {dr.info.block_size} tokens")
     gpu = gpu_used_mb()
-    plain = Target(a.target, params)  # the target alone's context, as `dflash bench` opens it
-    memory["weights_and_plain_ctx_gpu_mb"] = _gpu_delta(gpu)
+    # DFlash's context: capture, and snapshots for a block (chains: no tree buffer); with the drafter, what
+    # `dflash run --tree-size 0` holds
+    tg = Target(a.target, params, capture_layers=dr.info.target_layers, rollback=dr.info.block_size)
+    memory["weights_and_dflash_ctx_gpu_mb"] = _gpu_delta(gpu)
     gpu = gpu_used_mb()
-    # DFlash's context on the same weights: capture, and snapshots for a block (chains: no tree buffer)
-    tg = Target(a.target, params, capture_layers=dr.info.target_layers, rollback=dr.info.block_size, model_of=plain)
-    memory["dflash_ctx_gpu_mb"] = _gpu_delta(gpu)
+    plain = Target(a.target, params, model_of=tg)  # the target alone's context, as `dflash bench` opens it
+    memory["plain_ctx_gpu_mb"] = _gpu_delta(gpu)
 
     tokens = (tg.tokenize(TEXT, add_special=False) or [1]) * (params.n_ctx // 8 + 8)
     prompt, block = tokens[:a.context], tokens[a.context:a.context + max(sizes)]
@@ -156,8 +159,8 @@ def main() -> None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {a.json}")
-    tg.close()  # before plain, whose model it uses
-    plain.close()
+    plain.close()  # before tg, whose model it uses
+    tg.close()
     dr.close()
 
 
