@@ -154,6 +154,7 @@ class EmulatedDrafter:
         # its acceptance is the profile's: cached apart from the real drafter's (calibrate.load_acceptance)
         self.acceptance_key = f"emulated acceptance {profile.name}"
         self.rng = np.random.default_rng(seed)
+        self._p = np.asarray(profile.hist) / sum(profile.hist)
         self.cuts: list[int] = []  # the acceptance length drawn for each pass
         self._emitted: list[int] | None = None  # DFlash's text so far, while a generation is emulated
         self._block_size = self._max_tokens = 0
@@ -179,7 +180,7 @@ class EmulatedDrafter:
         drafts = self.real.draft(anchor, block_size, n)  # for its cost (and during calibration, as it is)
         if self._emitted is None:
             return drafts
-        cut = int(self.rng.choice(len(self.profile.hist), p=np.asarray(self.profile.hist) / sum(self.profile.hist)))
+        cut = int(self.rng.choice(len(self._p), p=self._p))
         self.cuts.append(cut)
         truth = self.oracle.tokens(self._emitted, len(drafts))
         for i, tok in enumerate(truth[:cut + 1]):  # past the end of the target's text, the drafter's own drafts
