@@ -47,7 +47,7 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
     """Each choice's step, as the engine takes it, after CONTEXT positions of a made-up prompt; both caches are
     cleared afterwards."""
     pos = max(min(CONTEXT, tg.n_ctx // 2), 1)  # a short context fits a block after it; a pass that does not fit
-    room = min(tg.n_ctx, dr.info.n_ctx - block_size + 1) - pos  # ... is never chosen (cost: infinite)
+    room = min(tg.n_ctx - pos, tg.n_batch)  # ... is never chosen (cost: infinite)
     tokens = (tg.tokenize("def measure(x):\n    return x * 2\n", add_special=False) or [0]) * (pos + 64)
     tg.clear()
     dr.crop(0)
@@ -80,8 +80,8 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
                 # a smaller one cannot beat the target alone even if all its drafts were accepted: nor can this one,
                 # which costs at least as much (on a CPU a tree of 62 takes some 20 one-token passes to measure)
                 costs[c] = smaller[-1]
-                continue
-            costs[c] = median_seconds(lambda c=c: tree(c.k) if c.tree else chain(c.k))
+            else:
+                costs[c] = median_seconds(lambda c=c: tree(c.k) if c.tree else chain(c.k))
         return costs
     finally:
         tg.clear()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-EXPLORE_SHARE = 0.03  # the most of the decode time spent on choices that are not the best by what is known
+EXPLORE_SHARE = 0.02  # the most of the decode time spent on choices that are not the best by what is known
 PRIOR_STEPS = 32  # the most weight, in steps per choice, that acceptance learnt in earlier runs keeps
 
 
@@ -48,6 +48,7 @@ class DraftLength:
         step can accept (a tree's depth); prior: (steps, drafts accepted) per choice from earlier runs."""
         self.choices = sorted(costs)
         self.depth = depth
+        self.calibrated = dict(costs)
         self.cost = dict(costs)  # moving averages from here on
         self.seen = dict.fromkeys(self.choices, 0.0)    # steps of its kind that verified at least its k drafts
         self.gained = dict.fromkeys(self.choices, 0.0)  # ... and the drafts they would have accepted with only k
@@ -76,7 +77,9 @@ class DraftLength:
             if c.tree == choice.tree and 0 < c.k <= choice.k:
                 self.seen[c] += 1
                 self.gained[c] += sum(r <= c.k for r in ranks)
-        self.cost[choice] = 0.8 * self.cost[choice] + 0.2 * seconds
+        # a step the machine stalled (another process, a page fault) moves the estimate by a fifth at most: the best
+        # choice's cost is only measured again when it is chosen, and one stalled step must not hand its place away
+        self.cost[choice] = 0.8 * self.cost[choice] + 0.2 * min(seconds, 2 * self.cost[choice])
         self.t_total += seconds
         if tried:
             self.t_explore += seconds
@@ -93,6 +96,9 @@ class DraftLength:
         return (1.0 + self._gain(c)) / self.cost[c]
 
     def _hope(self, c: Choice) -> float:
-        """The rate c might have: its measured gain plus a margin up to all k drafts that shrinks as it is measured."""
+        """The rate c might have: its measured gain plus a margin up to all k drafts that shrinks as it is measured,
+        at the lower of its measured and calibrated costs (so a choice whose cost rose while the machine was busy is
+        tried again once it is not, the target alone too)."""
         gain = self._gain(c)
-        return (1.0 + gain + (min(c.k, self.depth) - gain) / math.sqrt(1.0 + self.seen[c])) / self.cost[c]
+        cost = min(self.cost[c], self.calibrated[c])
+        return (1.0 + gain + (min(c.k, self.depth) - gain) / math.sqrt(1.0 + self.seen[c])) / cost

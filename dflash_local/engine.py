@@ -17,7 +17,7 @@ from dflash_local import calibrate
 from dflash_local.draft_length import Choice, DraftLength, choices_for
 from dflash_local.errors import UsageError, UserError
 from dflash_local.native import Drafter
-from dflash_local.sampling import Sampler, SamplingParams
+from dflash_local.sampling import Sampler, SamplingParams, accept_picks
 from dflash_local.target import Target
 from dflash_local.tree import N_TOP, TREE_SIZE, build_tree
 
@@ -56,6 +56,16 @@ class Generation:
     tokens: list[int]
     stats: Stats
     stop: str  # "eog", "length", "context" or "interrupted"
+
+
+def generate_in_job(engine: Engine, prompt: list[int], max_tokens: int,
+                    on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+    """Greedy generate for a job of many prompts (a bench, an evaluation): Ctrl-C, which generate takes as the end
+    of one answer, ends the whole job."""
+    gen = engine.generate(prompt, max_tokens, on_tokens=on_tokens)
+    if gen.stop == "interrupted":
+        raise KeyboardInterrupt
+    return gen
 
 
 class Engine:
@@ -99,16 +109,27 @@ class Engine:
                             "raise --ctx-size or shorten the prompt")
         sampler = Sampler(sampling)
         stats = Stats(prompt_tokens=len(prompt))
-        capture0 = tg.capture.seconds if tg.capture else 0.0
         tg.clear()
         if dr:
             dr.crop(0)
         self._pending = []
 
+        tg.pick_on_device(sampling)  # the target's tokens picked where the model runs: no logits to the host
+        try:
+            return self._generate(prompt, max_tokens, sampler, stats, on_tokens)
+        finally:
+            tg.pick_on_device(None)
+
+    def _generate(self, prompt: list[int], max_tokens: int, sampler: Sampler, stats: Stats,
+                  on_tokens: Callable[[list[int]], None] | None) -> Generation:
+        """generate's prefill and loop, once both caches are clear."""
+        tg, dr = self.target, self.drafter
+        capture0 = tg.capture.seconds if tg.capture else 0.0
         t0 = time.perf_counter()
         try:
             logits = tg.decode(prompt, 0, all_logits=False)
-            anchor = sampler.sample(logits[0])
+            anchor = self._picks(sampler, logits, 1)[0]
+            tg.commit([anchor])
             if dr:
                 dr.inject(tg.features(), 0)
         except KeyboardInterrupt:  # Ctrl-C in the prefill: nothing generated yet
@@ -193,7 +214,11 @@ class Engine:
             tg.save_state()
         batch = [anchor, *drafts.tolist()]
         logits = tg.decode(batch, pos, all_logits=True)
-        n_acc, token = sampler.verify(logits, drafts)
+        if (picks := tg.picks(len(batch))) is not None:
+            n_acc, token = accept_picks(picks, drafts)
+            tg.commit(picks[: n_acc + 1].tolist())
+        else:
+            n_acc, token = sampler.verify(logits, drafts)
         stats.t_target += time.perf_counter() - t
         if dr:
             if not self._pending:
@@ -208,6 +233,13 @@ class Engine:
             tg.rollback(pos + n_acc + 1, pos, batch[: n_acc + 1])
             stats.t_target += time.perf_counter() - t
         return drafts[:n_acc].tolist(), token
+
+    def _picks(self, sampler: Sampler, logits: np.ndarray, n: int) -> list[int]:
+        """The target's tokens for the last decode's n rows: picked in the graph, else from the logits."""
+        picks = self.target.picks(n)
+        if picks is not None:
+            return picks.tolist()
+        return [sampler.sample(row) for row in logits[:n]]
 
     def _inject_pending(self, stats: Stats) -> None:
         """The features of positions the target ran alone, into the drafter in one pass."""
@@ -232,11 +264,18 @@ class Engine:
 
         t = time.perf_counter()
         logits = tg.decode_tree([anchor, *tree.tokens], tree.depths, tree.seqs, pos)
+        picks = tg.picks(len(tree.tokens) + 1)  # where the tree is one chain: its rows are sequence 0's alone
+
+        def pick(i: int) -> int:  # the target's token after node i
+            return int(picks[i]) if picks is not None else sampler.sample(logits[i])
+
         path = [0]
-        token = sampler.sample(logits[0])
+        token = pick(0)
         while token in tree.children[path[-1]]:
             path.append(tree.children[path[-1]][token])
-            token = sampler.sample(logits[path[-1]])
+            token = pick(path[-1])
+        if picks is not None:  # one chain: the path is the first rows
+            tg.commit(picks[: len(path)].tolist())
         stats.t_target += time.perf_counter() - t
         t = time.perf_counter()
         dr.inject(tg.features()[path], pos)

@@ -62,9 +62,7 @@ class Sampler:
     def verify(self, logits: np.ndarray, drafts: np.ndarray) -> tuple[int, int]:
         """logits [k+1, V] for [anchor, d1..dk] -> (number of drafts accepted, the next token)."""
         if self.params.greedy:
-            choice = np.argmax(logits, axis=1)
-            n = int(np.argmin(np.append(choice[:-1] == drafts, False)))
-            return n, int(choice[n])
+            return accept_picks(np.argmax(logits, axis=1), drafts)
         for i, d in enumerate(drafts):
             p = target_probs(logits[i], self.params)
             if self.rng.random() < p[d]:
@@ -72,3 +70,12 @@ class Sampler:
             p[d] = 0.0
             return i, int(self.rng.choice(p.size, p=p / p.sum()))
         return len(drafts), self.sample(logits[len(drafts)])
+
+
+def accept_picks(picks: np.ndarray, drafts: np.ndarray) -> tuple[int, int]:
+    """The target's own tokens for [anchor, d1..dk] (its argmax, or a sample of its distribution, for each row) ->
+    (drafts accepted: as long as each is the target's token, the target's token after them). With samples this is
+    lossless too: a deterministic draft d is kept with probability p(d), and the token at the first mismatch is a
+    sample of p without d, as the accept test below does it."""
+    n = int(np.argmin(np.append(picks[:-1] == drafts, False)))
+    return n, int(picks[n])

@@ -21,6 +21,8 @@ import numpy as np
 
 from dflash_local.errors import UserError
 from dflash_local.native import Capture, cpu_has_amx
+from dflash_local.sampling import SamplingParams
+from dflash_local.tree import TREE_SIZE
 
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h: enum ggml_log_level
@@ -48,6 +50,22 @@ class TargetParams:
     tensor_split: tuple[float, ...] = ()
     n_seq: int = 1  # parallel sequences, each with n_ctx tokens
     kv_unified: bool = False  # one KV buffer of n_ctx for all sequences: a batch of several keeps its order
+
+
+def _sampler_chain(p: SamplingParams) -> list[ctypes.c_void_p]:
+    """llama.cpp samplers drawing from sampling.target_probs's distribution: temperature, then top-k on the scaled
+    logits, top-p and min-p on their softmax (min-p's ratio to the likeliest is the same with or without top-p's
+    renormalization), then a draw."""
+    if p.greedy:
+        return [lc.llama_sampler_init_greedy()]
+    chain = [lc.llama_sampler_init_temp(p.temperature)]
+    if p.top_k > 0:
+        chain.append(lc.llama_sampler_init_top_k(p.top_k))
+    if p.top_p < 1.0:
+        chain.append(lc.llama_sampler_init_top_p(p.top_p, 1))
+    if p.min_p > 0.0:
+        chain.append(lc.llama_sampler_init_min_p(p.min_p, 1))
+    return [*chain, lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED if p.seed is None else p.seed % 2**32)]
 
 
 def available_cores() -> int:
@@ -162,6 +180,8 @@ class Target:
         cp.n_threads = cp.n_threads_batch = self.n_threads
         if self.recurrent and rollback > 0:
             cp.n_rs_seq = rollback
+        # a verified block's rows (a tree's are all sequence 0's only when it is one chain), each its argmax in the graph
+        cp.n_outputs_max_per_seq = TREE_SIZE + 1 if capture_layers else 1
         if self.capture:
             cp.cb_eval = self.capture.callback
             cp.cb_eval_user_data = self.capture.user_data
@@ -179,7 +199,9 @@ class Target:
         self.n_batch = lc.llama_n_batch(self.ctx)
         self._batch = lc.llama_batch_init(self.n_batch, 0, max(1, self.branches))
         self._saved: ctypes.Array | None = None
-        self._samplers: list[ctypes.c_void_p] = []  # a sampler chain per sequence while sample_on_device
+        self._samplers: dict[int, ctypes.c_void_p] = {}  # sequence -> its backend sampler chain, while any
+        self.picks_on_device = False  # pick_on_device
+        self._picked_all = False  # the last decode's outputs all have a token picked in the graph
 
     def _load_model(self, path: Path, params: TargetParams) -> lc.llama_model_p:
         quiet_llama_logs()
@@ -273,19 +295,35 @@ class Target:
         """While min_p is given, llama.cpp samples every sequence's next token inside the graph (its backend
         sampling, where the model runs), at temperature 1 among the tokens within min_p of the likeliest; read them
         with sampled(). None: off again. False (and off) when llama.cpp cannot sample on this backend."""
-        if self._samplers:
-            for seq in range(self.n_seq):
-                lc.llama_set_sampler(self.ctx, seq, None)
-            self._free_samplers()
         if min_p is None:
-            return True
-        for seq in range(self.n_seq):
+            return self._use_samplers({})
+        return self._use_samplers({seq: [lc.llama_sampler_init_min_p(min_p, 1),
+                                         lc.llama_sampler_init_dist((seed + seq) % 2**32)] for seq in range(self.n_seq)})
+
+    def pick_on_device(self, sampling: SamplingParams | None) -> bool:
+        """While sampling is given, llama.cpp picks the target's token for each of sequence 0's outputs in the graph,
+        where the model runs (greedy: the argmax; else a sample from the distribution of target_probs, each row with
+        a random number of its own), and leaves their logits there: a verification's rows of 150k logits, on a GPU,
+        cost a copy to the host. Read the tokens with picks(), commit the ones used with commit(). None: off, logits
+        as usual. False when this backend cannot."""
+        self._use_samplers({} if sampling is None else {0: _sampler_chain(sampling)})
+        self.picks_on_device = sampling is not None and bool(self._samplers)
+        return self.picks_on_device
+
+    def _use_samplers(self, chains: dict[int, list[ctypes.c_void_p]]) -> bool:
+        """Backend samplers by sequence (each a chain of llama.cpp samplers), in place of any before; False (and
+        none) when this backend cannot run them."""
+        for seq in self._samplers:
+            lc.llama_set_sampler(self.ctx, seq, None)
+        self._free_samplers()
+        self.picks_on_device = False
+        for seq, parts in chains.items():
             chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(min_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist((seed + seq) % 2**32))
-            self._samplers.append(chain)
+            for part in parts:
+                lc.llama_sampler_chain_add(chain, part)
+            self._samplers[seq] = chain
             if not lc.llama_set_sampler(self.ctx, seq, chain):
-                self.sample_on_device(None)
+                self._use_samplers({})
                 return False
         return True
 
@@ -296,6 +334,20 @@ class Target:
         for seq, token in zip(seqs, tokens):
             lc.llama_sampler_accept(self._samplers[seq], int(token))
         return tokens
+
+    def picks(self, n_out: int) -> np.ndarray | None:
+        """The tokens picked in the graph for the last decode's n_out outputs (pick_on_device), or None where not all
+        of them were (a row of another sequence than 0 keeps its logits, and then every row does)."""
+        if not self._picked_all:
+            return None
+        return np.array([lc.llama_get_sampled_token_ith(self.ctx, i - n_out) for i in range(n_out)])
+
+    def commit(self, tokens: list[int]) -> None:
+        """The first picks of the last decode that were used, in order: the sampler's random state moves on past
+        their draws (the unused rows' draws come again in the next decode, which is fine: they decided nothing)."""
+        if self._picked_all:
+            for token in tokens:
+                lc.llama_sampler_accept(self._samplers[0], token)
 
     def decode_tree(self, tokens: list[int], depths: list[int], seqs: list[tuple[int, ...]], pos0: int) -> np.ndarray:
         """Verify a tree of drafts in one pass: token i (0: the anchor, the root) at position pos0 + depths[i], in the
@@ -332,6 +384,9 @@ class Target:
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, p, len(ss), keep
             for j, s in enumerate(ss):
                 b.seq_id[i][j] = s
+        # llama.cpp leaves the logits in the graph only where every output has a sampler (each row goes to the one
+        # of its first sequence)
+        self._picked_all = self.picks_on_device and all(ss[0] == 0 for ss, keep in zip(seqs, logits) if keep)
         rc = lc.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) at position {min(positions)}")
@@ -397,9 +452,9 @@ class Target:
             self.capture.close()
 
     def _free_samplers(self) -> None:
-        for chain in self._samplers:
+        for chain in self._samplers.values():
             lc.llama_sampler_free(chain)
-        self._samplers = []
+        self._samplers = {}
 
     def __del__(self) -> None:
         self.close()

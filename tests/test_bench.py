@@ -141,7 +141,7 @@ def test_a_divergence_at_one_thread_is_never_rounding(smollm2_path):
 
 
 def test_mismatch_fails_the_bench(models, tmp_path, monkeypatch):
-    real = runner._generate
+    real = runner.generate_in_job
 
     def wrong_dflash(engine, tokens, n):
         gen = real(engine, tokens, n)
@@ -149,7 +149,7 @@ def test_mismatch_fails_the_bench(models, tmp_path, monkeypatch):
             gen.tokens[3] += 1  # a deliberate bug: not a token the target chose
         return gen
 
-    monkeypatch.setattr(runner, "_generate", wrong_dflash)
+    monkeypatch.setattr(runner, "generate_in_job", wrong_dflash)
     out_json = tmp_path / "r.json"
     res = _bench(models, tmp_path, "--block-sizes", "2", "--json", str(out_json))
     assert res.exit_code == 1

@@ -34,7 +34,7 @@ class OracleDrafter:
     def __init__(self, continuation: list[int], prompt_len: int, block_size: int, miss: int = 8):
         self.continuation, self.prompt_len, self.miss = continuation, prompt_len, miss
         self.info = DrafterInfo(n_embd=0, n_vocab=0, n_layer=0, n_head=0, n_head_kv=0, head_dim=0, n_ff=0,
-                                block_size=block_size, mask_token_id=0, n_ctx=0, target_layers=(1,))
+                                block_size=block_size, mask_token_id=0, n_ctx=1 << 30, target_layers=(1,))
         self.n_pos = 0
 
     def crop(self, n_pos: int) -> None:
@@ -161,12 +161,17 @@ def _chi2_critical(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("with_drafter,branches", [(False, 0), (True, 0), (True, TREE_SIZE)])
-def test_sampling_distribution(with_drafter, branches, tiny_target):
+TOP_K = dict(temperature=1.0, top_k=6)
+TOP_P_MIN_P = dict(temperature=0.7, top_p=0.8, min_p=0.05)
+
+
+@pytest.mark.parametrize("with_drafter,branches,sampling", [(False, 0, TOP_K), (True, 0, TOP_K), (True, TREE_SIZE, TOP_K),
+                                                             (True, 0, TOP_P_MIN_P)])
+def test_sampling_distribution(with_drafter, branches, sampling, tiny_target):
     """The joint distribution of the first two sampled tokens matches the target's exactly computed one.
-    The second token goes through the accept/reject test (or a tree's walk) when a drafter is on."""
+    The second token goes through the accept test (or a tree's walk) when a drafter is on. Chains and the target
+    alone sample where the model runs (Target.pick_on_device); a tree's rows of other sequences, on the host."""
     path = tiny_target("llama")
-    sampling = dict(temperature=1.0, top_k=6)
     tg = Target(path, PARAMS, capture_layers=(1,), rollback=16, branches=branches)
     prompt = tg.tokenize("The quick brown fox")
 

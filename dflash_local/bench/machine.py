@@ -64,11 +64,11 @@ def peak_rss_mb() -> float:
 
 
 def git_commit() -> dict[str, object] | None:
-    """The checkout's commit and whether it has local changes (None outside a git checkout)."""
-    if not (REPO / ".git").exists():
-        return None
-    commit = _cmd("git", "-C", str(REPO), "rev-parse", "HEAD")
-    status = _cmd("git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no")
+    """The checkout's commit and whether it has local changes: the source tree's where dflash_local runs from one,
+    else the current folder's (an installed package run from its checkout); None outside a git checkout."""
+    repo = REPO if (REPO / ".git").exists() else Path.cwd()
+    commit = _cmd("git", "-C", str(repo), "rev-parse", "HEAD")
+    status = _cmd("git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status)} if commit else None
 
 

@@ -20,7 +20,7 @@ from dflash_local.bench.divergence import Divergence, classify
 from dflash_local.bench.emulate import EmulatedDrafter, Oracle, Profile
 from dflash_local.bench.machine import gpu_used_mb, peak_rss_mb, rss_mb
 from dflash_local.bench.prompts import Prompt
-from dflash_local.engine import Engine, Generation, Stats
+from dflash_local.engine import Engine, Generation, Stats, generate_in_job
 from dflash_local.loader import open_drafter, open_target
 from dflash_local.target import Target, TargetParams
 from dflash_local.tree import TREE_SIZE
@@ -193,13 +193,13 @@ def run_bench(cfg: BenchConfig, console: Console,
 
         with progress_bar(console) as progress:
             task = progress.add_task("warm-up", total=len(records) * (1 + len(engines)))
-            warm = _generate(baseline, tokens[0], WARMUP_TOKENS)
+            warm = generate_in_job(baseline, tokens[0], WARMUP_TOKENS)
             for eng in engines.values():
                 _dflash(eng, tokens[0], WARMUP_TOKENS, warm, emu)
             emu_warm = emu.oracle.seconds if emu else 0.0
             for rec, toks in zip(records, tokens):
                 progress.update(task, description=rec.id)
-                ref = _generate(baseline, toks, cfg.max_tokens)
+                ref = generate_in_job(baseline, toks, cfg.max_tokens)
                 totals["target"].add(ref.stats, ref.stop)
                 rec.target_text = tg.text(ref.tokens)
                 rec.runs["target"] = {"generated": ref.stats.generated, "decode_tps": ref.stats.decode_tps}
@@ -234,23 +234,15 @@ def run_bench(cfg: BenchConfig, console: Console,
     return BenchResult(totals, records, mismatches, memory, notes, info, n_threads, emulation_seconds)
 
 
-def _generate(engine: Engine, tokens: list[int], n: int, on_tokens: Callable[[list[int]], None] | None = None
-              ) -> Generation:
-    gen = engine.generate(tokens, n, on_tokens=on_tokens)
-    if gen.stop == "interrupted":  # the engine keeps what it has on Ctrl-C; a benchmark stops
-        raise KeyboardInterrupt
-    return gen
-
-
 def _dflash(engine: Engine, tokens: list[int], n: int, ref: Generation, emu: EmulatedDrafter | None) -> Generation:
     """DFlash on a prompt; emulated, its drafts follow ref (the target alone's run of it), and the time spent
     computing continuations where DFlash's text left ref's is taken off its decode time."""
     if emu is None:
-        return _generate(engine, tokens, n)
+        return generate_in_job(engine, tokens, n)
     emu.start(tokens, ref.tokens, engine.block_size, n)
     t0 = emu.oracle.seconds
     try:
-        gen = _generate(engine, tokens, n, emu.on_tokens)
+        gen = generate_in_job(engine, tokens, n, emu.on_tokens)
     finally:
         emu.stop()
     gen.stats.t_decode -= emu.oracle.seconds - t0

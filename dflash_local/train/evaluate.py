@@ -13,7 +13,7 @@ import numpy as np
 from rich.progress import Progress
 
 from dflash_local.bench.prompts import Prompt
-from dflash_local.engine import Engine
+from dflash_local.engine import Engine, generate_in_job
 from dflash_local.loader import open_models
 from dflash_local.target import TargetParams
 from dflash_local.train.answers import fits, prompt_tokens
@@ -44,7 +44,7 @@ def measure_tau(target: Path, drafter: Path, prompts: list[Prompt], max_new_toke
         for p in prompts:
             ids = prompt_tokens(tg, p)
             if fits(tg, ids, max_new_tokens):
-                s = engine.generate(ids, max_new_tokens).stats
+                s = generate_in_job(engine, ids, max_new_tokens).stats
                 if s.passes:
                     taus.append(s.tau)
                 tokens, seconds = tokens + s.generated, seconds + s.t_decode
