@@ -91,6 +91,22 @@ def _tensor_type(shape: tuple[int, ...], qtype: Q) -> Q:
     return qtype
 
 
+def drafter_writer(cfg: DrafterConfig, target: TargetInfo, file_type: int, *, context_length: int | None = None,
+                   mrope: bool = False, name: str | None = None) -> gguf.GGUFWriter:
+    """A GGUFWriter holding a drafter's keys (docs/design.md, section 4) and the target's tokenizer, its tensors still
+    to add."""
+    w = gguf.GGUFWriter(None, arch=ARCH)
+    if name:
+        w.add_string("general.name", name)
+    w.add_uint32("general.file_type", file_type)
+    for key, value in drafter_metadata(cfg, context_length or target.n_ctx, mrope or target.mrope).items():
+        vtype, sub_type = WRITTEN_AS[KEYS_BY_NAME[key].kind]
+        w.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type=sub_type and gguf.GGUFValueType(sub_type))
+    for key, value, vtype, sub_type in target.tokenizer:
+        w.add_key_value(key, value, vtype, sub_type=sub_type)
+    return w
+
+
 def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str, torch.Tensor], target: TargetInfo,
                        outtype: str = "f16", *, context_length: int | None = None, mrope: bool = False,
                        name: str | None = None, progress: bool = False) -> Path:
@@ -106,26 +122,17 @@ def write_drafter_gguf(out: Path | str, cfg: DrafterConfig, tensors: Mapping[str
     check_target(cfg, target)
     check_tensors(cfg, tensors)
 
-    values = drafter_metadata(cfg, context_length or target.n_ctx, mrope or target.mrope)
     plan = [(gname, tensors[hf], _tensor_type(tuple(tensors[hf].shape), qtype))
             for hf, gname in gguf_names(cfg).items()]
     # what is written is what the reader takes: checked by the same rules before a byte is written
+    values = drafter_metadata(cfg, context_length or target.n_ctx, mrope or target.mrope)
     check_drafter({key: _as_value(key, v) for key, v in values.items()} | {"general.architecture": Value(STRING, ARCH)},
                   {gname: TensorInfo(gname, tuple(reversed(t.shape)), q, 0, 0) for gname, t, q in plan}, str(out))
 
-    w = gguf.GGUFWriter(None, arch=ARCH)
-    if name:
-        w.add_string("general.name", name)
-    w.add_uint32("general.file_type", file_type)
-    for key, value in values.items():
-        vtype, sub_type = WRITTEN_AS[KEYS_BY_NAME[key].kind]
-        w.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type=sub_type and gguf.GGUFValueType(sub_type))
-    for key, value, vtype, sub_type in target.tokenizer:
-        w.add_key_value(key, value, vtype, sub_type=sub_type)
+    w = drafter_writer(cfg, target, file_type, context_length=context_length, mrope=mrope, name=name)
     for gname, t, q in plan:
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, q))
         w.add_tensor_info(gname, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=q)
-
     data = (gguf.quants.quantize(t.detach().to("cpu", torch.float32).numpy(), q) for _, t, q in plan)
     return write_gguf(w, Path(out), data, len(plan), progress=progress)
 

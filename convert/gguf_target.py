@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,24 +116,33 @@ def read_target(path: Path | str) -> TargetInfo:
 
 
 
-def write_gguf(w: gguf.GGUFWriter, out: Path, data: Iterable[np.ndarray], count: int, *, progress: bool) -> Path:
-    """Write w (metadata and tensor infos added), then the data of its `count` tensors in their order, to a
-    temporary file renamed to out at the end, so that a failure leaves no partial file."""
+@contextmanager
+def atomic_path(out: Path | str) -> Iterator[Path]:
+    """A temporary name beside out to write the file under: renamed to out when the block ends, removed if it fails,
+    so that a failure or an interrupt leaves no half-written file."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder, so that the final rename is atomic
     try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        with Progress(console=console, disable=not progress) as bar:
-            task = bar.add_task(f"writing {out.name}", total=count)
-            for array in data:
-                w.write_tensor_data(array)
-                bar.advance(task)
-        w.close()
+        yield tmp
         os.replace(tmp, out)
     except BaseException:
-        w.close()
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_gguf(w: gguf.GGUFWriter, out: Path, data: Iterable[np.ndarray], count: int, *, progress: bool) -> Path:
+    """Write w (metadata and tensor infos added), then the data of its `count` tensors in their order, atomically."""
+    with atomic_path(out) as tmp:
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            with Progress(console=console, disable=not progress) as bar:
+                task = bar.add_task(f"writing {out.name}", total=count)
+                for array in data:
+                    w.write_tensor_data(array)
+                    bar.advance(task)
+        finally:
+            w.close()
     return out

@@ -81,26 +81,30 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
                 # which costs at least as much (on a CPU a tree of 62 takes some 20 one-token passes to measure)
                 costs[c] = smaller[-1]
             else:
-                costs[c] = _median_seconds(lambda c=c: tree(c.k) if c.tree else chain(c.k))
+                costs[c] = median_seconds(lambda c=c: tree(c.k) if c.tree else chain(c.k))
         return costs
     finally:
         tg.clear()
         dr.crop(0)
 
 
-def _median_seconds(step: Callable[[], None]) -> float:
-    step()
+def median_seconds(step: Callable[[], object], repeats: int = REPEATS,
+                   after: Callable[[], object] | None = None) -> float:
+    """The median time of step over `repeats` runs, after one to warm up; after (untimed) follows each run."""
     times = []
-    for _ in range(REPEATS):
+    for i in range(repeats + 1):
         t = time.perf_counter()
         step()
-        times.append(time.perf_counter() - t)
+        if i:
+            times.append(time.perf_counter() - t)
+        if after:
+            after()
     return statistics.median(times)
 
 
 def load_acceptance(tg: Target, dr: Drafter, block_size: int) -> dict[Choice, tuple[float, float]]:
     """(steps, drafts accepted) per choice that earlier runs with this target, drafter and block size recorded."""
-    doc = read_json("acceptance.json").get(_key(tg, dr, block_size, "acceptance"), {})
+    doc = read_json("acceptance.json").get(_acceptance_key(tg, dr, block_size), {})
     out = {}
     for name, (seen, gained) in doc.items():
         kind, k = name.split("-")
@@ -110,8 +114,13 @@ def load_acceptance(tg: Target, dr: Drafter, block_size: int) -> dict[Choice, tu
 
 def save_acceptance(tg: Target, dr: Drafter, block_size: int, acceptance: dict[Choice, tuple[float, float]]) -> None:
     doc = read_json("acceptance.json")
-    doc[_key(tg, dr, block_size, "acceptance")] = {c.key: list(v) for c, v in acceptance.items()}
+    doc[_acceptance_key(tg, dr, block_size)] = {c.key: list(v) for c, v in acceptance.items()}
     write_json("acceptance.json", doc)
+
+
+def _acceptance_key(tg: Target, dr: Drafter, block_size: int) -> str:
+    # an emulated drafter (bench/emulate.py) accepts what its profile says, never what the real one learnt
+    return _key(tg, dr, block_size, "acceptance", *([dr.acceptance_key] if dr.acceptance_key else []))
 
 
 def _key(tg: Target, dr: Drafter, block_size: int, *more: object) -> str:

@@ -58,10 +58,11 @@ class Generation:
     stop: str  # "eog", "length", "context", "interrupted" or "cancelled" (on_tokens returned False)
 
 
-def generate_in_job(engine: Engine, prompt: list[int], max_tokens: int) -> Generation:
+def generate_in_job(engine: Engine, prompt: list[int], max_tokens: int,
+                    on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
     """Greedy generate for a job of many prompts (a bench, an evaluation): Ctrl-C, which generate takes as the end
     of one answer, ends the whole job."""
-    gen = engine.generate(prompt, max_tokens)
+    gen = engine.generate(prompt, max_tokens, on_tokens=on_tokens)
     if gen.stop == "interrupted":
         raise KeyboardInterrupt
     return gen

@@ -185,6 +185,8 @@ class DrafterInfo:
 class Drafter:
     """A DFlash drafter GGUF on a ggml device, using the target GGUF's embedding and LM head."""
 
+    acceptance_key = ""  # what its acceptance is cached under beside its file (an emulated drafter's profile)
+
     def __init__(self, drafter_path: str | Path, target_path: str | Path, *, n_ctx: int = 4096,
                  device: str | None = None, n_threads: int = 0):
         self._ptr = lib.dflash_drafter_load(

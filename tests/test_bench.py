@@ -50,7 +50,7 @@ def test_bench_table_json_plot(models, tmp_path):
     res = _bench(models, tmp_path, "--fixed", "--json", str(out_json), "--plot", str(out_png),
                  "--label", "random drafter")
     assert res.exit_code == 0, res.output
-    for row in ("target", "dflash-2", "dflash-4", "decode t/s", "speedup", "passes by drafts accepted"):
+    for row in ("target", "dflash-2", "dflash-4", "decode t/s", "speedup", "bound t/s", "passes by drafts accepted"):
         assert row in res.output
     doc = json.loads(out_json.read_text())
     assert doc["schema"] == "dflash-bench/1" and doc["ok"] and doc["mismatches"] == []
@@ -63,14 +63,42 @@ def test_bench_table_json_plot(models, tmp_path):
     runs = {r["key"]: r for r in doc["runs"]}
     assert runs.keys() == {"target", "dflash-2", "dflash-4"}
     assert runs["target"]["speedup"] == pytest.approx(1.0)
+    assert runs["target"]["bound_tps"] is None and runs["target"]["fraction_of_bound"] is None
     for key in ("dflash-2", "dflash-4"):
         r = runs[key]
         assert r["generated"] == runs["target"]["generated"] and r["decode_tps"] > 0 and r["tau"] >= 1.0
+        # the bound: tau / (target + drafter seconds a pass), which the rest of the decode time keeps us below (but for
+        # each prompt's first token, which comes with the prefill: an eighth of 16 tokens here)
+        per_pass = (r["t_target"] + r["t_draft"] + r["t_inject"]) / r["passes"]
+        assert r["bound_tps"] == pytest.approx(r["tau"] / per_pass) and 0.3 < r["fraction_of_bound"] < 1.2
+        assert r["drafter_ms_per_pass"] == pytest.approx(1e3 * (r["t_draft"] + r["t_inject"]) / r["passes"])
+        t_one = runs["target"]["t_target"] / runs["target"]["passes"]
+        assert r["bound_speedup"] == pytest.approx(r["bound_tps"] * t_one) and not r["emulated_acceptance"]
         # passes that drafted nothing (the last token of a budget) are left out
         assert len(r["accept_hist"]) == r["block_size"] and 0 < sum(r["accept_hist"]) <= r["passes"]
         assert {"draft", "target", "capture", "inject", "other"} <= r["shares"].keys()
     assert [p["prompt_tokens"] > 0 for p in doc["prompts"]] == [True, True]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_emulated_acceptance(models, tmp_path):
+    """The drafter's drafts replaced by the target's text cut at lengths drawn from a profile: the runs say so, accept
+    about the profile's mean, and the target's text stays."""
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    res = _bench(models, tmp_path, "--fixed", "--block-sizes", "8", "--max-tokens", "48", "--emulate-acceptance",
+                 "tau=5", "--label", "mine", "--json", str(out_json), "--plot", str(out_png))
+    assert res.exit_code == 0, res.output
+    assert "dflash-8 (emulated acceptance)" in res.output and "emulated acceptance tau=5" in res.output
+    doc = json.loads(out_json.read_text())
+    assert doc["ok"] and doc["label"] == "mine; emulated acceptance tau=5 (tau 5.00)"
+    assert doc["settings"]["emulated_acceptance"]["tau"] == pytest.approx(5.0) and doc["settings"]["tree_size"] == 0
+    run = next(r for r in doc["runs"] if r["mode"] == "dflash")
+    assert run["key"] == "dflash-8 (emulated acceptance)" and run["emulated_acceptance"]
+    assert run["tau"] > 2.5 and run["bound_tps"] > 0  # tau 5 cut to a block of 8 drafts is ~4.3
+    assert "dflash-8 (emulated acceptance)" in doc["prompts"][0]["runs"]
+    assert any("emulated acceptance" in note for note in doc["notes"])
+    res = _bench(models, tmp_path, "--emulate-acceptance", "tau=5", "--compare-llama-cpp", str(tmp_path))
+    assert res.exit_code == 2 and "do not go together" in res.output
 
 
 def test_bench_default_model(tmp_path):

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from dflash_local.bench.machine import file_info, git_commit, machine_info
+from dflash_local.bench.machine import file_info, script_header
 from dflash_local.native import Drafter
 from dflash_local.target import Target, TargetParams
 
@@ -96,11 +93,7 @@ def main() -> None:
     }
     goals = {k: {"goal": g, "value": results[k], "met": results[k] <= g} for k, g in GOALS.items()}
     doc = {
-        "schema": "dflash-bench-native/1",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", *sys.argv]),
-        "machine": machine_info(),
-        "git": git_commit(),
+        **script_header("dflash-bench-native/1"),
         "target": file_info(a.target),
         "drafter": file_info(a.drafter) | {"n_layer": dr.info.n_layer, "target_layers": list(dr.info.target_layers)},
         "settings": {"block": a.block, "iters": a.iters, "warmup": a.warmup, "context_tokens": pos,

@@ -37,6 +37,10 @@ def bench(
     compare_llama_cpp: Path = typer.Option(None, "--compare-llama-cpp", help="Upstream llama-speculative-simple, "
                                            "or its folder (bench/build_llama_cpp.sh): add its DFlash runs."),
     label: str = typer.Option(None, "--label", help="A note stored with the results (e.g. 'random drafter')."),
+    emulate: str = typer.Option(None, "--emulate-acceptance", metavar="PROFILE", help="Emulate a drafter that "
+                                "accepts as PROFILE says (tau=X: geometric with mean X; a JSON histogram as in "
+                                "bench/profiles/, or a bench result): the drafter runs, its drafts become the target's "
+                                "own text cut at a drawn length. Chains only."),
     ctx_size: int = typer.Option(4096, "--ctx-size", "-c", min=16),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU."),
     threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads (0: the cores this process may use)."),
@@ -48,6 +52,7 @@ def bench(
 
     from dflash_local import models
     from dflash_local.bench import machine, report
+    from dflash_local.bench.emulate import load_profile
     from dflash_local.bench.prompts import load_prompts
     from dflash_local.bench.runner import BenchConfig, Mismatch, run_bench
     from dflash_local.console import command_errors
@@ -70,6 +75,14 @@ def bench(
             sizes = sorted({int(b) for b in block_sizes.split(",")})
         except ValueError:
             raise UsageError(f"--block-sizes must be comma-separated integers, not {block_sizes!r}") from None
+        profile = None
+        if emulate is not None:
+            if compare_llama_cpp is not None:
+                raise UsageError("--emulate-acceptance and --compare-llama-cpp do not go together: upstream's drafts "
+                                 "cannot be emulated")
+            profile = load_profile(emulate)
+            tree_size = 0  # chains only
+            label = "; ".join(filter(None, [label, f"emulated acceptance {profile.name} (tau {profile.tau:.2f})"]))
         binary = None
         if compare_llama_cpp is not None:
             from dflash_local.bench.llamacpp import find_binary, run_upstream
@@ -77,7 +90,7 @@ def bench(
             binary = find_binary(compare_llama_cpp)
         cfg = BenchConfig(path, drafter, load_prompts(prompts, n_prompts, chat_template), max_tokens, sizes,
                           TargetParams(n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads), device,
-                          adaptive, tree_size)
+                          adaptive, tree_size, profile)
         result = run_bench(cfg, err, on_mismatch)
         totals = dict(result.totals)
         if binary is not None:
@@ -97,7 +110,8 @@ def bench(
                      "greedy": True,
                      "ctx_size": ctx_size, "n_gpu_layers": n_gpu_layers, "threads": threads,
                      "threads_used": result.n_threads, "device": device,
-                     "llama_cpp_binary": str(binary) if binary else None},
+                     "llama_cpp_binary": str(binary) if binary else None,
+                     "emulated_acceptance": profile.as_dict() if profile else None},
     }
     doc = report.build_json(meta, result, totals)
     report.print_table(out, doc)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -94,3 +96,10 @@ def machine_info() -> dict[str, object]:
 
 def file_info(path: Path) -> dict[str, object]:
     return {"path": str(path), "name": path.name, "size_bytes": path.stat().st_size}
+
+
+def script_header(schema: str) -> dict[str, object]:
+    """The first keys of a bench script's JSON: schema, UTC time, the command (python and its arguments), machine,
+    commit."""
+    return {"schema": schema, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(["python", *sys.argv]), "machine": machine_info(), "git": git_commit()}

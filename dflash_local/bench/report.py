@@ -20,14 +20,30 @@ def speedup(t: Totals, base: Totals) -> float | None:
     return t.decode_tps / base.decode_tps if t.decode_tps and base.decode_tps else None
 
 
+def bound(t: Totals, base: Totals) -> dict[str, float | None]:
+    """What DFlash would run at with its tau and its passes' costs if nothing else took time: tau / (t(target, a
+    pass) + t(drafter, a pass)) tokens a second, the drafter's pass being its block pass and its context injection;
+    as a speedup, tau x t(target alone, a token) / (the same); our tokens a second as a fraction of it. All measured
+    in the same run; None for the target alone and upstream (no breakdown)."""
+    if t.mode != "dflash" or not t.passes or not t.t_target or t.tau is None:
+        return {"drafter_ms_per_pass": None, "bound_tps": None, "bound_speedup": None, "fraction_of_bound": None}
+    t_draft = (t.t_draft + t.t_inject) / t.passes
+    bound_tps = t.tau / (t.t_target / t.passes + t_draft)
+    t_one = base.t_target / base.passes if base.passes and base.t_target else None
+    return {"drafter_ms_per_pass": 1e3 * t_draft, "bound_tps": bound_tps,
+            "bound_speedup": bound_tps * t_one if t_one else None, "fraction_of_bound": t.decode_tps / bound_tps}
+
+
 def run_dict(t: Totals, base: Totals) -> dict[str, object]:
     return {
-        "key": t.key, "mode": t.mode, "block_size": t.block_size, "prompts": t.prompts,
+        "key": t.key, "mode": t.mode, "block_size": t.block_size, "emulated_acceptance": t.emulated,
+        "prompts": t.prompts,
         "prompt_tokens": t.prompt_tokens, "generated": t.generated, "passes": t.passes,
         "t_prefill": t.t_prefill, "t_decode": t.t_decode, "t_target": t.t_target, "t_draft": t.t_draft,
         "t_inject": t.t_inject, "t_capture": t.t_capture,
         "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps, "speedup": speedup(t, base), "tau": t.tau,
         "target_ms_per_pass": 1e3 * t.t_target / t.passes if t.passes and t.t_target else None,
+        **bound(t, base),
         "accept_hist": t.hist, "shares": t.shares(), "error": t.error,
     }
 
@@ -42,6 +58,7 @@ def build_json(meta: dict[str, object], result: BenchResult, totals: dict[str, T
         "notes": result.notes,
         "runs": [run_dict(t, base) for t in totals.values()],
         "prompts": [{"id": r.id, "prompt_tokens": r.prompt_tokens, "runs": r.runs} for r in result.prompts],
+        "emulation_seconds": result.emulation_seconds,
         "mismatches": [asdict(m) for m in result.mismatches],
         "ok": not result.failures,
     }
@@ -65,16 +82,18 @@ def print_table(console: Console, doc: dict[str, object]) -> None:
     table = Table(title=f"{doc['target']['name']} + {doc['drafter']['name']}: {doc['settings']['prompt_set']} "
                         f"x {doc['settings']['n_prompts']}, {doc['settings']['max_tokens']} tokens (greedy, "
                         f"{'adaptive' if doc['settings']['adaptive'] else 'fixed'} draft length){label}")
-    # decode time shares: draft, target (capture included), inject, other; ms/pass: one target pass
-    for col in ("run", "prefill t/s", "decode t/s", "speedup", "tau", "ms/pass",
-                "draft", "target", "capture", "inject", "other"):
+    # decode time shares: draft, target (capture included), inject, other; ms/pass: one target pass; bound: report.bound
+    cols = ("run", "prefill t/s", "decode t/s", "speedup", "tau", "ms/pass", "bound t/s", "of bound",
+            "draft", "target", "capture", "inject", "other")
+    for col in cols:
         table.add_column(col, justify="left" if col == "run" else "right")
     for r in doc["runs"]:
         if r["error"]:
-            table.add_row(r["key"], "[red]failed[/red]", *[""] * 9)
+            table.add_row(r["key"], "[red]failed[/red]", *[""] * (len(cols) - 2))
             continue
         table.add_row(r["key"], _num(r["prefill_tps"], ".1f"), _num(r["decode_tps"], ".1f"), _num(r["speedup"], ".2f"),
-                      _num(r["tau"], ".2f"), _num(r["target_ms_per_pass"], ".1f"),
+                      _num(r["tau"], ".2f"), _num(r["target_ms_per_pass"], ".1f"), _num(r.get("bound_tps"), ".1f"),
+                      _pct(r.get("fraction_of_bound")),
                       *(_pct(r["shares"].get(k)) for k in ("draft", "target", "capture", "inject", "other")))
     console.print(table)
     for r in doc["runs"]:
@@ -87,6 +106,10 @@ def print_table(console: Console, doc: dict[str, object]) -> None:
     gpu = "" if m["gpu_used_mb"] is None else \
         f", GPU used {m['gpu_used_mb']:.0f} MiB device-wide (drafter {m['drafter_gpu_mb']:.0f})"
     console.print(f"peak RSS {m['peak_rss_mb']:.0f} MiB (drafter {m['drafter_rss_mb']:.0f}){gpu}", highlight=False)
+    if doc.get("emulation_seconds"):
+        console.print(f"[dim]emulated acceptance: {doc['emulation_seconds']:.2f} s computing the target's continuation "
+                      "of DFlash's text where it left the target alone's, taken off DFlash's decode time[/dim]",
+                      highlight=False)
     for note in doc["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for mm in doc["mismatches"]:
@@ -110,8 +133,12 @@ def plot(doc: dict[str, object], path: Path) -> None:
         rs = [r for r in runs if r["mode"] == mode]
         if rs:
             bs = [r["block_size"] for r in rs]
-            ax_s.plot(bs, [r["speedup"] or 0 for r in rs], marker=marker, label=mode)
-            ax_t.plot(bs, [r["tau"] or 0 for r in rs], marker=marker, label=mode)
+            name = f"{mode} (emulated acceptance)" if rs[0].get("emulated_acceptance") else mode
+            ax_s.plot(bs, [r["speedup"] or 0 for r in rs], marker=marker, label=name)
+            ax_t.plot(bs, [r["tau"] or 0 for r in rs], marker=marker, label=name)
+            if rs[0].get("bound_speedup"):
+                ax_s.plot(bs, [r["bound_speedup"] or 0 for r in rs], marker=marker, linestyle=":",
+                          label=f"{name}: bound")
     ax_s.axhline(1.0, color="grey", linestyle="--", label="target alone")
     for ax, label in ((ax_s, "decode speedup"), (ax_t, "tau (tokens per target pass)")):
         ax.set_xticks(doc["settings"]["block_sizes"])

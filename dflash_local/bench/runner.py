@@ -17,9 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dflash_local.bench.divergence import Divergence, classify
+from dflash_local.bench.emulate import EmulatedDrafter, Oracle, Profile
 from dflash_local.bench.machine import gpu_used_mb, peak_rss_mb, rss_mb
 from dflash_local.bench.prompts import Prompt
-from dflash_local.engine import Engine, Stats, generate_in_job
+from dflash_local.engine import Engine, Generation, Stats, generate_in_job
 from dflash_local.loader import open_drafter, open_target
 from dflash_local.target import Target, TargetParams
 from dflash_local.tree import TREE_SIZE
@@ -38,6 +39,7 @@ class BenchConfig:
     device: str | None = None  # the drafter's ggml device
     adaptive: bool = True  # draft length chosen per step (as `dflash run` does), else the whole block
     tree_size: int = TREE_SIZE  # the most drafts of a tree (0: a chain)
+    emulate: Profile | None = None  # emulated acceptance (bench/emulate.py): chains only
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Totals:
 
     mode: str  # "target", "dflash" or "llama.cpp"
     block_size: int | None = None
+    emulated: bool = False  # DFlash with emulated acceptance (bench/emulate.py)
     prompts: int = 0
     prompt_tokens: int = 0
     generated: int = 0
@@ -63,7 +66,8 @@ class Totals:
 
     @property
     def key(self) -> str:
-        return self.mode if self.block_size is None else f"{self.mode}-{self.block_size}"
+        key = self.mode if self.block_size is None else f"{self.mode}-{self.block_size}"
+        return f"{key} (emulated acceptance)" if self.emulated else key
 
     def add(self, s: Stats, stop: str) -> None:
         self.prompts += 1
@@ -134,6 +138,7 @@ class BenchResult:
     notes: list[str]
     drafter: dict[str, object]  # the drafter's shape as the helper read it
     n_threads: int  # the target context's CPU threads
+    emulation_seconds: float = 0.0  # computing continuations for emulated drafts, taken off the decode time
 
     @property
     def failures(self) -> list[Mismatch]:
@@ -165,13 +170,20 @@ def run_bench(cfg: BenchConfig, console: Console,
     # the drafter first, so that its own memory can be read off (open_models loads both at once)
     drafter = open_drafter(cfg.drafter, cfg.target, cfg.params, cfg.device)
     mem1, gpu1 = rss_mb(), gpu_used_mb()
-    tg = open_target(cfg.target, cfg.params, drafter, cfg.tree_size)
+    tree_size = 0 if cfg.emulate else cfg.tree_size
+    tg = open_target(cfg.target, cfg.params, drafter, tree_size)
     base_tg = Target(cfg.target, cfg.params, model_of=tg)
+    emu = EmulatedDrafter(drafter, cfg.emulate, Oracle(base_tg)) if cfg.emulate else None
     try:
         baseline = Engine(base_tg)
-        engines = {b: Engine(tg, drafter, b, cfg.adaptive, cfg.tree_size) for b in cfg.block_sizes}
-        totals = {"target": Totals("target")} | {f"dflash-{b}": Totals("dflash", b) for b in cfg.block_sizes}
+        engines = {b: Engine(tg, emu or drafter, b, cfg.adaptive, tree_size) for b in cfg.block_sizes}
+        totals = {"target": Totals("target")} | {f"dflash-{b}": Totals("dflash", b, emu is not None)
+                                                 for b in cfg.block_sizes}
         notes: list[str] = []
+        if emu:
+            notes.append(f"emulated acceptance {cfg.emulate.name} (tau {cfg.emulate.tau:.2f}): the drafter ran every "
+                         "pass, its drafts were replaced by the target's own greedy text cut at a length drawn from "
+                         "the profile (bench/emulate.py); chains only")
         texts = [_prompt_text(tg, p, notes) for p in cfg.prompts]
         tokens = [tg.tokenize(text) for text in texts]
         records = [PromptRecord(p.id, text, len(toks), "") for p, text, toks in zip(cfg.prompts, texts, tokens)]
@@ -181,9 +193,10 @@ def run_bench(cfg: BenchConfig, console: Console,
 
         with progress_bar(console) as progress:
             task = progress.add_task("warm-up", total=len(records) * (1 + len(engines)))
-            generate_in_job(baseline, tokens[0], WARMUP_TOKENS)
+            warm = generate_in_job(baseline, tokens[0], WARMUP_TOKENS)
             for eng in engines.values():
-                generate_in_job(eng, tokens[0], WARMUP_TOKENS)
+                _dflash(eng, tokens[0], WARMUP_TOKENS, warm, emu)
+            emu_warm = emu.oracle.seconds if emu else 0.0
             for rec, toks in zip(records, tokens):
                 progress.update(task, description=rec.id)
                 ref = generate_in_job(baseline, toks, cfg.max_tokens)
@@ -192,10 +205,11 @@ def run_bench(cfg: BenchConfig, console: Console,
                 rec.runs["target"] = {"generated": ref.stats.generated, "decode_tps": ref.stats.decode_tps}
                 progress.advance(task)
                 for b, eng in engines.items():
-                    gen = generate_in_job(eng, toks, cfg.max_tokens)
-                    totals[f"dflash-{b}"].add(gen.stats, gen.stop)
-                    rec.runs[f"dflash-{b}"] = {"generated": gen.stats.generated, "decode_tps": gen.stats.decode_tps,
-                                               "tau": gen.stats.tau}
+                    gen = _dflash(eng, toks, cfg.max_tokens, ref, emu)
+                    run = totals[f"dflash-{b}"]
+                    run.add(gen.stats, gen.stop)
+                    rec.runs[run.key] = {"generated": gen.stats.generated, "decode_tps": gen.stats.decode_tps,
+                                         "tau": gen.stats.tau}
                     if (mm := check(rec.id, b, ref.tokens, gen.tokens)) is not None:
                         mm.divergence = classify(base_tg, toks, ref.tokens, gen.tokens, mm.index, b)
                         mismatches.append(mm)
@@ -204,6 +218,7 @@ def run_bench(cfg: BenchConfig, console: Console,
                     progress.advance(task)
                 gpu_now = gpu_used_mb()
                 gpu_peak = max(gpu_peak, gpu_now) if gpu_now is not None and gpu_peak is not None else None
+            emulation_seconds = emu.oracle.seconds - emu_warm if emu else 0.0
     finally:
         base_tg.close()  # before tg, whose model it uses
         tg.close()
@@ -216,7 +231,22 @@ def run_bench(cfg: BenchConfig, console: Console,
     }
     info = {"block_size": drafter.info.block_size, "n_layer": drafter.info.n_layer,
             "target_layers": list(drafter.info.target_layers)}
-    return BenchResult(totals, records, mismatches, memory, notes, info, n_threads)
+    return BenchResult(totals, records, mismatches, memory, notes, info, n_threads, emulation_seconds)
+
+
+def _dflash(engine: Engine, tokens: list[int], n: int, ref: Generation, emu: EmulatedDrafter | None) -> Generation:
+    """DFlash on a prompt; emulated, its drafts follow ref (the target alone's run of it), and the time spent
+    computing continuations where DFlash's text left ref's is taken off its decode time."""
+    if emu is None:
+        return generate_in_job(engine, tokens, n)
+    emu.start(tokens, ref.tokens, engine.block_size, n)
+    t0 = emu.oracle.seconds
+    try:
+        gen = generate_in_job(engine, tokens, n, emu.on_tokens)
+    finally:
+        emu.stop()
+    gen.stats.t_decode -= emu.oracle.seconds - t0
+    return gen
 
 
 NO_TEMPLATE = "the target has no chat template: chat prompts ran as raw completion"

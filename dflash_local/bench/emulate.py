@@ -1,0 +1,204 @@
+"""Emulated acceptance (`dflash bench --emulate-acceptance PROFILE`): what DFlash would gain with a drafter that
+accepts as PROFILE says, on targets whose own drafter accepts nothing (random weights, the mission shapes of
+bench/shapes.py).
+
+The real drafter still runs every pass, for its cost; its drafts are then replaced by the target's own greedy
+continuation, cut at an acceptance length n drawn from the profile for the pass: the first n drafts are the target's
+tokens and draft n+1 (if any) a wrong one. The target verifies as usual, so the output is the target's own and the
+bench's greedy identity check still holds. Chains only: the bench turns trees off.
+
+The continuation is the target alone's greedy text of the same prompt, from its run just before. Where DFlash's text
+leaves it (a pass of several tokens rounding otherwise, as on CUDA) the continuation of DFlash's own text is computed
+in the target alone's context as the tokens are emitted, outside the steps; that time is taken off DFlash's decode
+time (Oracle.seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dflash_local.errors import UsageError, UserError
+
+if TYPE_CHECKING:
+    from dflash_local.native import Drafter
+    from dflash_local.target import Target
+
+MAX_DRAFTS = 15  # a shorthand profile's longest run of accepted drafts: a block of 16
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # as given: a file or "tau=X"
+    hist: tuple[float, ...]  # weight of passes by drafts accepted, 0 .. len-1 (the last: all drafts of a block)
+    source: str  # where the histogram comes from
+
+    @property
+    def tau(self) -> float:
+        """Tokens per pass for a block of len(hist): 1 + the mean drafts accepted."""
+        return 1.0 + float(np.dot(np.arange(len(self.hist)), self.hist) / np.sum(self.hist))
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "tau": self.tau, "accept_hist": list(self.hist), "source": self.source}
+
+
+def geometric(tau: float, max_drafts: int = MAX_DRAFTS) -> Profile:
+    """Every draft accepted with the same probability a after its predecessor, up to max_drafts: P(n) = a^n (1 - a),
+    the rest at max_drafts; a chosen so that the mean is tau - 1 drafts."""
+    if not 1.0 <= tau <= 1.0 + max_drafts:
+        raise UsageError(f"tau={tau:g}: a block of {max_drafts + 1} gains 1 to {max_drafts + 1} tokens a pass")
+
+    def hist(a: float) -> np.ndarray:
+        h = a ** np.arange(max_drafts + 1) * (1.0 - a)
+        h[-1] = a**max_drafts
+        return h
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # bisection: the mean grows with a
+        a = (lo + hi) / 2
+        mean = float(np.dot(np.arange(max_drafts + 1), hist(a)))
+        lo, hi = (a, hi) if mean < tau - 1.0 else (lo, a)
+    return Profile(f"tau={tau:g}", tuple(float(x) for x in hist((lo + hi) / 2)),
+                   f"geometric: each draft accepted with probability {(lo + hi) / 2:.4f} after its predecessor, "
+                   f"up to {max_drafts}")
+
+
+def load_profile(spec: str) -> Profile:
+    """`tau=X` (geometric), or a JSON file: {"accept_hist": [...]} (bench/profiles/), or a `dflash bench --json`
+    result, whose DFlash run of the largest block gives its histogram."""
+    if spec.startswith("tau="):
+        try:
+            return geometric(float(spec[4:]))
+        except ValueError:
+            raise UsageError(f"--emulate-acceptance {spec}: tau=X takes a number") from None
+    path = Path(spec)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--emulate-acceptance {spec}: neither tau=X nor a readable JSON file ({e})") from None
+    source = doc.get("source", str(path)) if isinstance(doc, dict) else ""
+    if isinstance(doc, dict) and "runs" in doc:  # a bench result
+        runs = [r for r in doc["runs"] if r.get("mode") == "dflash" and sum(r.get("accept_hist") or [])]
+        if not runs:
+            raise UserError(f"{path}: no DFlash run with passes by drafts accepted")
+        run = max(runs, key=lambda r: r["block_size"])
+        doc, source = run, f"{path}, run {run['key']}"
+    hist = doc.get("accept_hist") if isinstance(doc, dict) else None
+    if not hist or any(not isinstance(x, (int, float)) or x < 0 for x in hist) or not sum(hist):
+        raise UserError(f"{path}: accept_hist must be a list of non-negative weights of passes by drafts accepted")
+    return Profile(str(path), tuple(float(x) for x in hist), source)
+
+
+class Oracle:
+    """The target alone's greedy continuation of DFlash's text: from the target alone's own run while the texts agree,
+    else computed in the target alone's context (tg) as far as drafts are asked for."""
+
+    def __init__(self, tg: Target):
+        self.tg = tg
+        self.seconds = 0.0  # spent computing continuations (none while the texts agree)
+        self.prompt: list[int] = []
+        self.known: list[int] = []  # the continuation after the prompt, as far as known
+        self.ended = False  # known ends with an end-of-generation token
+        self._cached = 0  # leading tokens of prompt + known in tg's cache
+        self._logits: np.ndarray | None = None  # the next token's logits after prompt + known, while known
+
+    def start(self, prompt: list[int], continuation: list[int]) -> None:
+        """A new text; tg's cache is taken to hold nothing of it."""
+        self.prompt, self.known, self.ended, self._cached, self._logits = list(prompt), list(continuation), False, 0, None
+
+    def tokens(self, emitted: list[int], k: int) -> list[int]:
+        """The k tokens the target alone would give after prompt + emitted (fewer after an end of generation)."""
+        n = len(emitted)
+        if self.known[:n] != emitted:  # DFlash's text left it: follow DFlash's
+            agree = next((i for i, (a, b) in enumerate(zip(self.known, emitted)) if a != b), min(len(self.known), n))
+            self._cached = min(self._cached, len(self.prompt) + agree)
+            self.known, self.ended, self._logits = list(emitted), False, None
+        if len(self.known) < n + k and not self.ended:
+            t = time.perf_counter()
+            self._extend(n + k)
+            self.seconds += time.perf_counter() - t
+        return self.known[n:n + k]
+
+    def _extend(self, length: int) -> None:
+        tg = self.tg
+        if self._logits is None:  # decode what the cache lacks: an attention cache keeps what still agrees
+            text = self.prompt + self.known
+            keep = 0 if tg.recurrent else min(self._cached, len(text) - 1)
+            if keep:
+                tg.rollback(keep, keep, [])
+            else:
+                tg.clear()
+            self._logits = tg.decode(text[keep:], keep, all_logits=False)[0]
+            self._cached = len(text)
+        while len(self.known) < length and not self.ended:
+            token = int(np.argmax(self._logits))
+            self.known.append(token)
+            pos = len(self.prompt) + len(self.known) - 1
+            self.ended = tg.is_eog(token) or pos + 1 > tg.n_ctx
+            if not self.ended:
+                self._logits = tg.decode([token], pos, all_logits=False)[0]
+                self._cached += 1
+
+
+class EmulatedDrafter:
+    """The drafter with its drafts replaced as the module says; the engine uses it as a Drafter (chains only)."""
+
+    def __init__(self, drafter: Drafter, profile: Profile, oracle: Oracle, seed: int = 0):
+        self.real, self.profile, self.oracle = drafter, profile, oracle
+        self.info, self.path, self.device, self.n_threads = drafter.info, drafter.path, drafter.device, drafter.n_threads
+        # its acceptance is the profile's: cached apart from the real drafter's (calibrate.load_acceptance)
+        self.acceptance_key = f"emulated acceptance {profile.name}"
+        self.rng = np.random.default_rng(seed)
+        self._p = np.asarray(profile.hist) / sum(profile.hist)
+        self.cuts: list[int] = []  # the acceptance length drawn for each pass
+        self._emitted: list[int] | None = None  # DFlash's text so far, while a generation is emulated
+        self._block_size = self._max_tokens = 0
+
+    def start(self, prompt: list[int], continuation: list[int], block_size: int, max_tokens: int) -> None:
+        """Before a generation: the prompt, the target alone's greedy text after it, the engine's settings."""
+        self.oracle.start(prompt, continuation)
+        self._emitted, self._block_size, self._max_tokens = [], block_size, max_tokens
+
+    def on_tokens(self, tokens: list[int]) -> None:
+        """The engine's callback for what it emits: the continuation for the next drafts is made ready here,
+        outside the steps' timing (as far as a step drafts: the block, within the token budget)."""
+        if self._emitted is not None:
+            self._emitted += tokens
+            depth = min(self._block_size - 1, self._max_tokens - len(self._emitted) - 1)
+            self.oracle.tokens(self._emitted, max(depth, 0))
+
+    def stop(self) -> None:
+        self._emitted = None
+
+    # ---- the Drafter interface -------------------------------------------------------------------------------
+    def draft(self, anchor: int, block_size: int | None = None, n: int | None = None) -> np.ndarray:
+        drafts = self.real.draft(anchor, block_size, n)  # for its cost (and during calibration, as it is)
+        if self._emitted is None:
+            return drafts
+        cut = int(self.rng.choice(len(self._p), p=self._p))
+        self.cuts.append(cut)
+        truth = self.oracle.tokens(self._emitted, len(drafts))
+        for i, tok in enumerate(truth[:cut + 1]):  # past the end of the target's text, the drafter's own drafts
+            drafts[i] = tok if i < cut else (tok + 1) % self.info.n_vocab
+        return drafts
+
+    def draft_top(self, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        raise UsageError("emulated acceptance drafts chains only (--tree-size 0)")
+
+    def inject(self, features: np.ndarray, pos0: int) -> None:
+        self.real.inject(features, pos0)
+
+    def crop(self, n_pos: int) -> None:
+        self.real.crop(n_pos)
+
+    @property
+    def n_pos(self) -> int:
+        return self.real.n_pos
+
+    def close(self) -> None:
+        self.real.close()
