@@ -65,6 +65,10 @@ def test_run_bad_inputs(smollm2_path, smol_drafter, tiny_target, tmp_path):
         ((smollm2_path, "--drafter", smol_drafter, "--block-size", "32", "-p", "hi"), 2, "--block-size"),
         ((smollm2_path, "-p", "hi", "-f", tmp_path / "p.txt"), 2, "either --prompt or --file"),
         ((smollm2_path, "-p", "hi", "--tensor-split", "a,b"), 2, "--tensor-split"),
+        ((smollm2_path, "-p", "hi", "--max-tokens", "0"), 2, "--max-tokens"),
+        ((smollm2_path, "-p", "hi", "--max-tokens", "-3"), 2, "--max-tokens"),
+        ((smollm2_path, "-p", "hi", "--ctx-size", "100000000"), 1, "cannot"),
+        ((smollm2_path, "-p", "hi", "--device", "NOPE0"), 1, "no ggml device named 'NOPE0'"),
     ]
     for args, code, message in cases:
         result = _run(*args)
@@ -84,3 +88,27 @@ def test_the_command_line_loads_llama_cpp_before_numpy(smollm2_path):
     out = subprocess.run([sys.executable, "-P", "-c", code, str(smollm2_path)], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_a_tiny_context_ends_cleanly(smollm2_path):
+    """A context too small for a block: the target goes on alone and says the context filled up."""
+    result = _run(smollm2_path, "-p", "hi", "--ctx-size", "16", "-n", "400", "-t", "1")
+    assert result.exit_code == 0, result.output
+    assert "context is full" in result.stderr
+
+
+@pytest.mark.parametrize("wait", [2.0, 8.0])  # in the load, calibration or prefill; while generating
+def test_ctrl_c_ends_cleanly(smollm2_path, wait):
+    """Ctrl-C keeps what was generated: no traceback, exit 0 while generating (the answer so far printed), 130 before."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "dflash_local", "run", str(smollm2_path), "-p", PROMPT, "-n",
+                             "100000", "--ctx-size", "8192", "-t", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(wait)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and proc.returncode in (0, 130), (proc.returncode, err)
+    if proc.returncode == 0:
+        assert "interrupted" in err and out.strip(), err
