@@ -110,5 +110,5 @@ def test_ctrl_c_ends_cleanly(smollm2_path, wait):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err and proc.returncode in (0, 130), (proc.returncode, err)
-    if proc.returncode == 0:
-        assert "interrupted" in err and out.strip(), err
+    if proc.returncode == 0:  # interrupted while generating (or the answer had ended): what came is printed
+        assert out.strip() and "tok/s" in err, err

@@ -114,12 +114,12 @@ def start(tmp_path_factory) -> Iterator[Callable[..., Server]]:
 
 @pytest.fixture(scope="module")
 def smol(start) -> Server:
-    """The default model with its shipped drafter, as `dflash run` uses it."""
-    return start()
+    """SmolLM2 with its shipped drafter, as `dflash run smollm2` uses it."""
+    return start("smollm2")
 
 
 def dflash_run(*args: str) -> str:
-    result = CliRunner().invoke(app, ["run", "--temp", "0", "--threads", "1", "-n", str(N), *args])
+    result = CliRunner().invoke(app, ["run", "smollm2", "--temp", "0", "--threads", "1", "-n", str(N), *args])
     assert result.exit_code == 0, result.output
     return result.stdout
 
@@ -215,7 +215,7 @@ def test_errors(smol, start, tmp_path):
         openai.OpenAI(base_url=f"{smol.url}/v1", api_key="wrong", max_retries=0).models.list()
 
     # a full queue: one request generating, one waiting (the queue holds one), the next is answered 503
-    busy = start("--no-draft", "--queue-size", "1", api_key=None)
+    busy = start("smollm2", "--no-draft", "--queue-size", "1", api_key=None)
     body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 2000, "stream": True}
     conn, r = busy.open("POST", "/v1/completions", body)
     with closing(conn):
@@ -252,7 +252,7 @@ def test_the_engine_stops_when_on_tokens_returns_false(tiny_target):
 
 
 def test_sigterm_ends_open_streams_and_stops_cleanly(start):
-    server = start("--no-draft", api_key=None)
+    server = start("smollm2", "--no-draft", api_key=None)
     body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 2000, "stream": True}
     conn, r = server.open("POST", "/v1/completions", body)
     with closing(conn):
