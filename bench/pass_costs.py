@@ -1,8 +1,9 @@
 """What one pass of each part of DFlash costs on this machine (issue 26), to set against what `dflash bench` measures:
 
-- the target's pass of k = 1, 2, 4, 8, 16 tokens in a context of its own (as the target alone runs, `target_alone`)
-  and in DFlash's context (the capture's callback, recurrent snapshots), capturing (`verify_capture`) and with the
-  capture switched off (`verify_no_capture`);
+- the target's pass of one token in a context of its own (as the target alone runs, `target_alone`), and of k = 1, 2,
+  4, 8, 16 tokens in DFlash's context (the capture's callback, recurrent snapshots), capturing (`verify_capture`) and
+  with the capture switched off (`verify_no_capture`); each row's greedy pick is made in the graph, as the engine
+  verifies;
 - for DFlash's context, the rollback after a pass of k tokens whose drafts were all rejected (`rollback`: llama.cpp's
   snapshots on hybrid targets, a cache trim on attention ones);
 - the drafter's block pass drafting k - 1 tokens (`draft`) and its context pass over k accepted rows (`inject`);
@@ -33,6 +34,7 @@ from dflash_local.bench.emulate import geometric
 from dflash_local.bench.machine import file_info, gpu_used_mb, script_header
 from dflash_local.draft_length import choices_for
 from dflash_local.loader import open_drafter
+from dflash_local.sampling import SamplingParams
 from dflash_local.target import Target, TargetParams, read_gguf_arch
 
 TEXT = ("def parse(rows):\n    total = {}\n    for month, amount in rows:\n        total[month] = total.get(month, 0) "
@@ -84,6 +86,7 @@ def main() -> None:
     prompt, block = tokens[:a.context], tokens[a.context:a.context + max(sizes)]
     pos, anchor = a.context, block[0]
     for t in (plain, tg):
+        t.pick_on_device(SamplingParams())  # as the engine verifies: greedy picks in the graph, no logits to the host
         t.decode(prompt, 0, all_logits=False)
         if t.recurrent and not t.snapshots:
             t.save_state()  # rollback() restores it
@@ -104,7 +107,8 @@ def main() -> None:
                                                          "rollback", "draft", "inject")}
     for k in sizes:
         toks = block[:k]
-        res["target_alone"][k] = ms(lambda: plain.decode(toks, pos, all_logits=True), lambda: undo(plain))
+        if k == 1:  # the target alone passes one token (its context keeps one output a sequence)
+            res["target_alone"][k] = ms(lambda: plain.decode(toks, pos, all_logits=True), lambda: undo(plain))
         for key, on in (("verify_no_capture", False), ("verify_capture", True)):
             tg.capture.enable(on)
             res[key][k] = ms(lambda: tg.decode(toks, pos, all_logits=True), lambda: undo(tg))

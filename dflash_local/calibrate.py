@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from dflash_local import __version__
 from dflash_local.cache import read_json, write_json
 from dflash_local.draft_length import Choice
+from dflash_local.sampling import SamplingParams
 from dflash_local.tree import N_TOP, build_tree
 
 if TYPE_CHECKING:
@@ -44,8 +45,8 @@ def step_costs(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) 
 
 
 def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> dict[Choice, float]:
-    """Each choice's step, as the engine takes it, after CONTEXT positions of a made-up prompt; both caches are
-    cleared afterwards."""
+    """Each choice's step, as the engine takes it (greedy picks in the graph where llama.cpp can: no rows of logits to
+    the host), after CONTEXT positions of a made-up prompt; both caches are cleared afterwards."""
     pos = max(min(CONTEXT, tg.n_ctx // 2), 1)  # a short context fits a block after it; a pass that does not fit
     room = min(tg.n_ctx - pos, tg.n_batch)  # ... is never chosen (cost: infinite)
     tokens = (tg.tokenize("def measure(x):\n    return x * 2\n", add_special=False) or [0]) * (pos + 64)
@@ -71,6 +72,7 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
         tg.keep_branch(pos, [], len(t.seqs[0]))
 
     costs: dict[Choice, float] = {}
+    tg.pick_on_device(SamplingParams())
     try:
         for c in sorted(choices):  # the target alone first, then each kind from small to big
             smaller = [costs[s] for s in costs if s.tree == c.tree and s.k]
@@ -84,6 +86,7 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
                 costs[c] = median_seconds(lambda c=c: tree(c.k) if c.tree else chain(c.k))
         return costs
     finally:
+        tg.pick_on_device(None)
         tg.clear()
         dr.crop(0)
 
