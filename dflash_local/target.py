@@ -1,8 +1,9 @@
 """The target model in llama.cpp, through llama-cpp-python's low-level API.
 
 One sequence (id 0) for generation; several for the trainer's data, which answers prompts in parallel.
-Hidden states for the drafter come from the native capture, installed as the
-context's eval callback; recurrent/hybrid memory gets exact rollback (llama.cpp snapshots where the
+Hidden states for the drafter go to the native capture: pulled from llama.cpp's own layer-input capture where the
+architecture's graph records its layer inputs, else copied by the capture installed as the context's eval callback
+(which splits the graph at each wanted layer); recurrent/hybrid memory gets exact rollback (llama.cpp snapshots where the
 architecture has them, else a saved sequence state that is restored and re-decoded).
 """
 
@@ -27,6 +28,25 @@ from dflash_local.tree import TREE_SIZE
 
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h: enum ggml_log_level
+
+# Architectures whose llama.cpp graph records each layer's input (res->t_layer_inp), so that llama.cpp extracts the
+# wanted layers' rows itself, with no graph split; on any other it aborts, and the eval callback captures there.
+LAYER_INPUT_ARCHS = frozenset({"llama", "qwen3", "qwen3moe", "qwen35", "qwen35moe"})
+
+
+def _layer_input_api() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
+    """llama_set_embeddings_layer_inp and llama_get_embeddings_layer_inp of the pinned llama.cpp (src/llama-ext.h), or
+    None. They are C++ functions, exported under mangled names; their arguments (a pointer, an unsigned int, a bool)
+    pass as in C."""
+    lib = lc.llama_cpp._lib
+    try:
+        set_inp = lib["_Z30llama_set_embeddings_layer_inpP13llama_contextjb"]
+        get_inp = lib["_Z30llama_get_embeddings_layer_inpP13llama_contextj"]
+    except AttributeError:
+        return None
+    set_inp.argtypes, set_inp.restype = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool], None
+    get_inp.argtypes, get_inp.restype = [ctypes.c_void_p, ctypes.c_uint32], ctypes.c_void_p
+    return set_inp, get_inp
 
 
 @lc.llama_log_callback
@@ -167,6 +187,8 @@ class Target:
         kv_unified = params.kv_unified or self.branches > 0  # the leaves' cells share the prefix's
 
         self.capture = Capture(self.n_embd, list(capture_layers)) if capture_layers else None
+        self.capture_layers = tuple(capture_layers)
+        self._layer_inputs = _layer_input_api() if capture_layers and self.arch in LAYER_INPUT_ARCHS else None
         cp = lc.llama_context_default_params()
         cp.n_ctx = params.n_ctx if kv_unified else params.n_ctx * params.n_seq
         cp.n_batch = params.n_batch
@@ -183,13 +205,17 @@ class Target:
             cp.n_rs_seq = rollback
         # a verified block's rows (a tree's are all sequence 0's only when it is one chain), each its argmax in the graph
         cp.n_outputs_max_per_seq = TREE_SIZE + 1 if capture_layers else 1
-        if self.capture:
+        if self.capture and not self._layer_inputs:
             cp.cb_eval = self.capture.callback
             cp.cb_eval_user_data = self.capture.user_data
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
             self.close()
             raise UserError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {path}")
+        if self._layer_inputs:
+            for layer in capture_layers:  # layer L's input is what the callback would take: layer L-1's output
+                self._layer_inputs[0](self.ctx, layer, True)
+        self.capture_method = "layer inputs" if self._layer_inputs else "eval callback" if self.capture else None
         self.n_seq = params.n_seq
         self.kv_unified = kv_unified
         self.n_ctx = lc.llama_n_ctx(self.ctx) // (1 if kv_unified else params.n_seq)  # per sequence
@@ -391,6 +417,10 @@ class Target:
         rc = lc.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) at position {min(positions)}")
+        if self._layer_inputs and self.capture.enabled:
+            lc.llama_synchronize(self.ctx)  # llama.cpp copies the rows out asynchronously
+            get_inp = self._layer_inputs[1]
+            self.capture.pull([get_inp(self.ctx, layer) for layer in self.capture_layers], len(tokens))
 
     def logits(self, n_out: int) -> np.ndarray:
         """Logits rows of the last decode's n_out outputs, as a view."""

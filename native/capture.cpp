@@ -1,7 +1,9 @@
 // Hidden-state capture through llama.cpp's eval callback. The scheduler asks, for every graph node,
 // whether we want it (ask=true); for the nodes we do, it computes up to there, synchronizes and calls
 // again (ask=false) so we can copy the data. We want only `l_out-(L-1)` for the drafter's GGUF target
-// layers L: the output of decoder layer L-1, i.e. HF hidden_states[L].
+// layers L: the output of decoder layer L-1, i.e. HF hidden_states[L]. Each wanted node splits the graph
+// there (on a GPU: a synchronization, and the CUDA graph in pieces), so where llama.cpp can extract layer
+// inputs itself (its graph marks them as outputs), the rows are pulled from there instead (dflash_capture_pull).
 #include "dflash.h"
 #include "common.h"
 
@@ -170,6 +172,25 @@ static void copy_node(dflash_capture * cap, const ggml_tensor * t, int col) {
         cap->n_rows += (int32_t) n_tok;
         cap->n_seen = 0;
     }
+}
+
+int32_t dflash_capture_pull(dflash_capture * cap, const float * const * layers, int32_t n_rows) {
+    if (!cap->enabled || cap->failed || n_rows <= 0) {
+        return cap->failed ? -1 : cap->n_rows;
+    }
+    const auto    t0     = std::chrono::steady_clock::now();
+    const int64_t n_embd = cap->n_embd;
+    const int64_t n_extr = (int64_t) cap->node_layers.size();
+    cap->rows.resize((size_t) (cap->n_rows + n_rows) * n_extr * n_embd);
+    float * dst = cap->rows.data() + (size_t) cap->n_rows * n_extr * n_embd;
+    for (int64_t r = 0; r < n_rows; ++r) {
+        for (int64_t j = 0; j < n_extr; ++j) {
+            std::memcpy(dst + (r * n_extr + j) * n_embd, layers[j] + r * n_embd, n_embd * sizeof(float));
+        }
+    }
+    cap->n_rows += n_rows;
+    cap->seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return cap->n_rows;
 }
 
 bool dflash_capture_eval(ggml_tensor * t, bool ask, void * user_data) {

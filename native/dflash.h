@@ -28,13 +28,19 @@ void         dflash_exit_on_ggml_abort(void);
 
 // ---- capture --------------------------------------------------------------------------------
 // Collects the rows of graph nodes `l_out-(L-1)` for the GGUF target layers L, into a row-major
-// buffer [n_rows, n_layers * n_embd] in batch order, across ubatches.
+// buffer [n_rows, n_layers * n_embd] in batch order, across ubatches: through the eval callback, or pulled from
+// llama.cpp's layer-input capture (the same tensors: layer L's input is layer L-1's output).
 typedef struct dflash_capture dflash_capture;
 
 dflash_capture * dflash_capture_new(int32_t n_embd, const int32_t * target_layers, int32_t n_layers);
 void             dflash_capture_free(dflash_capture * cap);
 // The ggml_backend_sched_eval_callback; user_data is the dflash_capture.
 bool             dflash_capture_eval(struct ggml_tensor * t, bool ask, void * user_data);
+// Rows that llama.cpp's own layer-input capture extracted in one llama_decode (layers[j]: [n_rows, n_embd] in batch
+// order, the input of GGUF target layer target_layers[j]), appended to the captured rows as the callback appends
+// them; nothing while paused. For architectures whose graph records its layer inputs: no graph split, no
+// synchronization inside the pass. Returns the rows held.
+int32_t          dflash_capture_pull(dflash_capture * cap, const float * const * layers, int32_t n_rows);
 // Forget captured rows; call before each llama_decode whose features are wanted.
 void             dflash_capture_reset(dflash_capture * cap);
 // Pause or resume capturing (paused: no node is asked for, so the target runs unsplit).
