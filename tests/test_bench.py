@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dflash_local.bench import runner
 from dflash_local.bench.divergence import classify
-from dflash_local.bench.llamacpp import command, parse
+from dflash_local.bench.llamacpp import command, failure_reason, parse
 from dflash_local.bench.prompts import load_prompts
 from dflash_local.cli import app
 from dflash_local.engine import Engine
@@ -136,6 +136,13 @@ def test_a_divergence_at_one_thread_is_never_rounding(smollm2_path):
         assert div.gap is not None and div.gap > 0 and div.bound == 0.0 and div.batch_picks_dflash is False
         assert not div.rounding
         assert not classify(tg, prompt, expected, expected[:5], 5, width=16).rounding, "a shorter text is a failure"
+
+        # near the start of the text the bound still comes from a whole batch, which rounds as DFlash's pass did
+        widths: list[int] = []
+        decode = tg.decode
+        tg.decode = lambda tokens, *args, **kw: (widths.append(len(tokens)), decode(tokens, *args, **kw))[1]
+        classify(tg, prompt, expected, expected[:1] + [second], 1, width=16)
+        assert max(widths[1:]) == 16, widths  # after the prompt's pass
     finally:
         tg.close()
 
@@ -187,3 +194,10 @@ def test_upstream_command_and_log(models):
                                    "n_accept": 9}
     with pytest.raises(ValueError, match="decoded"):
         parse("encoded 3 tokens in 0.1 seconds")
+    # how upstream failed on a qwen2 target (an H100, 2026-12-06): the reason, not the backtrace's addresses
+    aborted = ("0.00.936.728 I common_speculative_impl_draft_dflash: - block_size=16, mask_token_id=151935\n"
+               "/src/llama-graph.cpp:1384: GGML_ASSERT(t_layer_inp[il] != nullptr && \"layer input tensor is null\") "
+               "failed\nlibggml-base.so.0(ggml_print_backtrace+0x21c)[0x7fa9c9524dbc]\n"
+               "llama-speculative-simple(+0x34b1da)[0x560b178341da]\n")
+    assert failure_reason(aborted).endswith('GGML_ASSERT(t_layer_inp[il] != nullptr && "layer input tensor is null") '
+                                            "failed")

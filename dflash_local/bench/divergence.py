@@ -30,7 +30,10 @@ def classify(tg: Target, prompt: list[int], expected: list[int], got: list[int],
     if index >= min(len(expected), len(got)) or tg.recurrent:  # a shorter text, or state that cannot be re-decoded
         return Divergence(None, None, None, False)
     n = len(prompt)
-    start = max(index - width, 0)  # the batch: expected[start:index], whose rows predict expected[start + 1 ..]
+    # the batch: `width` tokens of the target alone's text (fewer where it ends) from start, whose first rows predict
+    # expected[start + 1 .. index]; whole, since a batch's width is what makes it round otherwise (a divergence near
+    # the start of the text was once compared with a "batch" of one token, which rounds as one token does)
+    start = max(index - width, 0)
     tg.clear()
     one_token = {0: tg.decode(prompt, 0, all_logits=False)[0].copy()}  # j -> the logits that chose expected[j]
     for j in range(index):
@@ -42,8 +45,8 @@ def classify(tg: Target, prompt: list[int], expected: list[int], got: list[int],
     bound, batch_picks = 0.0, None
     if index > start:
         tg.rollback(n + start, n + start, [])
-        batch = tg.decode(expected[start:index], n + start, all_logits=True)
+        batch = tg.decode(expected[start:start + width], n + start, all_logits=True)
         bound = max(float(np.abs(batch[r] - one_token[start + r + 1]).max()) for r in range(index - start))
-        batch_picks = int(np.argmax(batch[-1])) == got[index]
+        batch_picks = int(np.argmax(batch[index - start - 1])) == got[index]
     tg.clear()
     return Divergence(gap, bound, batch_picks, 0.0 <= gap <= bound)

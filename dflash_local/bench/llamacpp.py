@@ -58,6 +58,16 @@ def parse(log: str) -> dict[str, float]:
     return out
 
 
+def failure_reason(stderr: str) -> str:
+    """What a failed run said of why: its assertion or error line (the backtrace after it names only addresses),
+    else its last lines."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if "GGML_ASSERT" in line or "error" in line.lower() or "failed" in line.lower():
+            return line
+    return " | ".join(lines[-3:])
+
+
 def run_upstream(binary: Path, cfg: BenchConfig, records: list[PromptRecord], n_threads: int,
                  console: Console) -> dict[str, Totals]:
     """A Totals per block size; a failing run stops that block size and keeps the error."""
@@ -75,8 +85,7 @@ def run_upstream(binary: Path, cfg: BenchConfig, records: list[PromptRecord], n_
                         raise ValueError(f"exit code {proc.returncode}")
                     r = parse(proc.stdout + proc.stderr)
                 except ValueError as e:
-                    tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
-                    t.error = f"{rec.id}: {e}\n{tail}"
+                    t.error = f"{rec.id}: {e}: {failure_reason(proc.stderr)}"
                     break
                 t.prompts += 1
                 t.prompt_tokens += int(r["encoded"])
