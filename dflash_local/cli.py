@@ -270,12 +270,13 @@ def _chat_or_prompt(tg: Target, dr: Drafter | None, engine: Engine, prompt: str 
     if prompt is not None:
         generate([("user", prompt)])
         return
-    console.print("[dim]chat: empty line or Ctrl-D to quit[/dim]")
+    console.print("[dim]chat: Ctrl-C stops an answer; an empty line or Ctrl-D quits[/dim]")
     history: list[tuple[str, str]] = []
     while True:
         try:
             line = input("> ")
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C: the chat ends, its prompt's line too
+            print()
             break
         if not line.strip():
             break

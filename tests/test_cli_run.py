@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 
 import pytest
 from synthetic_drafters import random_drafter_gguf
@@ -100,7 +103,6 @@ def test_a_tiny_context_ends_cleanly(smollm2_path):
 @pytest.mark.parametrize("wait", [2.0, 8.0])  # in the load, calibration or prefill; while generating
 def test_ctrl_c_ends_cleanly(smollm2_path, wait):
     """Ctrl-C keeps what was generated: no traceback, exit 0 while generating (the answer so far printed), 130 before."""
-    import signal
     import time
 
     proc = subprocess.Popen([sys.executable, "-P", "-m", "dflash_local", "run", str(smollm2_path), "-p", PROMPT, "-n",
@@ -112,3 +114,70 @@ def test_ctrl_c_ends_cleanly(smollm2_path, wait):
     assert "Traceback" not in err and proc.returncode in (0, 130), (proc.returncode, err)
     if proc.returncode == 0:  # interrupted while generating (or the answer had ended): what came is printed
         assert out.strip() and "tok/s" in err, err
+
+
+class _Chat:
+    """`dflash run` with no prompt in a subprocess, its stdout and stderr gathered by threads as they come: a test acts
+    on what it has printed, not after fixed sleeps, which a slow or loaded machine outlasts."""
+
+    def __init__(self, *args: str):
+        # -P: the installed dflash_local, not the source tree of the current folder
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "dflash_local", "run", *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out = self.err = b""
+        self._changed = threading.Condition()
+        self._open = 2
+        for name in ("out", "err"):
+            threading.Thread(target=self._gather, args=(name,), daemon=True).start()
+
+    def _gather(self, name: str) -> None:
+        pipe = getattr(self.proc, f"std{name}")
+        while chunk := pipe.read1():
+            with self._changed:
+                setattr(self, name, getattr(self, name) + chunk)
+                self._changed.notify_all()
+        with self._changed:
+            self._open -= 1
+            self._changed.notify_all()
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, done: Callable[[], bool], timeout: float = 300.0) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: done() or not self._open, timeout)
+            assert done(), (self.out.decode(errors="replace"), self.err.decode(errors="replace"))
+
+    def exit_code(self, timeout: float = 120.0) -> int:
+        """Once the process has ended and all it printed is gathered."""
+        code = self.proc.wait(timeout)
+        self.wait_for(lambda: not self._open, timeout)
+        return code
+
+
+@pytest.mark.parametrize("end", ["ctrl-c", "eof"])
+def test_ctrl_c_in_a_chat_ends_the_answer(smollm2_path, end):
+    """In a chat, Ctrl-C while an answer is generated ends that answer, which stays printed, and the chat goes on to
+    the next prompt; Ctrl-C or Ctrl-D (EOF) at the prompt ends the chat: exit 0, no traceback."""
+    # greedy, the answer runs to -n: Ctrl-C comes before its end however slow the machine; the shipped drafter
+    chat = _Chat(str(smollm2_path), "-n", "400", "--ctx-size", "512", "-t", "1")
+    try:
+        chat.wait_for(lambda: chat.out == b"> ")  # loaded and calibrated: the first prompt
+        for turn in (1, 2):  # the second: the chat generates again after an answer was cut
+            start = len(chat.out)
+            chat.send("Write the numbers from 1 to 1000.")
+            chat.wait_for(lambda: len(chat.out) > start)  # the answer is coming
+            chat.proc.send_signal(signal.SIGINT)
+            # the answer's stats line on stderr, then the next prompt on stdout
+            chat.wait_for(lambda: chat.err.count(b"tok/s") == turn and chat.out.endswith(b"\n> "))
+            answer, stats = chat.out[start:-3].decode(), chat.err.decode().splitlines()[-1]
+            assert answer.strip() and stats.endswith(", interrupted"), (answer, stats)
+        if end == "ctrl-c":
+            chat.proc.send_signal(signal.SIGINT)
+        else:
+            chat.proc.stdin.close()
+        assert chat.exit_code() == 0, chat.err
+    finally:
+        chat.proc.kill()
+    assert chat.out.endswith(b"\n> \n") and b"Traceback" not in chat.err, chat.err
