@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dflash_local.bench.machine import file_info, script_header
+from dflash_local.bench.report import write_json
 from dflash_local.loader import open_drafter
 from dflash_local.sampling import SamplingParams
 from dflash_local.target import Target, TargetParams
@@ -182,8 +183,7 @@ def main() -> None:
         print(f"{name:<26}{r['wall_ms']:9.3f}{r['wall_min_ms']:8.3f}" + (
             f"{k:12.3f}{r['wall_ms'] - k:9.3f}{r['kernels']:9.0f}" if k is not None else ""))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(doc, a.json)
         print(f"wrote {a.json}")
 
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 import llama_cpp as lc  # first: numpy loaded before llama.cpp's libraries crashed its model load on the GPU machines
 
 import argparse
-import json
 from pathlib import Path
 
 from dflash_local import calibrate
 from dflash_local.bench.emulate import geometric
 from dflash_local.bench.machine import file_info, gpu_used_mb, script_header
+from dflash_local.bench.report import write_json
 from dflash_local.draft_length import choices_for
 from dflash_local.loader import open_drafter
 from dflash_local.sampling import SamplingParams
@@ -160,8 +160,7 @@ def main() -> None:
     }
     _print(doc)
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(doc, a.json)
         print(f"wrote {a.json}")
     plain.close()  # before tg, whose model it uses
     tg.close()

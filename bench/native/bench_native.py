@@ -12,12 +12,12 @@ Modes alternate within each iteration so drift hits them alike; medians are repo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 from dflash_local.bench.machine import file_info, script_header
+from dflash_local.bench.report import write_json
 from dflash_local.native import Drafter
 from dflash_local.target import Target, TargetParams
 
@@ -110,8 +110,7 @@ def main() -> None:
     print(f"drafter pass           {results['drafter_vs_target']:8.1%} of a target pass "
           f"(goal <= {GOALS['drafter_vs_target']:.0%}: {'met' if goals['drafter_vs_target']['met'] else 'NOT met'})")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(doc, a.json)
         print(f"wrote {a.json}")
     for obj in (cap, plain, dr):
         obj.close()
