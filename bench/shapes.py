@@ -38,19 +38,27 @@ class Mission:
     drafter: DrafterShape
 
 
+# Q and K's scale in the mission shapes. The tiny models' 3 made the random 36-layer Qwen3-8B shape amplify rounding
+# so much on an H100 that every prompt's text left the target alone's at its second token (and no emulated draft was
+# accepted). On one CPU thread with Q4_K_M weights, a narrow 36-layer qwen3's pass of 16 tokens gave logits up to 5.7
+# away from one-token passes' at 3, 0.47-0.69 at 1.5 (its text still varied: 13-14 distinct tokens of 16). A narrow
+# 64-layer qwen35 stays sensitive at any gain (1.2-10.8 at 3, 1.9-5.3 at 1.5, 3.3-6.8 at 1): its Gated DeltaNet
+# layers amplify too
+QK_GAIN = 1.5
+
 SHAPES = {
     # Qwen3.5-27B: Gated DeltaNet on 3 of every 4 layers (d_inner 6144 = 48 value heads of 128, 16 key heads),
     # full attention on the 4th; its DFlash drafter has heads of its own (32 of 128)
     "qwen35-27b": Mission(
         TargetShape("qwen35", n_layer=64, n_embd=5120, n_ff=17408, n_head=24, n_head_kv=4, head_dim=256,
-                    n_vocab=248320, context_length=262144, rope_base=1e7,
+                    n_vocab=248320, context_length=262144, rope_base=1e7, qk_gain=QK_GAIN,
                     ssm=Ssm(conv_kernel=4, state_size=128, group_count=16, time_step_rank=48)),
         DrafterShape(n_layer=5, n_head=32, n_head_kv=8, head_dim=128, n_ff=17408,
                      target_layers=(2, 17, 32, 47, 62), mask_token_id=248070)),  # HF ids 1, 16, 31, 46, 61
     # Qwen3-8B; the mask token is the first id after its tokenizer's 151,669 tokens, where <|MASK|> is added
     "qwen3-8b": Mission(
         TargetShape("qwen3", n_layer=36, n_embd=4096, n_ff=12288, n_head=32, n_head_kv=8, head_dim=128,
-                    n_vocab=151936, context_length=40960, rope_base=1e6),
+                    n_vocab=151936, context_length=40960, rope_base=1e6, qk_gain=QK_GAIN),
         DrafterShape(n_layer=5, n_head=32, n_head_kv=8, head_dim=128, n_ff=12288,
                      target_layers=(2, 10, 18, 26, 34), mask_token_id=151669)),  # HF ids 1, 9, 17, 25, 33
 }

@@ -37,7 +37,7 @@ def _load() -> ctypes.CDLL:
         "dflash_capture_new": ([c_int, c_int_p, c_int], ctypes.c_void_p),
         "dflash_capture_free": ([ctypes.c_void_p], None),
         "dflash_capture_reset": ([ctypes.c_void_p], None),
-        "dflash_capture_pull": ([ctypes.c_void_p, ctypes.POINTER(c_float_p), c_int], c_int),
+        "dflash_capture_pull": ([ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), c_int], c_int),
         "dflash_capture_enable": ([ctypes.c_void_p, ctypes.c_bool], None),
         "dflash_capture_n_rows": ([ctypes.c_void_p], c_int),
         "dflash_capture_data": ([ctypes.c_void_p], c_float_p),
@@ -135,9 +135,7 @@ class Capture:
     def pull(self, layers: list[int], n_rows: int) -> None:
         """Append the rows that llama.cpp's layer-input capture left at these addresses (one [n_rows, n_embd] float
         buffer per extracted layer, in the order of target_layers)."""
-        arr = (ctypes.POINTER(ctypes.c_float) * len(layers))(*(ctypes.cast(a, ctypes.POINTER(ctypes.c_float))
-                                                                for a in layers))
-        _check(lib.dflash_capture_pull(self._ptr, arr, n_rows))
+        _check(lib.dflash_capture_pull(self._ptr, (ctypes.c_void_p * len(layers))(*layers), n_rows))
 
     def rows(self) -> np.ndarray:
         """Features captured since the last reset, [n_rows, n_extract * n_embd] (a view; copy to keep)."""

@@ -77,5 +77,7 @@ def accept_picks(picks: np.ndarray, drafts: np.ndarray) -> tuple[int, int]:
     (drafts accepted: as long as each is the target's token, the target's token after them). With samples this is
     lossless too: a deterministic draft d is kept with probability p(d), and the token at the first mismatch is a
     sample of p without d, as the accept test below does it."""
+    if not len(drafts):  # the target alone: most steps where drafting does not pay
+        return 0, int(picks[0])
     n = int(np.argmin(np.append(picks[:-1] == drafts, False)))
     return n, int(picks[n])
