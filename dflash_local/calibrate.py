@@ -27,12 +27,13 @@ if TYPE_CHECKING:
     from dflash_local.target import Target
 
 REPEATS = 3  # timed runs of each choice, after one to warm up; the median is kept
+METHOD = 2  # how steps are timed (2: greedy picks in the graph, as the engine verifies); costs timed otherwise are stale
 CONTEXT = 32  # positions of context the passes attend to while measured (fewer in a small context)
 
 
 def step_costs(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> dict[Choice, float]:
     """Seconds a step of each choice takes (drafter pass, target pass, rollback), from the cache or measured now."""
-    key = _key(tg, dr, block_size, "costs", platform.node(), platform.machine(), tg.n_threads,
+    key = _key(tg, dr, block_size, "costs", METHOD, platform.node(), platform.machine(), tg.n_threads,
                tg.params.n_gpu_layers, dr.device, dr.n_threads)
     cached = read_json("calibration.json").get(key, {})
     if all(c.key in cached for c in choices):
@@ -57,18 +58,25 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
     anchor = tokens[pos]
     depth = block_size - 1
 
+    # a step that drafted also injects its rows into the drafter (at most a chain's k + 1: all accepted); the target
+    # alone's wait for the next draft, in one pass
     def chain(k: int) -> None:
         if k:
             dr.draft(anchor, block_size, k)
         if k and tg.recurrent and not tg.snapshots:
             tg.save_state()
         tg.decode(tokens[pos:pos + k + 1], pos, all_logits=True)
+        if k:
+            dr.inject(tg.features(), pos)
+            dr.crop(pos)
         tg.rollback(pos, pos, [])
 
     def tree(k: int) -> None:
         ids, probs = dr.draft_top(anchor, N_TOP, block_size, depth)
         t = build_tree(ids, probs, k)
         tg.decode_tree([anchor, *t.tokens], t.depths, t.seqs, pos)
+        dr.inject(tg.features()[:min(k, depth) + 1], pos)  # as many rows as the longest path (their cost)
+        dr.crop(pos)
         tg.keep_branch(pos, [], len(t.seqs[0]))
 
     costs: dict[Choice, float] = {}
