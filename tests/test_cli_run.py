@@ -174,7 +174,15 @@ def test_ctrl_c_in_a_chat_ends_the_answer(smollm2_path, end):
             answer, stats = chat.out[start:-3].decode(), chat.err.decode().splitlines()[-1]
             assert answer.strip() and stats.endswith(", interrupted"), (answer, stats)
         if end == "ctrl-c":
-            chat.proc.send_signal(signal.SIGINT)
+            # again while it runs, as a person presses Ctrl-C again: a signal that comes between input()'s prompt and
+            # its read is handled, but the read that begins after it waits (seen once on a loaded machine)
+            for _ in range(5):
+                chat.proc.send_signal(signal.SIGINT)
+                try:
+                    chat.proc.wait(10)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
         else:
             chat.proc.stdin.close()
         assert chat.exit_code() == 0, chat.err
