@@ -11,6 +11,7 @@ from target_reference import hidden_states
 from tiny_targets import write_tiny_target
 
 from dflash_local import native
+from dflash_local import target as target_module
 from dflash_local.convert.gguf_io import load_drafter_gguf
 from dflash_local.native import Drafter, NativeError
 from dflash_local.target import Target, TargetParams
@@ -73,13 +74,15 @@ def test_drafter_matches_reference_quantized(outtype, rtol, smollm2_path, tmp_pa
     _check_against_reference(drafter, smollm2_path, rtol=rtol)
 
 
-def test_capture_equals_reference_hidden_states(tiny_target):
-    path = tiny_target("llama")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # llama.cpp's layer-input capture, the eval callback
+def test_capture_equals_reference_hidden_states(tiny_target, arch):
+    path = tiny_target(arch)
     layers = (1, 2, 3)
     tokens = [1, 5, 80, 81, 82, 40, 33, 260, 261, 7, 9]
     ref = hidden_states(path, tokens)
     for n_ubatch in (512, 4):  # 4: llama.cpp splits the batch into ubatches
         tg = Target(path, TargetParams(n_ctx=64, n_batch=16, n_ubatch=n_ubatch), capture_layers=layers)
+        assert tg.capture_method == ("layer inputs" if arch == "llama" else "eval callback")
         tg.decode(tokens, 0, all_logits=True)
         got = tg.features()
         assert got.shape == (len(tokens), len(layers) * tg.n_embd)
@@ -110,6 +113,26 @@ def test_capture_smollm2_stable_across_ubatches(smollm2_path):
     assert np.isfinite(runs[0]).all()
     # batch order: a prefix decoded alone gives the same first rows
     assert _rel_err(runs[1], runs[0]) < 2e-2
+
+
+def test_capture_ways_agree_bit_for_bit(smollm2_path, monkeypatch):
+    """llama.cpp's layer-input capture and the eval callback read the same tensors: the same rows, in a prefill split
+    into ubatches and in a verification pass."""
+    layers, runs = (1, 8, 15, 22, 29), []
+    for way in ("layer inputs", "eval callback"):
+        if way == "eval callback":
+            monkeypatch.setattr(target_module, "LAYER_INPUT_ARCHS", frozenset())
+        tg = Target(smollm2_path, TargetParams(n_ctx=256, n_batch=64, n_ubatch=16, n_threads=1), capture_layers=layers)
+        assert tg.capture_method == way
+        tokens = tg.tokenize("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 3)
+        tg.decode(tokens, 0, all_logits=False)
+        prefill = tg.features().copy()
+        tg.decode(tokens[:5], len(tokens), all_logits=True)
+        runs.append((prefill, tg.features().copy()))
+        tg.close()
+    for a, b in zip(*runs):
+        assert a.shape[1] == len(layers) * 576 and len(a) > 1
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bad_drafters(tiny_target, smollm2_path, tmp_path):

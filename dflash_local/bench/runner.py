@@ -230,7 +230,7 @@ def run_bench(cfg: BenchConfig, console: Console,
         "drafter_gpu_mb": None if gpu1 is None or gpu0 is None else gpu1 - gpu0,
     }
     info = {"block_size": drafter.info.block_size, "n_layer": drafter.info.n_layer,
-            "target_layers": list(drafter.info.target_layers)}
+            "target_layers": list(drafter.info.target_layers), "capture": tg.capture_method}
     return BenchResult(totals, records, mismatches, memory, notes, info, n_threads, emulation_seconds)
 
 
