@@ -44,16 +44,6 @@ TEXT = "def total(rows):\n    out = {}\n    for key, value in rows:\n        out
 TOP = 12  # kernels listed per pass
 
 
-def _busy_us(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals."""
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e > end:
-            total += e - max(s, end)
-            end = e
-    return total
-
-
 def _cuda_driver() -> ctypes.CDLL:
     """The CUDA driver, for cuProfilerStart/Stop (the range ncu profiles with --profile-from-start off)."""
     return ctypes.CDLL("libcuda.so.1")
@@ -133,27 +123,30 @@ def main() -> None:
 
         return run
 
+    def verify_no_capture(k: int) -> Callable[[], object]:
+        def run() -> None:
+            tg.capture.enable(False)
+            try:
+                verify(tg, k)()
+            finally:
+                tg.capture.enable(True)
+
+        return run
+
     def undo(t: Target) -> Callable[[], object]:
         return lambda: t.rollback(pos, pos, [])
 
     runs: dict[str, tuple[Callable[[], object], Callable[[], object] | None]] = {
         "target_alone_1": (verify(plain, 1), undo(plain))}
     for k in sizes:
-        for name, on in ((f"verify_{k}", True), (f"verify_{k}_no_capture", False)):
-            runs[name] = (verify(tg, k), undo(tg)) if on else (lambda k=k: capture_off(verify(tg, k)), undo(tg))
+        runs[f"verify_{k}"] = (verify(tg, k), undo(tg))
+        runs[f"verify_{k}_no_capture"] = (verify_no_capture(k), undo(tg))
         tg.decode(block[:k], pos, all_logits=True)
         feats = tg.features().copy()
         undo(tg)()
         if k > 1:
             runs[f"draft_{k}"] = (lambda k=k: dr.draft(block[0], dr.info.block_size, k - 1), None)
         runs[f"inject_{k}"] = (lambda f=feats: dr.inject(f, pos), lambda: dr.crop(pos))
-
-    def capture_off(step: Callable[[], object]) -> None:
-        tg.capture.enable(False)
-        try:
-            step()
-        finally:
-            tg.capture.enable(True)
 
     if a.only:  # an ncu child: this pass only, its repeats in the profiler's range
         step, after = runs[a.only]

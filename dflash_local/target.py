@@ -215,7 +215,6 @@ class Target:
         if self._layer_inputs:
             for layer in capture_layers:  # layer L's input is what the callback would take: layer L-1's output
                 self._layer_inputs[0](self.ctx, layer, True)
-        self.capture_method = "layer inputs" if self._layer_inputs else "eval callback" if self.capture else None
         self.n_seq = params.n_seq
         self.kv_unified = kv_unified
         self.n_ctx = lc.llama_n_ctx(self.ctx) // (1 if kv_unified else params.n_seq)  # per sequence
@@ -287,6 +286,11 @@ class Target:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
 
     # ---- evaluation --------------------------------------------------------------------------
+    @property
+    def capture_method(self) -> str | None:
+        """How the drafter's layers are captured, if they are."""
+        return "layer inputs" if self._layer_inputs else "eval callback" if self.capture else None
+
     def decode(self, tokens: list[int], pos0: int, all_logits: bool, seq: int = 0) -> np.ndarray:
         """Run tokens of sequence seq at positions pos0.. and return logits rows (all, or the last) as a view."""
         if all_logits and len(tokens) > self.n_batch:

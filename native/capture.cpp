@@ -144,6 +144,16 @@ static int column_of(const dflash_capture * cap, const char * name) {
     return -1;
 }
 
+// n_tok rows of one extracted layer ([n_tok, n_embd]) into its column block of the rows after the n_rows complete ones
+static void put_column(dflash_capture * cap, const float * src, int64_t col, int64_t n_tok) {
+    const int64_t n_embd = cap->n_embd;
+    const int64_t n_extr = (int64_t) cap->node_layers.size();
+    float *       dst    = cap->rows.data() + ((size_t) cap->n_rows * n_extr + col) * n_embd;
+    for (int64_t r = 0; r < n_tok; ++r) {
+        std::memcpy(dst + r * n_extr * n_embd, src + r * n_embd, n_embd * sizeof(float));
+    }
+}
+
 static void copy_node(dflash_capture * cap, const ggml_tensor * t, int col) {
     const int64_t n_embd  = cap->n_embd;
     const int64_t n_extr  = (int64_t) cap->node_layers.size();
@@ -164,10 +174,7 @@ static void copy_node(dflash_capture * cap, const ggml_tensor * t, int col) {
     }
     cap->scratch.resize((size_t) n_tok * n_embd);
     ggml_backend_tensor_get(t, cap->scratch.data(), 0, ggml_nbytes(t));
-    float * dst = cap->rows.data() + (size_t) cap->n_rows * n_extr * n_embd + (size_t) col * n_embd;
-    for (int64_t r = 0; r < n_tok; ++r) {
-        std::memcpy(dst + r * n_extr * n_embd, cap->scratch.data() + r * n_embd, n_embd * sizeof(float));
-    }
+    put_column(cap, cap->scratch.data(), col, n_tok);
     if (++cap->n_seen == (int32_t) n_extr) {
         cap->n_rows += (int32_t) n_tok;
         cap->n_seen = 0;
@@ -179,14 +186,10 @@ int32_t dflash_capture_pull(dflash_capture * cap, const float * const * layers, 
         return cap->failed ? -1 : cap->n_rows;
     }
     const auto    t0     = std::chrono::steady_clock::now();
-    const int64_t n_embd = cap->n_embd;
     const int64_t n_extr = (int64_t) cap->node_layers.size();
-    cap->rows.resize((size_t) (cap->n_rows + n_rows) * n_extr * n_embd);
-    float * dst = cap->rows.data() + (size_t) cap->n_rows * n_extr * n_embd;
-    for (int64_t r = 0; r < n_rows; ++r) {
-        for (int64_t j = 0; j < n_extr; ++j) {
-            std::memcpy(dst + (r * n_extr + j) * n_embd, layers[j] + r * n_embd, n_embd * sizeof(float));
-        }
+    cap->rows.resize((size_t) (cap->n_rows + n_rows) * n_extr * cap->n_embd);
+    for (int64_t j = 0; j < n_extr; ++j) {
+        put_column(cap, layers[j], j, n_rows);
     }
     cap->n_rows += n_rows;
     cap->seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
