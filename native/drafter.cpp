@@ -161,7 +161,10 @@ struct dflash_drafter {
     ggml_tensor * fc = nullptr, * hidden_norm = nullptr, * output_norm = nullptr;
     ggml_tensor * tok_embd = nullptr, * output = nullptr;
     std::vector<dflash_layer>  layers;
-    std::vector<ggml_tensor *> k_cache, v_cache;  // [head_dim, n_head_kv, n_ctx] f32
+    // K [head_dim, n_head_kv, n_ctx] f32; V transposed, [n_ctx, head_dim, n_head_kv] f32, so that a draft multiplies
+    // the attention weights by it in place (a V stored by position was copied transposed every pass: the whole
+    // context's V, each layer)
+    std::vector<ggml_tensor *> k_cache, v_cache;
 
     ~dflash_drafter() {
         ggml_gallocr_free(galloc);
@@ -200,11 +203,14 @@ struct dflash_drafter {
 
     // K/V of `n` new positions starting at pos0 go into the cache of layer il.
     void store_kv(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * k, ggml_tensor * v, int32_t pos0, int32_t n) {
-        for (auto [src, cache] : { std::pair{ k, k_cache[il] }, std::pair{ v, v_cache[il] } }) {
-            ggml_tensor * dst = ggml_view_3d(ctx, cache, info.head_dim, info.n_head_kv, n, cache->nb[1], cache->nb[2],
-                                             (size_t) pos0 * cache->nb[2]);
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, src, dst));
-        }
+        ggml_tensor * kc = k_cache[il];
+        ggml_tensor * vc = v_cache[il];
+        ggml_tensor * kd = ggml_view_3d(ctx, kc, info.head_dim, info.n_head_kv, n, kc->nb[1], kc->nb[2],
+                                        (size_t) pos0 * kc->nb[2]);
+        ggml_tensor * vd = ggml_view_3d(ctx, vc, n, info.head_dim, info.n_head_kv, vc->nb[1], vc->nb[2],
+                                        (size_t) pos0 * vc->nb[0]);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, k, kd));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_permute(ctx, v, 1, 2, 0, 3), vd));  // [n, hd, n_head_kv]
     }
 };
 
@@ -364,7 +370,7 @@ static void load_drafter(dflash_drafter & d, const std::string & drafter_path, c
     d.ctx_kv = ggml_init(kp);
     for (int il = 0; il < in.n_layer; ++il) {
         d.k_cache.push_back(ggml_new_tensor_3d(d.ctx_kv, GGML_TYPE_F32, HD, in.n_head_kv, n_ctx));
-        d.v_cache.push_back(ggml_new_tensor_3d(d.ctx_kv, GGML_TYPE_F32, HD, in.n_head_kv, n_ctx));
+        d.v_cache.push_back(ggml_new_tensor_3d(d.ctx_kv, GGML_TYPE_F32, n_ctx, HD, in.n_head_kv));
     }
     d.buf_kv = ggml_backend_alloc_ctx_tensors(d.ctx_kv, d.backend);
     if (!d.buf_kv) {
@@ -505,9 +511,8 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
             ggml_tensor * kc = d->k_cache[il];
             ggml_tensor * vc = d->v_cache[il];
             ggml_tensor * K  = ggml_view_3d(ctx, kc, in.head_dim, in.n_head_kv, n_kv, kc->nb[1], kc->nb[2], 0);
-            ggml_tensor * V  = ggml_view_3d(ctx, vc, in.head_dim, in.n_head_kv, n_kv, vc->nb[1], vc->nb[2], 0);
-            K = ggml_permute(ctx, K, 0, 2, 1, 3);                  // [hd, n_kv, n_head_kv]
-            V = ggml_cont(ctx, ggml_permute(ctx, V, 1, 2, 0, 3));  // [n_kv, hd, n_head_kv]
+            ggml_tensor * V  = ggml_view_3d(ctx, vc, n_kv, in.head_dim, in.n_head_kv, vc->nb[1], vc->nb[2], 0);
+            K = ggml_permute(ctx, K, 0, 2, 1, 3);                  // [hd, n_kv, n_head_kv]; V is [n_kv, hd, n_head_kv]
             q = ggml_permute(ctx, q, 0, 2, 1, 3);                  // [hd, B, n_head]
 
             // non-causal: every block query sees all context and the whole block, so no mask
