@@ -403,7 +403,7 @@ class Target:
         for s in range(1, n_seqs):
             lc.llama_memory_seq_rm(self.mem, s, -1, -1)
         if replay:
-            self._replay(replay, n_keep)
+            self._uncaptured(replay, n_keep, all_logits=False)
 
     def _run(self, tokens: list[int], positions: Sequence[int], seqs: Sequence[Sequence[int]],
              logits: list[bool]) -> None:
@@ -434,8 +434,12 @@ class Target:
         """Captured hidden-state rows of the last decode."""
         return self.capture.rows()
 
+    def n_cached(self) -> int:
+        """Positions sequence 0 holds in the cache (its last one + 1)."""
+        return lc.llama_memory_seq_pos_max(self.mem, 0) + 1
+
     def save_state(self) -> None:
-        """Keep the recurrent state before a verification that may be partly rejected."""
+        """Keep the recurrent state before a verification that may be partly rejected (or a trial)."""
         flags = lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
         size = lc.llama_state_seq_get_size_ext(self.ctx, 0, flags)
         if self._saved is None or len(self._saved) < size:
@@ -449,19 +453,31 @@ class Target:
             if not lc.llama_memory_seq_rm(self.mem, 0, n_keep, -1):
                 raise RuntimeError(f"llama.cpp could not roll the sequence back to {n_keep} tokens")
             return
-        flags = lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
-        if lc.llama_state_seq_set_data_ext(self.ctx, self._saved, len(self._saved), 0, flags) == 0:
-            raise RuntimeError("llama.cpp could not restore the saved sequence state")
-        # the recurrent state is back at pos0; drop the attention cache from there and replay
-        lc.llama_memory_seq_rm(self.mem, 0, pos0, -1)
-        self._replay(replay, pos0)
+        self._restore(pos0)
+        self._uncaptured(replay, pos0, all_logits=False)
 
-    def _replay(self, tokens: list[int], pos0: int) -> None:
-        """Decode tokens the drafter has already seen: nothing captured (the last features are gone after it)."""
+    def _restore(self, pos0: int) -> None:
+        """Sequence 0 as it was at pos0: the recurrent state kept by save_state() there, the attention cache cut."""
+        flags = lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        if self.recurrent and lc.llama_state_seq_set_data_ext(self.ctx, self._saved, len(self._saved), 0, flags) == 0:
+            raise RuntimeError("llama.cpp could not restore the saved sequence state")
+        lc.llama_memory_seq_rm(self.mem, 0, pos0, -1)
+
+    def trial_picks(self, tokens: list[int], pos0: int) -> list[int]:
+        """The greedy pick after each prefix of tokens, from one pass over them at pos0 as a verification makes it,
+        with the cache left as it was (save_state() first on a recurrent target): what a verification of these
+        drafts would accept, found beforehand (bench/emulate.py)."""
+        logits = self._uncaptured(tokens, pos0, all_logits=True)
+        picks = self.picks(len(tokens))
+        self._restore(pos0)
+        return picks.tolist() if picks is not None else np.argmax(logits, axis=1).tolist()
+
+    def _uncaptured(self, tokens: list[int], pos0: int, all_logits: bool) -> np.ndarray:
+        """Decode with the capture off: a replay of tokens the drafter has already seen, or a trial."""
         if self.capture:
             self.capture.enable(False)
         try:
-            self.decode(tokens, pos0, all_logits=False)
+            return self.decode(tokens, pos0, all_logits)
         finally:
             if self.capture:
                 self.capture.enable(True)

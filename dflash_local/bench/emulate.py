@@ -9,8 +9,11 @@ bench's greedy identity check still holds. Chains only: the bench turns trees of
 
 The continuation is the target alone's greedy text of the same prompt, from its run just before. Where DFlash's text
 leaves it (a pass of several tokens rounding otherwise, as on CUDA) the continuation of DFlash's own text is computed
-in the target alone's context as the tokens are emitted, outside the steps; that time is taken off DFlash's decode
-time (Oracle.seconds).
+in the target alone's context as the tokens are emitted, outside the steps. A pass of several tokens can still pick
+otherwise than the one-token continuation at a near-tie, which random weights meet at most positions; so before each
+pass, outside the steps too, trial passes of DFlash's own target over the same batch (undone after each) replace the
+first draft it would reject by its own pick until the first n are accepted. Both times are taken off DFlash's decode
+time (EmulatedDrafter.seconds), and every pass accepts exactly the length drawn for it.
 """
 
 from __future__ import annotations
@@ -148,8 +151,8 @@ class Oracle:
 class EmulatedDrafter:
     """The drafter with its drafts replaced as the module says; the engine uses it as a Drafter (chains only)."""
 
-    def __init__(self, drafter: Drafter, profile: Profile, oracle: Oracle, seed: int = 0):
-        self.real, self.profile, self.oracle = drafter, profile, oracle
+    def __init__(self, drafter: Drafter, profile: Profile, oracle: Oracle, target: Target, seed: int = 0):
+        self.real, self.profile, self.oracle, self.target = drafter, profile, oracle, target  # target: DFlash's
         self.info, self.path, self.device, self.n_threads = drafter.info, drafter.path, drafter.device, drafter.n_threads
         # its acceptance is the profile's: cached apart from the real drafter's (calibrate.load_acceptance)
         self.acceptance_key = f"emulated acceptance {profile.name}"
@@ -158,6 +161,13 @@ class EmulatedDrafter:
         self.cuts: list[int] = []  # the acceptance length drawn for each pass
         self._emitted: list[int] | None = None  # DFlash's text so far, while a generation is emulated
         self._block_size = self._max_tokens = 0
+        self._plan: tuple[int, int, list[int]] | None = None  # the next pass's anchor, drawn length and drafts
+        self.trial_seconds = 0.0  # spent in trial passes
+
+    @property
+    def seconds(self) -> float:
+        """Time spent outside the steps (continuations and trial passes), to take off DFlash's decode time."""
+        return self.oracle.seconds + self.trial_seconds
 
     def start(self, prompt: list[int], continuation: list[int], block_size: int, max_tokens: int) -> None:
         """Before a generation: the prompt, the target alone's greedy text after it, the engine's settings."""
@@ -169,23 +179,48 @@ class EmulatedDrafter:
         outside the steps' timing (as far as a step drafts: the block, within the token budget)."""
         if self._emitted is not None:
             self._emitted += tokens
-            depth = min(self._block_size - 1, self._max_tokens - len(self._emitted) - 1)
-            self.oracle.tokens(self._emitted, max(depth, 0))
+            depth = max(min(self._block_size - 1, self._max_tokens - len(self._emitted) - 1), 0)
+            truth = self.oracle.tokens(self._emitted, depth)
+            pos = len(self.oracle.prompt) + len(self._emitted) - 1
+            tg = self.target
+            if depth and pos + depth < tg.n_ctx and tg.n_cached() == pos:  # the last token is the next pass's anchor
+                t = time.perf_counter()
+                self._plan = self._accepted_drafts(self._emitted[-1], pos, truth, depth)
+                self.trial_seconds += time.perf_counter() - t
+
+    def _accepted_drafts(self, anchor: int, pos: int, truth: list[int], depth: int) -> tuple[int, int, list[int]]:
+        """The next pass's drafts: the first n (drawn from the profile) those that DFlash's target, verifying them in
+        one pass at pos, picks itself; draft n+1 (if any) one it does not. Starting from the continuation, each trial
+        pass replaces its first draft the target would reject by its pick there (a pass's rows before that one do
+        not change with it), so n + 1 trials at most."""
+        tg = self.target
+        cut = int(self.rng.choice(len(self._p), p=self._p))
+        drafts = (list(truth) + [0] * depth)[:depth]  # past an end of the text: anything, to be replaced
+        n = min(cut, depth)
+        if tg.recurrent:
+            tg.save_state()
+        for _ in range(n + 1):
+            picks = tg.trial_picks([anchor, *drafts], pos)
+            wrong = next((i for i in range(n) if drafts[i] != picks[i]), None)
+            if wrong is None:
+                break
+            drafts[wrong] = picks[wrong]
+        if n < depth:
+            drafts[n] = (picks[n] + 1) % self.info.n_vocab
+        return anchor, cut, drafts
 
     def stop(self) -> None:
-        self._emitted = None
+        self._emitted, self._plan = None, None
 
     # ---- the Drafter interface -------------------------------------------------------------------------------
     def draft(self, anchor: int, block_size: int | None = None, n: int | None = None) -> np.ndarray:
         drafts = self.real.draft(anchor, block_size, n)  # for its cost (and during calibration, as it is)
-        if self._emitted is None:
+        plan, self._plan = self._plan, None
+        if plan is None or plan[0] != anchor:
             return drafts
-        cut = int(self.rng.choice(len(self._p), p=self._p))
+        _, cut, planned = plan
         self.cuts.append(cut)
-        truth = self.oracle.tokens(self._emitted, len(drafts))
-        for i, tok in enumerate(truth[:cut + 1]):  # past the end of the target's text, the drafter's own drafts
-            drafts[i] = tok if i < cut else (tok + 1) % self.info.n_vocab
-        return drafts
+        return np.array(planned[:len(drafts)], dtype=drafts.dtype)
 
     def draft_top(self, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
         raise UsageError("emulated acceptance drafts chains only (--tree-size 0)")

@@ -138,7 +138,7 @@ class BenchResult:
     notes: list[str]
     drafter: dict[str, object]  # the drafter's shape as the helper read it
     n_threads: int  # the target context's CPU threads
-    emulation_seconds: float = 0.0  # computing continuations for emulated drafts, taken off the decode time
+    emulation_seconds: float = 0.0  # planning emulated drafts (trial passes, continuations), off the decode time
 
     @property
     def failures(self) -> list[Mismatch]:
@@ -173,7 +173,7 @@ def run_bench(cfg: BenchConfig, console: Console,
     tree_size = 0 if cfg.emulate else cfg.tree_size
     tg = open_target(cfg.target, cfg.params, drafter, tree_size)
     base_tg = Target(cfg.target, cfg.params, model_of=tg)
-    emu = EmulatedDrafter(drafter, cfg.emulate, Oracle(base_tg)) if cfg.emulate else None
+    emu = EmulatedDrafter(drafter, cfg.emulate, Oracle(base_tg), tg) if cfg.emulate else None
     try:
         baseline = Engine(base_tg)
         engines = {b: Engine(tg, emu or drafter, b, cfg.adaptive, tree_size) for b in cfg.block_sizes}
@@ -182,8 +182,8 @@ def run_bench(cfg: BenchConfig, console: Console,
         notes: list[str] = []
         if emu:
             notes.append(f"emulated acceptance {cfg.emulate.name} (tau {cfg.emulate.tau:.2f}): the drafter ran every "
-                         "pass, its drafts were replaced by the target's own greedy text cut at a length drawn from "
-                         "the profile (bench/emulate.py); chains only")
+                         "pass, its drafts were replaced by the target's own greedy text as its verification picks "
+                         "it, cut at a length drawn from the profile (bench/emulate.py); chains only")
         texts = [_prompt_text(tg, p, notes) for p in cfg.prompts]
         tokens = [tg.tokenize(text) for text in texts]
         records = [PromptRecord(p.id, text, len(toks), "") for p, text, toks in zip(cfg.prompts, texts, tokens)]
@@ -196,7 +196,7 @@ def run_bench(cfg: BenchConfig, console: Console,
             warm = generate_in_job(baseline, tokens[0], WARMUP_TOKENS)
             for eng in engines.values():
                 _dflash(eng, tokens[0], WARMUP_TOKENS, warm, emu)
-            emu_warm = emu.oracle.seconds if emu else 0.0
+            emu_warm = emu.seconds if emu else 0.0
             for rec, toks in zip(records, tokens):
                 progress.update(task, description=rec.id)
                 ref = generate_in_job(baseline, toks, cfg.max_tokens)
@@ -218,7 +218,7 @@ def run_bench(cfg: BenchConfig, console: Console,
                     progress.advance(task)
                 gpu_now = gpu_used_mb()
                 gpu_peak = max(gpu_peak, gpu_now) if gpu_now is not None and gpu_peak is not None else None
-            emulation_seconds = emu.oracle.seconds - emu_warm if emu else 0.0
+            emulation_seconds = emu.seconds - emu_warm if emu else 0.0
     finally:
         base_tg.close()  # before tg, whose model it uses
         tg.close()
@@ -235,17 +235,17 @@ def run_bench(cfg: BenchConfig, console: Console,
 
 
 def _dflash(engine: Engine, tokens: list[int], n: int, ref: Generation, emu: EmulatedDrafter | None) -> Generation:
-    """DFlash on a prompt; emulated, its drafts follow ref (the target alone's run of it), and the time spent
-    computing continuations where DFlash's text left ref's is taken off its decode time."""
+    """DFlash on a prompt; emulated, its drafts follow ref (the target alone's run of it) and the verification's
+    own picks, and the time spent planning them is taken off its decode time."""
     if emu is None:
         return generate_in_job(engine, tokens, n)
     emu.start(tokens, ref.tokens, engine.block_size, n)
-    t0 = emu.oracle.seconds
+    t0 = emu.seconds
     try:
         gen = generate_in_job(engine, tokens, n, emu.on_tokens)
     finally:
         emu.stop()
-    gen.stats.t_decode -= emu.oracle.seconds - t0
+    gen.stats.t_decode -= emu.seconds - t0
     return gen
 
 
