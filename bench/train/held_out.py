@@ -65,7 +65,7 @@ def main() -> None:
     tr.held_out = sorted(tr.seqs + tr.held_out)  # here every sequence is held out of the run that trained drafter
     rows = [{"kind": "all (the trainer's sequences)", "sequences": min(trainer.WALK_SEQS, len(tr.held_out)),
              "tau": tr.held_out_tau()}]
-    first_row = dict(zip(work.arrays()[2].tolist(), work.sequences))
+    first_row = dict(zip(work.arrays()[3].tolist(), work.sequences))
     by_kind: dict[str, list[tuple[int, int, int]]] = collections.defaultdict(list)
     for seq in tr.held_out:
         by_kind[kind(first_row[seq[0]])].append(seq)
