@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Issue 26 on one lent GPU machine: build llama.cpp and dflash-local, write the mission shapes, then every measurement
+# of bench/gpu/README.md ("Mission shapes") back to back, in the background, so that no call waits on another and
+# the GPU never idles between them.
+#
+#   bash bench/gpu/mission.sh start        first call: copies this tree to $WORK and runs from there (setsid), since
+#                                           each call's tree replaces the one before
+#   bash bench/gpu/mission.sh watch [S]    later calls: waits up to S seconds (default 540) for the end, prints the
+#                                           logs' tails and packs the results into $OUT/mission.tgz
+#
+# Results go to $RES, not $OUT: the lent machines empty $OUT at the start of every call.
+set -uo pipefail
+WORK=${WORK:-/root/w}
+RES=${RES:-/root/mission}
+SHAPES=${SHAPES:-/root/shapes}
+LOG=$RES/mission.log
+
+start() {
+    rm -rf "$WORK" "$RES" && mkdir -p "$RES" && cp -r . "$WORK"
+    # the source as a package for bench/shapes.py before dflash-local is installed (convert/ is dflash_local.convert)
+    mkdir -p "$WORK/src" && cp -r dflash_local "$WORK/src/" && cp -r convert "$WORK/src/dflash_local/convert"
+    (cd "$WORK" && setsid bash bench/gpu/mission.sh run < /dev/null > "$LOG" 2>&1 &)
+    sleep 5 && cat "$LOG"
+}
+
+watch() {
+    local i
+    for ((i = 0; i < ${1:-540}; i += 5)); do
+        grep -q "^done" "$LOG" && break
+        sleep 5
+    done
+    cat "$LOG"
+    for f in "$RES"/*.log; do
+        [ "$f" = "$LOG" ] && continue
+        printf -- '--- %s\n' "$f"
+        grep -v "^llama\|^load\|^print_info\|^ggml_cuda\|^  Device\|^rounding\|^mismatch" "$f" | tail -8 | cut -c1-240
+    done
+    tar -czf "$OUT/mission.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"
+}
+
+# one measurement: its output in $RES/NAME.log, its rc and times in the main log
+measure() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name $(date +%T)"
+    timeout "$limit" "$@" > "$RES/$name.log" 2>&1
+    echo "rc $? $(date +%T)"
+}
+
+run() {
+    export PYTHONUNBUFFERED=1
+    echo "start $(date +%T)"
+    bash bench/gpu/run.sh deps > "$RES/build.log" 2>&1 || { echo "deps failed"; exit 1; }
+    # the shapes are one Python process each; the build takes the cores meanwhile
+    # (the 27B again with its drafter in Q4_K, beside a link to the same target)
+    (export PYTHONPATH=$WORK/src
+     python3 bench/shapes.py --shape qwen3-8b --out "$SHAPES" --context-prompts 1024,8192,32768 \
+        && python3 bench/shapes.py --shape qwen35-27b --out "$SHAPES" --context-prompts 1024 \
+        && mkdir -p "$SHAPES-q4k" && ln -f "$SHAPES/qwen35-27b.Q4_K_M.gguf" "$SHAPES-q4k/" \
+        && python3 bench/shapes.py --shape qwen35-27b --out "$SHAPES-q4k" --drafter-type q4_k) > "$RES/shapes.log" 2>&1 &
+    local shapes=$!
+    CMAKE_ARGS="-DGGML_CUDA_NCCL=OFF ${CMAKE_ARGS:-}" bash bench/gpu/run.sh lcp dflash upstream >> "$RES/build.log" 2>&1
+    echo "build rc $? $(date +%T)"
+    wait $shapes
+    echo "shapes rc $? $(date +%T)"
+    local t8=$SHAPES/qwen3-8b.Q4_K_M.gguf t27=$SHAPES/qwen35-27b.Q4_K_M.gguf
+    local gpu=(-ngl 99 --device CUDA0)
+    local chain=(--max-tokens 128 --block-sizes 16 --fixed --tree-size 0 "${gpu[@]}")
+    measure pass-costs-qwen3-8b 150 python3 -P bench/pass_costs.py "$t8" "${t8%.gguf}-dflash.gguf" "${gpu[@]}" \
+        --json "$RES/pass-costs-qwen3-8b.json"
+    measure pass-costs-qwen35-27b-ctx16k 240 python3 -P bench/pass_costs.py "$t27" "${t27%.gguf}-dflash.gguf" \
+        "${gpu[@]}" --ctx-size 16384 --json "$RES/pass-costs-qwen35-27b-ctx16k.json"
+    measure pass-costs-qwen35-27b-ctx16k-drafter-q4k 240 python3 -P bench/pass_costs.py "$t27" \
+        "$SHAPES-q4k/qwen35-27b.Q4_K_M-dflash.gguf" "${gpu[@]}" --ctx-size 16384 \
+        --json "$RES/pass-costs-qwen35-27b-ctx16k-drafter-q4k.json"
+    local tau c n
+    for tau in 7.7 3.4; do
+        measure qwen35-27b-emulated-tau$tau-ctx1024 240 python3 -P -m dflash_local bench "$t27" \
+            --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 4 -c 1280 "${chain[@]}" \
+            --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen35-27b-emulated-tau$tau-ctx1024.json"
+        for c in 1024 8192 32768; do
+            n=4 && [ $c = 32768 ] && n=2
+            measure qwen3-8b-emulated-tau$tau-ctx$c 200 python3 -P -m dflash_local bench "$t8" \
+                --prompts "$SHAPES/prompts-ctx$c.jsonl" -n $n -c $((c + 256)) "${chain[@]}" \
+                --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen3-8b-emulated-tau$tau-ctx$c.json"
+        done
+    done
+    local t
+    for t in "$t27" "$t8"; do
+        measure "$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp" 240 python3 -P -m dflash_local bench "$t" \
+            --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 2 --max-tokens 64 -c 1280 --block-sizes 16 --fixed \
+            --tree-size 0 "${gpu[@]}" --compare-llama-cpp build/gpu/upstream \
+            --json "$RES/$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp.json"
+    done
+    echo "done $(date +%T)"
+}
+
+case ${1:-} in
+    start | watch | run) "$@" ;;
+    *) echo "usage: bash bench/gpu/mission.sh start | watch [SECONDS]" >&2; exit 2 ;;
+esac
