@@ -20,14 +20,13 @@ from typing import BinaryIO
 import llama_cpp as lc
 import numpy as np
 
+from dflash_local import native
 from dflash_local.errors import UserError
 from dflash_local.native import Capture, cpu_has_amx
 from dflash_local.sampling import SamplingParams
 from dflash_local.target_check import check_target_file
 from dflash_local.tree import TREE_SIZE
 
-
-_GGML_LOG_LEVEL_ERROR = 4  # ggml.h: enum ggml_log_level
 
 # Architectures whose llama.cpp graph records each layer's input (res->t_layer_inp), so that llama.cpp extracts the
 # wanted layers' rows itself, with no graph split; on any other it aborts, and the eval callback captures there.
@@ -49,15 +48,13 @@ def _layer_input_api() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
     return set_inp, get_inp
 
 
-@lc.llama_log_callback
-def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    if level == _GGML_LOG_LEVEL_ERROR:
-        print(text.decode(errors="replace"), end="", flush=True)
+# the helper's C log sink: no Python inside llama.cpp's calls (a Ctrl-C landing in a Python callback would be lost)
+_QUIET_LOG = lc.llama_log_callback(ctypes.cast(native.lib.dflash_quiet_log, ctypes.c_void_p).value)
 
 
 def quiet_llama_logs() -> None:
-    """Only llama.cpp's errors reach the terminal."""
-    lc.llama_log_set(_quiet_log, ctypes.c_void_p())
+    """Only llama.cpp's errors reach the terminal (stderr)."""
+    lc.llama_log_set(_QUIET_LOG, ctypes.c_void_p())
 
 
 @dataclass

@@ -25,6 +25,10 @@ int32_t      dflash_ggml_type_size(int32_t type, int64_t * block, int64_t * byte
 // From now on a failed GGML_ASSERT in ggml or llama.cpp prints one "error: ..." line to stderr and exits with code 1
 // (_Exit: nothing else runs) instead of printing a backtrace and aborting: for a command line, not for a library.
 void         dflash_exit_on_ggml_abort(void);
+// A log sink for llama_log_set (a ggml_log_callback; level: enum ggml_log_level): errors only, to stderr. In C, so that
+// no Python runs inside llama.cpp's calls: it logs several lines per decode, and a Ctrl-C that lands in a Python log
+// callback is lost (ctypes reports the KeyboardInterrupt raised there and drops it).
+void         dflash_quiet_log(int level, const char * text, void * user_data);
 
 // ---- capture --------------------------------------------------------------------------------
 // Collects the rows of graph nodes `l_out-(L-1)` for the GGUF target layers L, into a row-major

@@ -17,6 +17,12 @@ const char * dflash_last_error(void) { return g_last_error.c_str(); }
 
 const char * dflash_ggml_build_version(void) { return DFLASH_GGML_VERSION; }
 
+void dflash_quiet_log(int level, const char * text, void * /*user_data*/) {
+    if (level == GGML_LOG_LEVEL_ERROR) {
+        fputs(text, stderr);
+    }
+}
+
 const char * dflash_devices(void) {
     static std::string names;
     names.clear();
