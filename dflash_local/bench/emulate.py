@@ -175,8 +175,9 @@ class EmulatedDrafter:
         self._emitted, self._block_size, self._max_tokens = [], block_size, max_tokens
 
     def on_tokens(self, tokens: list[int]) -> None:
-        """The engine's callback for what it emits: the continuation for the next drafts is made ready here,
-        outside the steps' timing (as far as a step drafts: the block, within the token budget)."""
+        """The engine's callback for what it emits: the continuation for the next drafts is made ready here, outside
+        the steps' timing (as far as a step drafts: the block, within the token budget), and once the next pass's
+        anchor is out, that pass's drafts."""
         if self._emitted is not None:
             self._emitted += tokens
             depth = max(min(self._block_size - 1, self._max_tokens - len(self._emitted) - 1), 0)
@@ -189,10 +190,10 @@ class EmulatedDrafter:
                 self.trial_seconds += time.perf_counter() - t
 
     def _accepted_drafts(self, anchor: int, pos: int, truth: list[int], depth: int) -> tuple[int, int, list[int]]:
-        """The next pass's drafts: the first n (drawn from the profile) those that DFlash's target, verifying them in
-        one pass at pos, picks itself; draft n+1 (if any) one it does not. Starting from the continuation, each trial
-        pass replaces its first draft the target would reject by its pick there (a pass's rows before that one do
-        not change with it), so n + 1 trials at most."""
+        """The next pass's drafts, with n drawn from the profile: the first n are the tokens DFlash's target picks
+        itself when it verifies them in one pass at pos, draft n+1 (if any) one it does not pick. Starting from the
+        continuation, each trial pass replaces the first draft the target would reject by its pick there (the rows
+        before it do not change with it), so n + 1 trials at most."""
         tg = self.target
         cut = int(self.rng.choice(len(self._p), p=self._p))
         drafts = (list(truth) + [0] * depth)[:depth]  # past an end of the text: anything, to be replaced
