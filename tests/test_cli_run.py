@@ -100,6 +100,12 @@ def test_a_tiny_context_ends_cleanly(smollm2_path):
     assert "context is full" in result.stderr
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In a child that is sent SIGINT: the default handling, which Python turns into KeyboardInterrupt. A shell's
+    background job (a CI run started with `&`) ignores SIGINT, and a Python started from it keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("wait", [2.0, 8.0])  # in the load, calibration or prefill; while generating
 def test_ctrl_c_ends_cleanly(smollm2_path, wait):
     """Ctrl-C keeps what was generated: no traceback, exit 0 while generating (the answer so far printed), 130 before."""
@@ -107,7 +113,7 @@ def test_ctrl_c_ends_cleanly(smollm2_path, wait):
 
     proc = subprocess.Popen([sys.executable, "-P", "-m", "dflash_local", "run", str(smollm2_path), "-p", PROMPT, "-n",
                              "100000", "--ctx-size", "8192", "-t", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_ctrl_c_as_in_a_terminal)
     time.sleep(wait)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -123,7 +129,8 @@ class _Chat:
     def __init__(self, *args: str):
         # -P: the installed dflash_local, not the source tree of the current folder
         self.proc = subprocess.Popen([sys.executable, "-P", "-m", "dflash_local", "run", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     preexec_fn=_ctrl_c_as_in_a_terminal)
         self.out = self.err = b""
         self._changed = threading.Condition()
         self._open = 2
