@@ -73,14 +73,19 @@ run() {
     measure pass-costs-qwen35-27b-ctx16k-drafter-q4k 240 python3 -P bench/pass_costs.py "$t27" \
         "$SHAPES-q4k/qwen35-27b.Q4_K_M-dflash.gguf" "${gpu[@]}" --ctx-size 16384 \
         --json "$RES/pass-costs-qwen35-27b-ctx16k-drafter-q4k.json"
+    # the 27B's emulated runs are the slowest (its trial passes, and the continuations of its text computed again from
+    # the prompt on, since a hybrid's cache cannot be cut): tau 7.7 first, tau 3.4 last
     local tau c n
+    emulated_27b() {
+        measure qwen35-27b-emulated-tau$1-ctx1024 480 python3 -P -m dflash_local bench "$t27" \
+            --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 2 -c 1280 "${chain[@]}" \
+            --emulate-acceptance "bench/profiles/tau-$1.json" --json "$RES/qwen35-27b-emulated-tau$1-ctx1024.json"
+    }
+    emulated_27b 7.7
     for tau in 7.7 3.4; do
-        measure qwen35-27b-emulated-tau$tau-ctx1024 240 python3 -P -m dflash_local bench "$t27" \
-            --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 4 -c 1280 "${chain[@]}" \
-            --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen35-27b-emulated-tau$tau-ctx1024.json"
         for c in 1024 8192 32768; do
             n=4 && [ $c = 32768 ] && n=2
-            measure qwen3-8b-emulated-tau$tau-ctx$c 200 python3 -P -m dflash_local bench "$t8" \
+            measure qwen3-8b-emulated-tau$tau-ctx$c 240 python3 -P -m dflash_local bench "$t8" \
                 --prompts "$SHAPES/prompts-ctx$c.jsonl" -n $n -c $((c + 256)) "${chain[@]}" \
                 --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen3-8b-emulated-tau$tau-ctx$c.json"
         done
@@ -92,6 +97,7 @@ run() {
             --tree-size 0 "${gpu[@]}" --compare-llama-cpp build/gpu/upstream \
             --json "$RES/$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp.json"
     done
+    emulated_27b 3.4
     echo "done $(date +%T)"
 }
 
