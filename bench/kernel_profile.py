@@ -125,11 +125,8 @@ def main() -> None:
 
     def verify_no_capture(k: int) -> Callable[[], object]:
         def run() -> None:
-            tg.capture.enable(False)
-            try:
+            with tg.capture.paused():
                 verify(tg, k)()
-            finally:
-                tg.capture.enable(True)
 
         return run
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +133,15 @@ class Capture:
     def enable(self, on: bool) -> None:
         lib.dflash_capture_enable(self._ptr, on)
         self.enabled = on
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Off for the passes inside (their rows are not wanted), then on again."""
+        self.enable(False)
+        try:
+            yield
+        finally:
+            self.enable(True)
 
     def pull(self, layers: list[int], n_rows: int) -> None:
         """Append the rows that llama.cpp's layer-input capture left at these addresses (one [n_rows, n_embd] float

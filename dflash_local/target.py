@@ -13,6 +13,7 @@ import ctypes
 import os
 import struct
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -20,9 +21,9 @@ from typing import BinaryIO
 import llama_cpp as lc
 import numpy as np
 
-from dflash_local import native
 from dflash_local.errors import UserError
 from dflash_local.native import Capture, cpu_has_amx
+from dflash_local.native import lib as native_lib
 from dflash_local.sampling import SamplingParams
 from dflash_local.target_check import check_target_file
 from dflash_local.tree import TREE_SIZE
@@ -49,7 +50,7 @@ def _layer_input_api() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
 
 
 # the helper's C log sink: no Python inside llama.cpp's calls (a Ctrl-C landing in a Python callback would be lost)
-_QUIET_LOG = lc.llama_log_callback(ctypes.cast(native.lib.dflash_quiet_log, ctypes.c_void_p).value)
+_QUIET_LOG = lc.llama_log_callback(ctypes.cast(native_lib.dflash_quiet_log, ctypes.c_void_p).value)
 
 
 def quiet_llama_logs() -> None:
@@ -471,13 +472,8 @@ class Target:
 
     def _uncaptured(self, tokens: list[int], pos0: int, all_logits: bool) -> np.ndarray:
         """Decode with the capture off: a replay of tokens the drafter has already seen, or a trial."""
-        if self.capture:
-            self.capture.enable(False)
-        try:
+        with self.capture.paused() if self.capture else nullcontext():
             return self.decode(tokens, pos0, all_logits)
-        finally:
-            if self.capture:
-                self.capture.enable(True)
 
     def clear(self, seq: int | None = None) -> None:
         """Forget all sequences, or one."""

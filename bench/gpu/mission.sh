@@ -50,6 +50,7 @@ measure() {
 run() {
     export PYTHONUNBUFFERED=1
     echo "start $(date +%T)"
+    trap 'echo "done $(date +%T)"' EXIT  # however the run ends, so that watch stops waiting
     bash bench/gpu/run.sh deps > "$RES/build.log" 2>&1 || { echo "deps failed"; exit 1; }
     # the shapes are one Python process each; the build takes the cores meanwhile
     # (the 27B again with its drafter in Q4_K, beside a link to the same target)
@@ -98,7 +99,6 @@ run() {
             --json "$RES/$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp.json"
     done
     emulated_27b 3.4
-    echo "done $(date +%T)"
 }
 
 case ${1:-} in
