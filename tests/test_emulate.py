@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from synthetic_drafters import random_drafter_gguf
 
-from dflash_local.bench.emulate import EmulatedDrafter, Oracle, Profile, geometric, load_profile
+from dflash_local.bench.emulate import EmulatedDrafter, Profile, geometric, load_profile
 from dflash_local.engine import Engine
 from dflash_local.errors import UsageError, UserError
 from dflash_local.native import Drafter
@@ -64,7 +64,7 @@ def _emulated(path: Path, drafter: Path, profile: Profile, block: int = 16):
     dr = Drafter(drafter, path, n_ctx=PARAMS.n_ctx + 64, n_threads=1)
     tg = Target(path, PARAMS, capture_layers=dr.info.target_layers, rollback=dr.info.block_size)
     alone = Target(path, PARAMS, model_of=tg)
-    emu = EmulatedDrafter(dr, profile, Oracle(alone), tg)
+    emu = EmulatedDrafter(dr, profile, tg)
     return tg, alone, emu, Engine(tg, emu, block, adaptive=False, tree_size=0)
 
 
@@ -86,9 +86,9 @@ def test_emulated_acceptance_follows_the_profile(llama):
         assert gen.tokens == ref.tokens  # the target verified as usual
         assert _below_cut(emu, gen.stats) == []
         full = [a for a, k in zip(gen.stats.accepted, gen.stats.drafted) if k == 15]
-        assert len(full) > 80 and np.mean(full) == pytest.approx(3.0, abs=0.6)  # the profile's mean drafts accepted
-        assert emu.oracle.seconds == 0.0  # the texts agreed: no continuation computed
-        assert emu.trial_seconds > 0  # each pass's drafts were checked by a trial pass
+        assert len(full) > 80 and np.mean(full) == pytest.approx(3.0, abs=0.15)  # the profile's mean drafts accepted
+        assert np.mean(emu.cuts) == pytest.approx(3.0, abs=0.2)  # drawn evenly through the profile (at random: +-0.35)
+        assert emu.seconds > 0  # each pass's drafts were checked by a trial pass
     finally:
         alone.close()
         tg.close()
@@ -97,8 +97,7 @@ def test_emulated_acceptance_follows_the_profile(llama):
 
 def test_emulated_acceptance_follows_dflash_text_where_it_leaves_the_continuation(llama):
     """As on CUDA, where DFlash's text can leave the target alone's: here the continuation given is wrong from token
-    5 on. The trial passes put the target's own tokens in its place, and from there the drafts follow the target's
-    continuation of DFlash's own text, computed then: every pass accepts what was drawn for it."""
+    5 on. The trial passes put the target's own tokens in its place: every pass accepts what was drawn for it."""
     tg, alone, emu, eng = _emulated(*llama, geometric(8.0))
     try:
         prompt = tg.tokenize("Once upon a time")
@@ -109,7 +108,7 @@ def test_emulated_acceptance_follows_dflash_text_where_it_leaves_the_continuatio
         emu.stop()
         assert gen.tokens == ref.tokens
         assert _below_cut(emu, gen.stats) == []
-        assert emu.oracle.seconds > 0 and gen.stats.tau > 3
+        assert gen.stats.tau > 3
     finally:
         alone.close()
         tg.close()
@@ -133,27 +132,3 @@ def test_emulated_acceptance_on_a_hybrid_target(tiny_target, tmp_path):
         alone.close()
         tg.close()
         emu.close()
-
-
-def test_oracle_follows_any_text(llama):
-    """The target alone's greedy continuation of texts that leave the one it was given, again and again (an attention
-    cache keeps what still agrees), checked against a context of its own."""
-    path = llama[0]
-    tg = Target(path, PARAMS)
-    check = Target(path, PARAMS, model_of=tg)
-    try:
-        oracle = Oracle(tg)
-        prompt = tg.tokenize("Once upon a time")
-        ref = Engine(check).generate(prompt, 40).tokens
-        oracle.start(prompt, ref)
-        assert oracle.tokens(ref[:10], 5) == ref[10:15] and oracle.seconds == 0.0
-        text = ref[:10]
-        for step in range(4):  # leave the known text at a later token each time
-            text = text + [(oracle.tokens(text, 1)[0] + 1) % tg.n_vocab]
-            got = oracle.tokens(text, 6)
-            assert got == Engine(check).generate(prompt + text, 6).tokens, step
-            text = text + got[:3]
-        assert oracle.seconds > 0
-    finally:
-        check.close()
-        tg.close()

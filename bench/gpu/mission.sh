@@ -66,31 +66,31 @@ run() {
     echo "shapes rc $? $(date +%T)"
     local t8=$SHAPES/qwen3-8b.Q4_K_M.gguf t27=$SHAPES/qwen35-27b.Q4_K_M.gguf
     local gpu=(-ngl 99 --device CUDA0)
-    local chain=(--max-tokens 128 --block-sizes 16 --fixed --tree-size 0 "${gpu[@]}")
-    measure pass-costs-qwen3-8b 150 python3 -P bench/pass_costs.py "$t8" "${t8%.gguf}-dflash.gguf" "${gpu[@]}" \
-        --json "$RES/pass-costs-qwen3-8b.json"
+    local chain=(--block-sizes 16 --fixed --tree-size 0 "${gpu[@]}")
+    # in the order of what is least known: the 27B's emulated runs (512 tokens, so that a prompt's last pass, capped
+    # by the token budget, weighs little in tau), the 8B drafter's pass after its V-cache change, the 8B's emulated
+    # runs at 1k, 8k and 32k, the pass costs of the 27B with a 16k context (with each drafter), both against upstream
+    local tau c n
+    for tau in 7.7 3.4; do
+        measure qwen35-27b-emulated-tau$tau-ctx1024 480 python3 -P -m dflash_local bench "$t27" \
+            --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 4 --max-tokens 512 -c 1552 "${chain[@]}" \
+            --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen35-27b-emulated-tau$tau-ctx1024.json"
+        [ $tau = 7.7 ] && measure pass-costs-qwen3-8b 150 python3 -P bench/pass_costs.py "$t8" "${t8%.gguf}-dflash.gguf" \
+            "${gpu[@]}" --json "$RES/pass-costs-qwen3-8b.json"
+    done
+    for tau in 7.7 3.4; do
+        for c in 1024 8192 32768; do
+            n=4 && [ $c = 32768 ] && n=2
+            measure qwen3-8b-emulated-tau$tau-ctx$c 240 python3 -P -m dflash_local bench "$t8" \
+                --prompts "$SHAPES/prompts-ctx$c.jsonl" -n $n --max-tokens 256 -c $((c + 272)) "${chain[@]}" \
+                --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen3-8b-emulated-tau$tau-ctx$c.json"
+        done
+    done
     measure pass-costs-qwen35-27b-ctx16k 240 python3 -P bench/pass_costs.py "$t27" "${t27%.gguf}-dflash.gguf" \
         "${gpu[@]}" --ctx-size 16384 --json "$RES/pass-costs-qwen35-27b-ctx16k.json"
     measure pass-costs-qwen35-27b-ctx16k-drafter-q4k 240 python3 -P bench/pass_costs.py "$t27" \
         "$SHAPES-q4k/qwen35-27b.Q4_K_M-dflash.gguf" "${gpu[@]}" --ctx-size 16384 \
         --json "$RES/pass-costs-qwen35-27b-ctx16k-drafter-q4k.json"
-    # the 27B's emulated runs are the slowest (its trial passes, and the continuations of its text computed again from
-    # the prompt on, since a hybrid's cache cannot be cut): tau 7.7 first, tau 3.4 last
-    local tau c n
-    emulated_27b() {
-        measure qwen35-27b-emulated-tau$1-ctx1024 480 python3 -P -m dflash_local bench "$t27" \
-            --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 2 -c 1280 "${chain[@]}" \
-            --emulate-acceptance "bench/profiles/tau-$1.json" --json "$RES/qwen35-27b-emulated-tau$1-ctx1024.json"
-    }
-    emulated_27b 7.7
-    for tau in 7.7 3.4; do
-        for c in 1024 8192 32768; do
-            n=4 && [ $c = 32768 ] && n=2
-            measure qwen3-8b-emulated-tau$tau-ctx$c 240 python3 -P -m dflash_local bench "$t8" \
-                --prompts "$SHAPES/prompts-ctx$c.jsonl" -n $n -c $((c + 256)) "${chain[@]}" \
-                --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen3-8b-emulated-tau$tau-ctx$c.json"
-        done
-    done
     local t
     for t in "$t27" "$t8"; do
         measure "$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp" 240 python3 -P -m dflash_local bench "$t" \
@@ -98,7 +98,6 @@ run() {
             --tree-size 0 "${gpu[@]}" --compare-llama-cpp build/gpu/upstream \
             --json "$RES/$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp.json"
     done
-    emulated_27b 3.4
 }
 
 case ${1:-} in

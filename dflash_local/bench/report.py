@@ -107,8 +107,8 @@ def print_table(console: Console, doc: dict[str, object]) -> None:
         f", GPU used {m['gpu_used_mb']:.0f} MiB device-wide (drafter {m['drafter_gpu_mb']:.0f})"
     console.print(f"peak RSS {m['peak_rss_mb']:.0f} MiB (drafter {m['drafter_rss_mb']:.0f}){gpu}", highlight=False)
     if doc.get("emulation_seconds"):
-        console.print(f"[dim]emulated acceptance: {doc['emulation_seconds']:.2f} s in trial passes and the target's "
-                      "continuations of DFlash's text, taken off DFlash's decode time[/dim]", highlight=False)
+        console.print(f"[dim]emulated acceptance: {doc['emulation_seconds']:.2f} s in trial passes, taken off "
+                      "DFlash's decode time[/dim]", highlight=False)
     for note in doc["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for mm in doc["mismatches"]:

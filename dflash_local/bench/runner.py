@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dflash_local.bench.divergence import Divergence, classify
-from dflash_local.bench.emulate import EmulatedDrafter, Oracle, Profile
+from dflash_local.bench.emulate import EmulatedDrafter, Profile
 from dflash_local.bench.machine import gpu_used_mb, peak_rss_mb, rss_mb
 from dflash_local.bench.prompts import Prompt
 from dflash_local.engine import Engine, Generation, Stats, generate_in_job
@@ -138,7 +138,7 @@ class BenchResult:
     notes: list[str]
     drafter: dict[str, object]  # the drafter's shape as the helper read it
     n_threads: int  # the target context's CPU threads
-    emulation_seconds: float = 0.0  # planning emulated drafts (trial passes, continuations), off the decode time
+    emulation_seconds: float = 0.0  # settling emulated drafts by trial passes, off the decode time
 
     @property
     def failures(self) -> list[Mismatch]:
@@ -173,7 +173,7 @@ def run_bench(cfg: BenchConfig, console: Console,
     tree_size = 0 if cfg.emulate else cfg.tree_size
     tg = open_target(cfg.target, cfg.params, drafter, tree_size)
     base_tg = Target(cfg.target, cfg.params, model_of=tg)
-    emu = EmulatedDrafter(drafter, cfg.emulate, Oracle(base_tg), tg) if cfg.emulate else None
+    emu = EmulatedDrafter(drafter, cfg.emulate, tg) if cfg.emulate else None
     try:
         baseline = Engine(base_tg)
         engines = {b: Engine(tg, emu or drafter, b, cfg.adaptive, tree_size) for b in cfg.block_sizes}
@@ -182,8 +182,8 @@ def run_bench(cfg: BenchConfig, console: Console,
         notes: list[str] = []
         if emu:
             notes.append(f"emulated acceptance {cfg.emulate.name} (tau {cfg.emulate.tau:.2f}): the drafter ran every "
-                         "pass, its drafts were replaced by the target's own greedy text as its verification picks "
-                         "it, cut at a length drawn from the profile (bench/emulate.py); chains only")
+                         "pass, its drafts were replaced by the target's own picks as its verification makes them, "
+                         "cut at a length drawn from the profile (bench/emulate.py); chains only")
         texts = [_prompt_text(tg, p, notes) for p in cfg.prompts]
         tokens = [tg.tokenize(text) for text in texts]
         records = [PromptRecord(p.id, text, len(toks), "") for p, text, toks in zip(cfg.prompts, texts, tokens)]
