@@ -60,7 +60,7 @@ run() {
         && mkdir -p "$SHAPES-q4k" && ln -f "$SHAPES/qwen35-27b.Q4_K_M.gguf" "$SHAPES-q4k/" \
         && python3 bench/shapes.py --shape qwen35-27b --out "$SHAPES-q4k" --drafter-type q4_k) > "$RES/shapes.log" 2>&1 &
     local shapes=$!
-    CMAKE_ARGS="-DGGML_CUDA_NCCL=OFF ${CMAKE_ARGS:-}" bash bench/gpu/run.sh lcp dflash upstream >> "$RES/build.log" 2>&1
+    CMAKE_ARGS="-DGGML_CUDA_NCCL=OFF ${CMAKE_ARGS:-}" bash bench/gpu/run.sh lcp dflash >> "$RES/build.log" 2>&1
     echo "build rc $? $(date +%T)"
     wait $shapes
     echo "shapes rc $? $(date +%T)"
@@ -91,6 +91,8 @@ run() {
     measure pass-costs-qwen35-27b-ctx16k-drafter-q4k 240 python3 -P bench/pass_costs.py "$t27" \
         "$SHAPES-q4k/qwen35-27b.Q4_K_M-dflash.gguf" "${gpu[@]}" --ctx-size 16384 \
         --json "$RES/pass-costs-qwen35-27b-ctx16k-drafter-q4k.json"
+    bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
+    echo "upstream rc $? $(date +%T)"
     local t
     for t in "$t27" "$t8"; do
         measure "$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp" 240 python3 -P -m dflash_local bench "$t" \
