@@ -13,7 +13,6 @@ set -uo pipefail
 WORK=${WORK:-/root/w}
 RES=${RES:-/root/mission}
 SHAPES=${SHAPES:-/root/shapes}
-PARTS=${PARTS:-/root/wheel-parts}  # the CUDA wheel in pieces small enough to come back (run.sh lcp installs them)
 LOG=$RES/mission.log
 
 start() {
@@ -31,12 +30,6 @@ watch() {
         sleep 5
     done
     cat "$LOG"
-    # up to 7 pieces of the CUDA wheel a call (8 files come back, one the results), each kept once
-    local part
-    mkdir -p "$PARTS/sent"
-    for part in $(find "$PARTS" -maxdepth 1 -name '*.part-*' | sort | head -7); do
-        cp "$part" "$OUT/" && mv "$part" "$PARTS/sent/"
-    done
     for f in "$RES"/*.log; do
         [ "$f" = "$LOG" ] && continue
         printf -- '--- %s\n' "$f"
@@ -69,10 +62,6 @@ run() {
     local shapes=$!
     CMAKE_ARGS="-DGGML_CUDA_NCCL=OFF ${CMAKE_ARGS:-}" bash bench/gpu/run.sh lcp dflash >> "$RES/build.log" 2>&1
     echo "build rc $? $(date +%T)"
-    local whl
-    for whl in build/gpu/wheels/llama_cpp_python-*.whl; do  # for later sessions: installed, it saves the build
-        mkdir -p "$PARTS" && split -b 16000000 "$whl" "$PARTS/$(basename "$whl").part-" && ls "$PARTS" | wc -l
-    done
     wait $shapes
     echo "shapes rc $? $(date +%T)"
     local t8=$SHAPES/qwen3-8b.Q4_K_M.gguf t27=$SHAPES/qwen35-27b.Q4_K_M.gguf

@@ -49,18 +49,6 @@ step_deps() {
 }
 
 step_lcp() {
-    # a wheel built here before (mission.sh brings it back in pieces; they travel in $BUNDLE/lcp-wheel*/, one folder
-    # per trip): joined and installed, no build
-    local parts
-    parts=$(find "$BUNDLE" -path "*/lcp-wheel*/llama_cpp_python-*.whl.part-*" -printf '%f %p\n' | sort | cut -d' ' -f2-)
-    if [ -n "$parts" ] && [ "$GGML_CUDA" = on ]; then
-        log "llama-cpp-python 0.3.36 from the wheel built before ($(echo "$parts" | wc -l) pieces)"
-        local name
-        name=$(basename "$(echo "$parts" | head -1)" | sed 's/\.part-.*//')
-        mkdir -p "$BUILD/wheels" && echo "$parts" | xargs cat > "$BUILD/wheels/$name"
-        "$PY" -m pip install --no-deps --force-reinstall "$BUILD/wheels/$name"
-        return
-    fi
     log "llama-cpp-python 0.3.36 (GGML_CUDA=$GGML_CUDA, arch $CUDA_ARCH)"
     # built from an unpacked tree at a fixed path, so that a build cut off resumes in $BUILD/lcp
     local src="$BUILD/lcp-src" sdist=$SDIST
