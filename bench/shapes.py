@@ -3,7 +3,7 @@ GPU without downloading the models: the shapes of the published configs, random 
 straight to the file (dflash_local/synthetic/), a synthetic vocabulary of the real size.
 
     python bench/shapes.py --shape qwen35-27b|qwen3-8b [--scale F] --out DIR [--quant q4_k_m|q8_0]
-        [--drafter-type q8_0|q4_k|q6_k] [--context-prompts 1024,8192,32768] [--seed 0] [--force] [--trial-bytes N]
+        [--drafter-type q8_0|q4_k|q6_k|f16] [--context-prompts 1024,8192,32768] [--seed 0] [--force] [--trial-bytes N]
 
 writes DIR/<shape>[-xF].<QUANT>.gguf and, next to it, its drafter <same name>-dflash.gguf (which `dflash run` and
 `dflash bench` find by that name). --quant: llama.cpp's Q4_K_M mix (default), or Q8_0 throughout, whose passes of
@@ -51,6 +51,7 @@ QK_GAIN = 1.5
 # With the Gated DeltaNet layers' output zeroed it is 1.8 (2.1), 1.2 (2.1): the rest is not theirs to amplify
 SSM_CONV_GAIN = 3.0
 
+DRAFTER_TYPES = {"q8_0": Q.Q8_0, "q4_k": Q.Q4_K, "q6_k": Q.Q6_K, "f16": Q.F16}  # --drafter-type
 SHAPES = {
     # Qwen3.5-27B: Gated DeltaNet on 3 of every 4 layers (d_inner 6144 = 48 value heads of 128, 16 key heads),
     # full attention on the 4th; its DFlash drafter has heads of its own (32 of 128)
@@ -141,7 +142,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="shrink the shape (CPU tests), e.g. 0.05")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quant", choices=sorted(QUANTS), default="q4_k_m", help="the target's weights")
-    ap.add_argument("--drafter-type", choices=["q8_0", "q4_k", "q6_k"], default="q8_0")
+    ap.add_argument("--drafter-type", choices=sorted(DRAFTER_TYPES), default="q8_0")
     ap.add_argument("--context-prompts", default="", help="comma-separated prompt lengths in tokens, e.g. 1024,8192")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="write files that exist again")
@@ -162,7 +163,7 @@ def main() -> None:
         trial(a.out / f".trial-{stem}.gguf", m.target, a.quant, int(a.trial_bytes), a.seed)
         return
     print(f"target {m.target}\ndrafter {m.drafter}", flush=True)
-    qtype = {"q8_0": Q.Q8_0, "q4_k": Q.Q4_K, "q6_k": Q.Q6_K}[a.drafter_type]
+    qtype = DRAFTER_TYPES[a.drafter_type]
     for path, write in ((target, lambda: write_target(target, m.target, name=f"random {stem}", seed=a.seed,
                                                       quant=a.quant, progress=True)),
                         (drafter, lambda: write_drafter(drafter, target, m.drafter, name=f"random {stem} DFlash",

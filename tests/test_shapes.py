@@ -93,7 +93,7 @@ def test_full_size_trial_write(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.F16])
 def test_random_blocks_keep_the_spread(qtype):
     for std in (0.01, 0.5):
         blocks = RandomBlocks((64, 512), qtype, std, np.random.default_rng(0))

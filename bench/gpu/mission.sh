@@ -52,13 +52,16 @@ run() {
     echo "start $(date +%T)"
     trap 'echo "done $(date +%T)"' EXIT  # however the run ends, so that watch stops waiting
     bash bench/gpu/run.sh deps > "$RES/build.log" 2>&1 || { echo "deps failed"; exit 1; }
-    # the shapes are one Python process each; the build takes the cores meanwhile
-    # (the 27B again with its drafter in Q4_K, beside a link to the same target)
+    # the shapes are one Python process each; the build takes the cores meanwhile. Each drafter type but Q8_0 goes in
+    # a folder of its own, $SHAPES-<type>, beside a link to the same target (found by the name next to it)
     (export PYTHONPATH=$WORK/src
-     python3 bench/shapes.py --shape qwen3-8b --out "$SHAPES" --context-prompts 1024,8192,32768 \
-        && python3 bench/shapes.py --shape qwen35-27b --out "$SHAPES" --context-prompts 1024 \
-        && mkdir -p "$SHAPES-q4k" && ln -f "$SHAPES/qwen35-27b.Q4_K_M.gguf" "$SHAPES-q4k/" \
-        && python3 bench/shapes.py --shape qwen35-27b --out "$SHAPES-q4k" --drafter-type q4_k) > "$RES/shapes.log" 2>&1 &
+     set -e
+     python3 bench/shapes.py --shape qwen3-8b --out "$SHAPES" --context-prompts 1024,8192,32768
+     python3 bench/shapes.py --shape qwen35-27b --out "$SHAPES" --context-prompts 1024
+     for dt in q4_k:qwen35-27b f16:qwen35-27b f16:qwen3-8b; do
+         mkdir -p "$SHAPES-${dt%:*}" && ln -f "$SHAPES/${dt#*:}.Q4_K_M.gguf" "$SHAPES-${dt%:*}/"
+         python3 bench/shapes.py --shape "${dt#*:}" --out "$SHAPES-${dt%:*}" --drafter-type "${dt%:*}"
+     done) > "$RES/shapes.log" 2>&1 &
     local shapes=$!
     CMAKE_ARGS="-DGGML_CUDA_NCCL=OFF ${CMAKE_ARGS:-}" bash bench/gpu/run.sh lcp dflash >> "$RES/build.log" 2>&1
     echo "build rc $? $(date +%T)"
@@ -67,9 +70,23 @@ run() {
     local t8=$SHAPES/qwen3-8b.Q4_K_M.gguf t27=$SHAPES/qwen35-27b.Q4_K_M.gguf
     local gpu=(-ngl 99 --device CUDA0)
     local chain=(--block-sizes 16 --fixed --tree-size 0 "${gpu[@]}")
-    # in the order of what is least known: the 27B's emulated runs (512 tokens, so that a prompt's last pass, capped
-    # by the token budget, weighs little in tau), the 8B drafter's pass after its V-cache change, the 8B's emulated
-    # runs at 1k, 8k and 32k, the pass costs of the 27B with a 16k context (with each drafter), both against upstream
+    # in the order of what is least known. First whether the 27B's drafter in Q4_K or float16 makes a step cheaper
+    # than in Q8_0 (2.91x at tau 7.66 on 2026-12-06, the bound 2.93x): its emulated run at tau 7.7 (512 tokens, so that
+    # a prompt's last pass, capped by the token budget, weighs little in tau) and the pass costs with each. Then the
+    # Q8_0 drafter's emulated runs of the 27B and the 8B drafter's pass, the 8B's emulated runs at 1k, 8k and 32k, the
+    # pass costs of the 27B with a 16k context, both shapes against upstream
+    local dt
+    for dt in q4_k f16; do
+        measure qwen35-27b-drafter-$dt-emulated-tau7.7-ctx1024 480 python3 -P -m dflash_local bench "$t27" \
+            -d "$SHAPES-$dt/qwen35-27b.Q4_K_M-dflash.gguf" --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 4 \
+            --max-tokens 512 -c 1552 "${chain[@]}" --emulate-acceptance bench/profiles/tau-7.7.json \
+            --json "$RES/qwen35-27b-drafter-$dt-emulated-tau7.7-ctx1024.json"
+    done
+    measure pass-costs-qwen35-27b-ctx16k-drafter-f16 240 python3 -P bench/pass_costs.py "$t27" \
+        "$SHAPES-f16/qwen35-27b.Q4_K_M-dflash.gguf" "${gpu[@]}" --ctx-size 16384 \
+        --json "$RES/pass-costs-qwen35-27b-ctx16k-drafter-f16.json"
+    measure pass-costs-qwen3-8b-drafter-f16 150 python3 -P bench/pass_costs.py "$t8" \
+        "$SHAPES-f16/qwen3-8b.Q4_K_M-dflash.gguf" "${gpu[@]}" --json "$RES/pass-costs-qwen3-8b-drafter-f16.json"
     local tau c n
     for tau in 7.7 3.4; do
         measure qwen35-27b-emulated-tau$tau-ctx1024 480 python3 -P -m dflash_local bench "$t27" \
@@ -88,9 +105,9 @@ run() {
     done
     measure pass-costs-qwen35-27b-ctx16k 240 python3 -P bench/pass_costs.py "$t27" "${t27%.gguf}-dflash.gguf" \
         "${gpu[@]}" --ctx-size 16384 --json "$RES/pass-costs-qwen35-27b-ctx16k.json"
-    measure pass-costs-qwen35-27b-ctx16k-drafter-q4k 240 python3 -P bench/pass_costs.py "$t27" \
-        "$SHAPES-q4k/qwen35-27b.Q4_K_M-dflash.gguf" "${gpu[@]}" --ctx-size 16384 \
-        --json "$RES/pass-costs-qwen35-27b-ctx16k-drafter-q4k.json"
+    measure pass-costs-qwen35-27b-ctx16k-drafter-q4_k 240 python3 -P bench/pass_costs.py "$t27" \
+        "$SHAPES-q4_k/qwen35-27b.Q4_K_M-dflash.gguf" "${gpu[@]}" --ctx-size 16384 \
+        --json "$RES/pass-costs-qwen35-27b-ctx16k-drafter-q4_k.json"
     bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
     echo "upstream rc $? $(date +%T)"
     local t

@@ -17,7 +17,7 @@ from dflash_local.synthetic.weights import Q, TensorWriter, matrix, norm
 from dflash_local.train.trainer import drafter_config
 
 _FILE_TYPES = {Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
-               Q.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K}
+               Q.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K, Q.F16: gguf.LlamaFileType.MOSTLY_F16}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The tensors of synthetic models: float32 values drawn at random, or random quantized blocks (Q4_K, Q6_K, Q8_0)
-generated a slice at a time while the file is written, so that a 16 GB model takes little memory and no float copy.
+"""The tensors of synthetic models: float32 values drawn at random, or random quantized blocks (Q4_K, Q6_K, Q8_0;
+F16 as one-value blocks) generated a slice at a time while the file is written, so that a 16 GB model takes little memory and no float copy.
 
 A random block is random codes under fixed scales chosen so that its values have mean ~0 and the wanted spread:
 the same spread as the float weights they stand for, so that activations stay at the scale the float models keep.
@@ -79,7 +79,13 @@ def _fill_q8_0(blocks: np.ndarray, std: float) -> None:
     blocks[:, 0:2] = _f16(std / _STD8)  # d, then 32 int8 codes
 
 
-_FILL = {Q.Q4_K: _fill_q4_k, Q.Q6_K: _fill_q6_k, Q.Q8_0: _fill_q8_0}
+def _fill_f16(blocks: np.ndarray, std: float) -> None:
+    # each value a random int8 code (its block's first byte) times a fixed scale, as Q8_0's are
+    codes = blocks[:, 0].view(np.int8).astype(np.float16)
+    blocks[:] = (codes * np.float16(std / _STD8)).view(np.uint8).reshape(-1, 2)
+
+
+_FILL = {Q.Q4_K: _fill_q4_k, Q.Q6_K: _fill_q6_k, Q.Q8_0: _fill_q8_0, Q.F16: _fill_f16}
 QUANT_TYPES = tuple(_FILL)
 
 
