@@ -147,6 +147,26 @@ def test_a_divergence_at_one_thread_is_never_rounding(smollm2_path):
         tg.close()
 
 
+def test_a_hybrid_divergence_is_classified(tiny_target):
+    """A hybrid's recurrent state cannot be cut back to where the batch starts: it is saved there and restored, so the
+    batch runs on the state the one-token passes had (its logits within rounding of theirs), and a DFlash token far
+    from the target's own is a failure."""
+    tg = Target(tiny_target("qwen35"), TargetParams(n_ctx=256, n_threads=1))
+    try:
+        assert tg.recurrent
+        prompt = tg.tokenize("The quick brown fox")
+        expected = Engine(tg).generate(prompt, 40).tokens
+        for index in (3, 30):  # a batch from the text's start, and one from within it
+            tg.clear()
+            tg.decode(prompt + expected[:index], 0, all_logits=False)
+            worst = int(np.argmin(tg.logits(1)[0]))
+            div = classify(tg, prompt, expected, expected[:index] + [worst], index, width=16)
+            assert div.bound is not None and div.bound < 1e-3 and div.batch_picks_dflash is False, div
+            assert div.gap > 1.0 and not div.rounding
+    finally:
+        tg.close()
+
+
 def test_mismatch_fails_the_bench(models, tmp_path, monkeypatch):
     real = runner.generate_in_job
 

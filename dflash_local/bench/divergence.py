@@ -27,7 +27,7 @@ class Divergence:
 def classify(tg: Target, prompt: list[int], expected: list[int], got: list[int], index: int, width: int) -> Divergence:
     """expected: the target alone's greedy tokens after prompt; got: DFlash's, first different at index. tg: a context
     of the target alone (its cache is cleared)."""
-    if index >= min(len(expected), len(got)) or tg.recurrent:  # a shorter text, or state that cannot be re-decoded
+    if index >= min(len(expected), len(got)):  # a shorter text
         return Divergence(None, None, None, False)
     n = len(prompt)
     # the batch: `width` tokens of the target alone's text (fewer where it ends) from start, whose first rows predict
@@ -37,6 +37,8 @@ def classify(tg: Target, prompt: list[int], expected: list[int], got: list[int],
     tg.clear()
     one_token = {0: tg.decode(prompt, 0, all_logits=False)[0].copy()}  # j -> the logits that chose expected[j]
     for j in range(index):
+        if j == start and tg.recurrent:  # where the batch starts: a recurrent state comes back to it, not cut
+            tg.save_state()
         logits = tg.decode([expected[j]], n + j, all_logits=False)[0]
         if j + 1 >= start:
             one_token[j + 1] = logits.copy()
