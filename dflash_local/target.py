@@ -452,7 +452,8 @@ class Target:
                 raise RuntimeError(f"llama.cpp could not roll the sequence back to {n_keep} tokens")
             return
         self._restore(pos0)
-        self._uncaptured(replay, pos0, all_logits=False)
+        if replay:
+            self._uncaptured(replay, pos0, all_logits=False)
 
     def _restore(self, pos0: int) -> None:
         """Sequence 0 as it was at pos0: the recurrent state kept by save_state() there, the attention cache cut."""

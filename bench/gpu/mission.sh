@@ -75,25 +75,29 @@ run() {
     # a prompt's last pass, capped by the token budget, weighs little in tau) and the pass costs with each. Then the
     # Q8_0 drafter's emulated runs of the 27B and the 8B drafter's pass, the 8B's emulated runs at 1k, 8k and 32k, the
     # pass costs of the 27B with a 16k context, both shapes against upstream
+    # one emulated run of the 27B: NAME DRAFTER TAU
+    emulated_27b() {
+        measure "$1" 480 python3 -P -m dflash_local bench "$t27" -d "$2" --prompts "$SHAPES/prompts-ctx1024.jsonl" \
+            -n 4 --max-tokens 512 -c 1552 "${chain[@]}" --emulate-acceptance "bench/profiles/tau-$3.json" \
+            --json "$RES/$1.json"
+    }
+    # the pass costs of NAME: TARGET DRAFTER [FLAGS]
+    pass_costs() {
+        local name=$1 target=$2 drafter=$3
+        shift 3
+        measure "$name" 240 python3 -P bench/pass_costs.py "$target" "$drafter" "${gpu[@]}" "$@" --json "$RES/$name.json"
+    }
     local dt
     for dt in q4_k f16; do
-        measure qwen35-27b-drafter-$dt-emulated-tau7.7-ctx1024 480 python3 -P -m dflash_local bench "$t27" \
-            -d "$SHAPES-$dt/qwen35-27b.Q4_K_M-dflash.gguf" --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 4 \
-            --max-tokens 512 -c 1552 "${chain[@]}" --emulate-acceptance bench/profiles/tau-7.7.json \
-            --json "$RES/qwen35-27b-drafter-$dt-emulated-tau7.7-ctx1024.json"
+        emulated_27b qwen35-27b-drafter-$dt-emulated-tau7.7-ctx1024 "$SHAPES-$dt/qwen35-27b.Q4_K_M-dflash.gguf" 7.7
     done
-    measure pass-costs-qwen35-27b-ctx16k-drafter-f16 240 python3 -P bench/pass_costs.py "$t27" \
-        "$SHAPES-f16/qwen35-27b.Q4_K_M-dflash.gguf" "${gpu[@]}" --ctx-size 16384 \
-        --json "$RES/pass-costs-qwen35-27b-ctx16k-drafter-f16.json"
-    measure pass-costs-qwen3-8b-drafter-f16 150 python3 -P bench/pass_costs.py "$t8" \
-        "$SHAPES-f16/qwen3-8b.Q4_K_M-dflash.gguf" "${gpu[@]}" --json "$RES/pass-costs-qwen3-8b-drafter-f16.json"
+    pass_costs pass-costs-qwen35-27b-ctx16k-drafter-f16 "$t27" "$SHAPES-f16/qwen35-27b.Q4_K_M-dflash.gguf" \
+        --ctx-size 16384
+    pass_costs pass-costs-qwen3-8b-drafter-f16 "$t8" "$SHAPES-f16/qwen3-8b.Q4_K_M-dflash.gguf"
     local tau c n
     for tau in 7.7 3.4; do
-        measure qwen35-27b-emulated-tau$tau-ctx1024 480 python3 -P -m dflash_local bench "$t27" \
-            --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 4 --max-tokens 512 -c 1552 "${chain[@]}" \
-            --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen35-27b-emulated-tau$tau-ctx1024.json"
-        [ $tau = 7.7 ] && measure pass-costs-qwen3-8b 150 python3 -P bench/pass_costs.py "$t8" "${t8%.gguf}-dflash.gguf" \
-            "${gpu[@]}" --json "$RES/pass-costs-qwen3-8b.json"
+        emulated_27b qwen35-27b-emulated-tau$tau-ctx1024 "${t27%.gguf}-dflash.gguf" $tau
+        [ $tau = 7.7 ] && pass_costs pass-costs-qwen3-8b "$t8" "${t8%.gguf}-dflash.gguf"
     done
     for tau in 7.7 3.4; do
         for c in 1024 8192 32768; do
@@ -103,11 +107,9 @@ run() {
                 --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen3-8b-emulated-tau$tau-ctx$c.json"
         done
     done
-    measure pass-costs-qwen35-27b-ctx16k 240 python3 -P bench/pass_costs.py "$t27" "${t27%.gguf}-dflash.gguf" \
-        "${gpu[@]}" --ctx-size 16384 --json "$RES/pass-costs-qwen35-27b-ctx16k.json"
-    measure pass-costs-qwen35-27b-ctx16k-drafter-q4_k 240 python3 -P bench/pass_costs.py "$t27" \
-        "$SHAPES-q4_k/qwen35-27b.Q4_K_M-dflash.gguf" "${gpu[@]}" --ctx-size 16384 \
-        --json "$RES/pass-costs-qwen35-27b-ctx16k-drafter-q4_k.json"
+    pass_costs pass-costs-qwen35-27b-ctx16k "$t27" "${t27%.gguf}-dflash.gguf" --ctx-size 16384
+    pass_costs pass-costs-qwen35-27b-ctx16k-drafter-q4_k "$t27" "$SHAPES-q4_k/qwen35-27b.Q4_K_M-dflash.gguf" \
+        --ctx-size 16384
     bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
     echo "upstream rc $? $(date +%T)"
     local t

@@ -1,5 +1,6 @@
 """The tensors of synthetic models: float32 values drawn at random, or random quantized blocks (Q4_K, Q6_K, Q8_0;
-F16 as one-value blocks) generated a slice at a time while the file is written, so that a 16 GB model takes little memory and no float copy.
+F16 as one-value blocks) generated a slice at a time while the file is written, so that a 16 GB model takes little
+memory and no float copy.
 
 A random block is random codes under fixed scales chosen so that its values have mean ~0 and the wanted spread:
 the same spread as the float weights they stand for, so that activations stay at the scale the float models keep.
