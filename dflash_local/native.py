@@ -50,6 +50,7 @@ def _load() -> ctypes.CDLL:
         "dflash_drafter_get_info": ([ctypes.c_void_p, ctypes.c_void_p], c_int),
         "dflash_drafter_inject": ([ctypes.c_void_p, c_float_p, c_int, c_int], c_int),
         "dflash_drafter_crop": ([ctypes.c_void_p, c_int], c_int),
+        "dflash_drafter_set_shapes": ([ctypes.c_void_p, c_int, c_int], c_int),
         "dflash_drafter_n_pos": ([ctypes.c_void_p], c_int),
         "dflash_drafter_draft": ([ctypes.c_void_p, c_int, c_int, c_int, c_int, c_int_p, c_float_p, c_float_p], c_int),
     }
@@ -220,6 +221,11 @@ class Drafter:
         fields = {name: getattr(raw, name) for name, _ in _Info._fields_[:-1] if name != "n_extract"}
         self.info = DrafterInfo(**fields, target_layers=tuple(raw.target_layers[: raw.n_extract]))
         self._tokens = np.zeros(self.info.block_size, dtype=np.int32)
+
+    def set_shapes(self, kv_pad: int, inject_rows: int) -> None:
+        """The shapes the drafter's graphs keep between calls (dflash.h): on the CPU, where each is 1, tests set a
+        GPU's to check its padding."""
+        _check(lib.dflash_drafter_set_shapes(self._ptr, kv_pad, inject_rows))
 
     def inject(self, features: np.ndarray, pos0: int) -> None:
         """K/V of target features [n, n_extract * n_embd] at positions pos0 .. pos0+n-1."""

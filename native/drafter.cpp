@@ -1,5 +1,5 @@
-// The DFlash v1 drafter on ggml (docs/design.md, section 2). Two graphs, rebuilt per call in a reused
-// arena and allocated by one gallocr (its buffer grows only when a bigger graph comes):
+// The DFlash v1 drafter on ggml (docs/design.md, section 2). Two graphs, each kept between calls while its shape
+// holds (graph_slot):
 //   inject: target features -> fc -> hidden_norm -> per layer K = rope(k_norm(Wk g)), V = Wv g,
 //           written into the drafter's KV cache at their positions;
 //   draft:  [anchor, MASK...] -> target token_embd -> layers with non-causal attention over
@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -141,6 +142,67 @@ ggml_backend_t init_backend(const char * device, int32_t n_threads) {
 
 constexpr int kMaxNodes = 4096;
 
+// A graph kept between calls: while its shape (`key`) holds, a call only sets its inputs and computes it. Rebuilding it
+// every call would also keep the CUDA backend from replaying it as a CUDA graph, which it does only for a graph whose
+// nodes stay the same (the same tensors at the same addresses, checked by the address of the first node: each slot
+// has an arena of its own). Its gallocr buffer grows only when a bigger graph comes.
+struct graph_slot {
+    std::vector<int64_t> key;
+    std::vector<uint8_t> arena;
+    ggml_context *       ctx    = nullptr;
+    ggml_cgraph *        gf     = nullptr;
+    ggml_gallocr_t       galloc = nullptr;
+    // the inputs a call sets (those its graph has) and the outputs it reads
+    ggml_tensor * feat = nullptr, * tok = nullptr, * pos = nullptr, * mask = nullptr;
+    ggml_tensor * k_idx = nullptr, * v_idx = nullptr;
+    ggml_tensor * ids = nullptr, * probs = nullptr, * logits = nullptr;
+
+    graph_slot() = default;
+    graph_slot(const graph_slot &) = delete;
+    graph_slot & operator=(const graph_slot &) = delete;
+    ~graph_slot() { release(); }
+
+    void release() {
+        ggml_gallocr_free(galloc);
+        ggml_free(ctx);
+        galloc = nullptr;
+        ctx    = nullptr;
+        gf     = nullptr;
+    }
+
+    bool stale(const std::vector<int64_t> & shape) const { return !gf || shape != key; }
+
+    // drops the graph kept and starts one of this shape in `ctx`/`gf`
+    void begin(ggml_backend_t backend) {
+        ggml_free(ctx);
+        key.clear();
+        if (arena.empty()) {
+            arena.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));
+        }
+        if (!galloc) {
+            galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
+        }
+        ggml_init_params p = { arena.size(), arena.data(), /*.no_alloc =*/ true };
+        ctx  = ggml_init(p);
+        gf   = ggml_new_graph_custom(ctx, kMaxNodes, false);
+        feat = tok = pos = mask = k_idx = v_idx = ids = probs = logits = nullptr;
+    }
+
+    // allocates the graph built, kept for calls of this shape
+    void end(const std::vector<int64_t> & shape) {
+        if (!ggml_gallocr_alloc_graph(galloc, gf)) {
+            throw std::runtime_error("drafter: cannot allocate the compute graph");
+        }
+        key = shape;
+    }
+
+    void compute(ggml_backend_t backend) const {
+        if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+            throw std::runtime_error("drafter: graph computation failed");
+        }
+    }
+};
+
 } // namespace
 
 struct dflash_drafter {
@@ -155,8 +217,10 @@ struct dflash_drafter {
     ggml_backend_buffer_t buf_w   = nullptr;
     ggml_context *        ctx_kv  = nullptr;
     ggml_backend_buffer_t buf_kv  = nullptr;
-    ggml_gallocr_t        galloc  = nullptr;
-    std::vector<uint8_t>  arena;  // graph metadata, reused by every call
+    // the shapes graphs keep (dflash_drafter_set_shapes)
+    int32_t               kv_pad      = 1;
+    int32_t               inject_rows = 1;
+    graph_slot            inject_graph, draft_graph;
 
     ggml_tensor * fc = nullptr, * hidden_norm = nullptr, * output_norm = nullptr;
     ggml_tensor * tok_embd = nullptr, * output = nullptr;
@@ -167,29 +231,13 @@ struct dflash_drafter {
     std::vector<ggml_tensor *> k_cache, v_cache;
 
     ~dflash_drafter() {
-        ggml_gallocr_free(galloc);
+        inject_graph.release();  // their buffers before the backend
+        draft_graph.release();
         ggml_backend_buffer_free(buf_kv);
         ggml_free(ctx_kv);
         ggml_backend_buffer_free(buf_w);
         ggml_free(ctx_w);
         ggml_backend_free(backend);
-    }
-
-    ggml_context * new_graph_ctx() {
-        ggml_init_params p = { arena.size(), arena.data(), /*.no_alloc =*/ true };
-        return ggml_init(p);
-    }
-
-    void run(ggml_cgraph * gf) {
-        if (!ggml_gallocr_alloc_graph(galloc, gf)) {
-            throw std::runtime_error("drafter: cannot allocate the compute graph");
-        }
-    }
-
-    void compute(ggml_cgraph * gf) {
-        if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
-            throw std::runtime_error("drafter: graph computation failed");
-        }
     }
 
     ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w) const {
@@ -201,16 +249,35 @@ struct dflash_drafter {
                              0.0f, 1.0f, 0.0f, 0.0f);
     }
 
-    // K/V of `n` new positions starting at pos0 go into the cache of layer il.
-    void store_kv(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * k, ggml_tensor * v, int32_t pos0, int32_t n) {
-        ggml_tensor * kc = k_cache[il];
-        ggml_tensor * vc = v_cache[il];
-        ggml_tensor * kd = ggml_view_3d(ctx, kc, info.head_dim, info.n_head_kv, n, kc->nb[1], kc->nb[2],
-                                        (size_t) pos0 * kc->nb[2]);
-        ggml_tensor * vd = ggml_view_3d(ctx, vc, n, info.head_dim, info.n_head_kv, vc->nb[1], vc->nb[2],
-                                        (size_t) pos0 * vc->nb[0]);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, k, kd));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_permute(ctx, v, 1, 2, 0, 3), vd));  // [n, hd, n_head_kv]
+    // K/V [head_dim, n_head_kv, n] of n new positions go into the cache of layer il, at the rows s.k_idx names: K by
+    // position, V (transposed) element by element, at the indices of kv_rows()
+    void store_kv(ggml_context * ctx, graph_slot & s, int il, ggml_tensor * k, ggml_tensor * v, int64_t n) const {
+        const int64_t w = (int64_t) info.head_dim * info.n_head_kv;
+        ggml_tensor * kc = ggml_reshape_2d(ctx, k_cache[il], w, info.n_ctx);
+        ggml_tensor * vc = ggml_reshape_2d(ctx, v_cache[il], 1, w * info.n_ctx);
+        ggml_build_forward_expand(s.gf, ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, k, w, n), s.k_idx));
+        ggml_build_forward_expand(s.gf, ggml_set_rows(ctx, vc, ggml_reshape_2d(ctx, v, 1, w * n), s.v_idx));
+    }
+
+    // the row indices store_kv writes n positions from pos0 at
+    void kv_rows(graph_slot & s, int32_t pos0, int64_t n) const {
+        const int64_t w = (int64_t) info.head_dim * info.n_head_kv;
+        std::vector<int32_t> k(n), v(n * w);
+        for (int64_t t = 0; t < n; ++t) {
+            k[t] = pos0 + (int32_t) t;
+            for (int64_t j = 0; j < w; ++j) {
+                v[t * w + j] = (int32_t) (j * info.n_ctx + pos0 + t);  // element j of position t: V is [n_ctx, w]
+            }
+        }
+        ggml_backend_tensor_set(s.k_idx, k.data(), 0, ggml_nbytes(s.k_idx));
+        ggml_backend_tensor_set(s.v_idx, v.data(), 0, ggml_nbytes(s.v_idx));
+    }
+
+    void new_kv_inputs(ggml_context * ctx, graph_slot & s, int64_t n) const {
+        s.k_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+        s.v_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n * info.head_dim * info.n_head_kv);
+        ggml_set_input(s.k_idx);
+        ggml_set_input(s.v_idx);
     }
 };
 
@@ -378,8 +445,10 @@ static void load_drafter(dflash_drafter & d, const std::string & drafter_path, c
     }
     ggml_backend_buffer_clear(d.buf_kv, 0);
 
-    d.galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(d.backend));
-    d.arena.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));
+    if (ggml_backend_dev_type(ggml_backend_get_device(d.backend)) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        d.kv_pad      = 256;
+        d.inject_rows = in.block_size;
+    }
 }
 
 template <typename F> static int32_t guarded(F && f) {
@@ -424,6 +493,17 @@ int32_t dflash_drafter_crop(dflash_drafter * d, int32_t n_pos) {
     return 0;
 }
 
+int32_t dflash_drafter_set_shapes(dflash_drafter * d, int32_t kv_pad, int32_t inject_rows) {
+    return guarded([&] {
+        if (kv_pad < 1 || inject_rows < 1 || inject_rows > d->info.block_size) {
+            throw std::runtime_error("kv_pad must be >= 1 and inject_rows in 1.." + std::to_string(d->info.block_size));
+        }
+        d->kv_pad      = kv_pad;
+        d->inject_rows = inject_rows;
+        return 0;
+    });
+}
+
 int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0) {
     return guarded([&] {
         const auto & in = d->info;
@@ -434,30 +514,42 @@ int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_
         if (pos0 + n_tokens > in.n_ctx) {
             throw std::runtime_error("inject: drafter context is full (" + std::to_string(in.n_ctx) + " positions)");
         }
-        ggml_context * ctx  = d->new_graph_ctx();
-        ggml_cgraph *  gf   = ggml_new_graph_custom(ctx, kMaxNodes, false);
-        ggml_tensor *  feat = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) in.n_extract * in.n_embd, n_tokens);
-        ggml_tensor *  pos  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
-        ggml_set_input(feat);
-        ggml_set_input(pos);
+        // fewer rows than inject_rows (a decoding step's) run as inject_rows, so that every step has the same graph;
+        // the rows past n_tokens (zeros) land where the next draft writes its block
+        const int64_t width = (int64_t) in.n_extract * in.n_embd;
+        const int64_t n     = n_tokens < d->inject_rows && pos0 + d->inject_rows <= in.n_ctx ? d->inject_rows : n_tokens;
+        auto &        s     = d->inject_graph;
+        if (s.stale({ n })) {
+            s.begin(d->backend);
+            ggml_context * ctx = s.ctx;
+            s.feat = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, width, n);
+            s.pos  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+            ggml_set_input(s.feat);
+            ggml_set_input(s.pos);
+            d->new_kv_inputs(ctx, s, n);
 
-        ggml_tensor * g = d->norm(ctx, ggml_mul_mat(ctx, d->fc, feat), d->hidden_norm);
-        for (int il = 0; il < in.n_layer; ++il) {
-            const auto & L = d->layers[il];
-            ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk, g), in.head_dim, in.n_head_kv, n_tokens);
-            ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wv, g), in.head_dim, in.n_head_kv, n_tokens);
-            k = d->rope(ctx, d->norm(ctx, k, L.k_norm), pos);
-            d->store_kv(ctx, gf, il, k, v, pos0, n_tokens);
+            ggml_tensor * g = d->norm(ctx, ggml_mul_mat(ctx, d->fc, s.feat), d->hidden_norm);
+            for (int il = 0; il < in.n_layer; ++il) {
+                const auto & L = d->layers[il];
+                ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk, g), in.head_dim, in.n_head_kv, n);
+                ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wv, g), in.head_dim, in.n_head_kv, n);
+                k = d->rope(ctx, d->norm(ctx, k, L.k_norm), s.pos);
+                d->store_kv(ctx, s, il, k, v, n);
+            }
+            s.end({ n });
         }
-        d->run(gf);
-        std::vector<int32_t> p(n_tokens);
-        for (int32_t i = 0; i < n_tokens; ++i) {
-            p[i] = pos0 + i;
+        std::vector<int32_t> p(n);
+        for (int64_t i = 0; i < n; ++i) {
+            p[i] = pos0 + (int32_t) i;
         }
-        ggml_backend_tensor_set(feat, features, 0, ggml_nbytes(feat));
-        ggml_backend_tensor_set(pos, p.data(), 0, ggml_nbytes(pos));
-        d->compute(gf);
-        ggml_free(ctx);
+        ggml_backend_tensor_set(s.feat, features, 0, sizeof(float) * width * n_tokens);
+        if (n > n_tokens) {
+            const std::vector<float> zeros(width * (n - n_tokens), 0.0f);
+            ggml_backend_tensor_set(s.feat, zeros.data(), sizeof(float) * width * n_tokens, sizeof(float) * zeros.size());
+        }
+        ggml_backend_tensor_set(s.pos, p.data(), 0, ggml_nbytes(s.pos));
+        d->kv_rows(s, pos0, n);
+        s.compute(d->backend);
         d->n_pos = pos0 + n_tokens;
         return 0;
     });
@@ -484,85 +576,95 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
         if (p0 + B > in.n_ctx) {
             throw std::runtime_error("draft: drafter context is full (" + std::to_string(in.n_ctx) + " positions)");
         }
-        ggml_context * ctx = d->new_graph_ctx();
-        ggml_cgraph *  gf  = ggml_new_graph_custom(ctx, kMaxNodes, false);
-        ggml_tensor *  tok = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, B);
-        ggml_tensor *  pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, B);
-        ggml_set_input(tok);
-        ggml_set_input(pos);
+        // the context attended, padded to a multiple of kv_pad positions (masked): the graph stays for as many
+        const int64_t n_kv = std::min<int64_t>((p0 + B + d->kv_pad - 1) / d->kv_pad * d->kv_pad, in.n_ctx);
+        auto &        s    = d->draft_graph;
+        const std::vector<int64_t> shape = { B, n_draft, n_top, n_kv };
+        if (s.stale(shape)) {
+            s.begin(d->backend);
+            ggml_context * ctx = s.ctx;
+            s.tok  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, B);
+            s.pos  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, B);
+            s.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, B);
+            ggml_set_input(s.tok);
+            ggml_set_input(s.pos);
+            ggml_set_input(s.mask);
+            d->new_kv_inputs(ctx, s, B);
 
-        const int64_t n_kv  = p0 + B;
-        const float   scale = 1.0f / std::sqrt((float) in.head_dim);
-        ggml_tensor * x     = ggml_get_rows(ctx, d->tok_embd, tok);
-        if (d->embd_scale != 0.0f) {
-            x = ggml_scale(ctx, x, d->embd_scale);
-        }
-        for (int il = 0; il < in.n_layer; ++il) {
-            const auto & L = d->layers[il];
-            ggml_tensor * h = d->norm(ctx, x, L.attn_norm);
-            ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wq, h), in.head_dim, in.n_head, B);
-            ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk, h), in.head_dim, in.n_head_kv, B);
-            ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wv, h), in.head_dim, in.n_head_kv, B);
-            q = d->rope(ctx, d->norm(ctx, q, L.q_norm), pos);
-            k = d->rope(ctx, d->norm(ctx, k, L.k_norm), pos);
-            // the block's K/V sit after the context just for this pass; the next inject overwrites them
-            d->store_kv(ctx, gf, il, k, v, p0, B);
-
-            ggml_tensor * kc = d->k_cache[il];
-            ggml_tensor * vc = d->v_cache[il];
-            ggml_tensor * K  = ggml_view_3d(ctx, kc, in.head_dim, in.n_head_kv, n_kv, kc->nb[1], kc->nb[2], 0);
-            ggml_tensor * V  = ggml_view_3d(ctx, vc, n_kv, in.head_dim, in.n_head_kv, vc->nb[1], vc->nb[2], 0);
-            K = ggml_permute(ctx, K, 0, 2, 1, 3);                  // [hd, n_kv, n_head_kv]; V is [n_kv, hd, n_head_kv]
-            q = ggml_permute(ctx, q, 0, 2, 1, 3);                  // [hd, B, n_head]
-
-            // non-causal: every block query sees all context and the whole block, so no mask
-            ggml_tensor * kq  = ggml_soft_max_ext(ctx, ggml_mul_mat(ctx, K, q), nullptr, scale, 0.0f);
-            ggml_tensor * kqv = ggml_mul_mat(ctx, V, kq);          // [hd, B, n_head]
-            kqv = ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), (int64_t) in.head_dim * in.n_head, B);
-            x   = ggml_add(ctx, x, ggml_mul_mat(ctx, L.wo, kqv));
-
-            h = d->norm(ctx, x, L.ffn_norm);
-            ggml_tensor * ff = ggml_mul(ctx, ggml_silu(ctx, ggml_mul_mat(ctx, L.gate, h)), ggml_mul_mat(ctx, L.up, h));
-            x = ggml_add(ctx, x, ggml_mul_mat(ctx, L.down, ff));
-        }
-        // positions 1..n_draft are the drafts wanted: the LM head, most of a pass's cost, runs on those rows only
-        x = ggml_view_2d(ctx, x, in.n_embd, n_draft, x->nb[1], x->nb[1]);
-        ggml_tensor * logits = ggml_mul_mat(ctx, d->output, d->norm(ctx, x, d->output_norm));
-        ggml_tensor * ids    = nullptr;
-        ggml_tensor * probs  = nullptr;
-        if (n_top == 1) {
-            ids = ggml_argmax(ctx, logits);
-        } else {  // the n_top likeliest tokens of each position and their probabilities, for a tree of drafts
-            ids = ggml_top_k(ctx, logits, n_top);
-            if (!ggml_backend_supports_op(d->backend, ids)) {
-                ids = ggml_cont(ctx, ggml_argsort_top_k(ctx, logits, n_top));
+            const float   scale = 1.0f / std::sqrt((float) in.head_dim);
+            ggml_tensor * x     = ggml_get_rows(ctx, d->tok_embd, s.tok);
+            if (d->embd_scale != 0.0f) {
+                x = ggml_scale(ctx, x, d->embd_scale);
             }
-            ggml_tensor * p = ggml_soft_max(ctx, logits);
-            probs = ggml_get_rows(ctx, ggml_reshape_3d(ctx, p, 1, in.n_vocab, n_draft), ids);  // [1, n_top, n_draft]
-            ggml_set_output(probs);
-            ggml_build_forward_expand(gf, probs);
-        }
-        ggml_set_output(logits);
-        ggml_set_output(ids);
-        ggml_build_forward_expand(gf, ids);
+            for (int il = 0; il < in.n_layer; ++il) {
+                const auto & L = d->layers[il];
+                ggml_tensor * h = d->norm(ctx, x, L.attn_norm);
+                ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wq, h), in.head_dim, in.n_head, B);
+                ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk, h), in.head_dim, in.n_head_kv, B);
+                ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wv, h), in.head_dim, in.n_head_kv, B);
+                q = d->rope(ctx, d->norm(ctx, q, L.q_norm), s.pos);
+                k = d->rope(ctx, d->norm(ctx, k, L.k_norm), s.pos);
+                // the block's K/V sit after the context just for this pass; the next inject overwrites them
+                d->store_kv(ctx, s, il, k, v, B);
 
-        d->run(gf);
+                ggml_tensor * kc = d->k_cache[il];
+                ggml_tensor * vc = d->v_cache[il];
+                ggml_tensor * K  = ggml_view_3d(ctx, kc, in.head_dim, in.n_head_kv, n_kv, kc->nb[1], kc->nb[2], 0);
+                ggml_tensor * V  = ggml_view_3d(ctx, vc, n_kv, in.head_dim, in.n_head_kv, vc->nb[1], vc->nb[2], 0);
+                K = ggml_permute(ctx, K, 0, 2, 1, 3);                  // [hd, n_kv, n_head_kv]; V is [n_kv, hd, n_head_kv]
+                q = ggml_permute(ctx, q, 0, 2, 1, 3);                  // [hd, B, n_head]
+
+                // non-causal: every block query sees all context and the whole block; the mask hides the padding
+                ggml_tensor * kq  = ggml_soft_max_ext(ctx, ggml_mul_mat(ctx, K, q), s.mask, scale, 0.0f);
+                ggml_tensor * kqv = ggml_mul_mat(ctx, V, kq);          // [hd, B, n_head]
+                kqv = ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), (int64_t) in.head_dim * in.n_head, B);
+                x   = ggml_add(ctx, x, ggml_mul_mat(ctx, L.wo, kqv));
+
+                h = d->norm(ctx, x, L.ffn_norm);
+                ggml_tensor * ff = ggml_mul(ctx, ggml_silu(ctx, ggml_mul_mat(ctx, L.gate, h)), ggml_mul_mat(ctx, L.up, h));
+                x = ggml_add(ctx, x, ggml_mul_mat(ctx, L.down, ff));
+            }
+            // positions 1..n_draft are the drafts wanted: the LM head, most of a pass's cost, runs on those rows only
+            x        = ggml_view_2d(ctx, x, in.n_embd, n_draft, x->nb[1], x->nb[1]);
+            s.logits = ggml_mul_mat(ctx, d->output, d->norm(ctx, x, d->output_norm));
+            if (n_top == 1) {
+                s.ids = ggml_argmax(ctx, s.logits);
+            } else {  // the n_top likeliest tokens of each position and their probabilities, for a tree of drafts
+                s.ids = ggml_top_k(ctx, s.logits, n_top);
+                if (!ggml_backend_supports_op(d->backend, s.ids)) {
+                    s.ids = ggml_cont(ctx, ggml_argsort_top_k(ctx, s.logits, n_top));
+                }
+                ggml_tensor * p = ggml_soft_max(ctx, s.logits);
+                s.probs = ggml_get_rows(ctx, ggml_reshape_3d(ctx, p, 1, in.n_vocab, n_draft), s.ids);  // [1, n_top, n_draft]
+                ggml_set_output(s.probs);
+                ggml_build_forward_expand(s.gf, s.probs);
+            }
+            ggml_set_output(s.logits);
+            ggml_set_output(s.ids);
+            ggml_build_forward_expand(s.gf, s.ids);
+            s.end(shape);
+        }
         std::vector<int32_t> t(B, in.mask_token_id), p(B);
         t[0] = anchor;
         for (int32_t i = 0; i < B; ++i) {
             p[i] = p0 + i;
         }
-        ggml_backend_tensor_set(tok, t.data(), 0, ggml_nbytes(tok));
-        ggml_backend_tensor_set(pos, p.data(), 0, ggml_nbytes(pos));
-        d->compute(gf);
-        ggml_backend_tensor_get(ids, out_tokens, 0, ggml_nbytes(ids));
-        if (probs && out_probs) {
-            ggml_backend_tensor_get(probs, out_probs, 0, ggml_nbytes(probs));
+        std::vector<ggml_fp16_t> mask(n_kv * B, ggml_fp32_to_fp16(-std::numeric_limits<float>::infinity()));
+        for (int32_t i = 0; i < B; ++i) {
+            std::fill_n(mask.begin() + i * n_kv, p0 + B, ggml_fp32_to_fp16(0.0f));
+        }
+        ggml_backend_tensor_set(s.tok, t.data(), 0, ggml_nbytes(s.tok));
+        ggml_backend_tensor_set(s.pos, p.data(), 0, ggml_nbytes(s.pos));
+        ggml_backend_tensor_set(s.mask, mask.data(), 0, ggml_nbytes(s.mask));
+        d->kv_rows(s, p0, B);
+        s.compute(d->backend);
+        ggml_backend_tensor_get(s.ids, out_tokens, 0, ggml_nbytes(s.ids));
+        if (s.probs && out_probs) {
+            ggml_backend_tensor_get(s.probs, out_probs, 0, ggml_nbytes(s.probs));
         }
         if (out_logits) {
-            ggml_backend_tensor_get(logits, out_logits, 0, ggml_nbytes(logits));
+            ggml_backend_tensor_get(s.logits, out_logits, 0, ggml_nbytes(s.logits));
         }
-        ggml_free(ctx);
         return 0;
     });
 }

@@ -70,11 +70,11 @@ run() {
     local t8=$SHAPES/qwen3-8b.Q4_K_M.gguf t27=$SHAPES/qwen35-27b.Q4_K_M.gguf
     local gpu=(-ngl 99 --device CUDA0)
     local chain=(--block-sizes 16 --fixed --tree-size 0 "${gpu[@]}")
-    # in the order of what is least known. First whether the 27B's drafter in Q4_K or float16 makes a step cheaper
-    # than in Q8_0 (2.91x at tau 7.66 on 2026-12-06, the bound 2.93x): its emulated run at tau 7.7 (512 tokens, so that
-    # a prompt's last pass, capped by the token budget, weighs little in tau) and the pass costs with each. Then the
-    # Q8_0 drafter's emulated runs of the 27B and the 8B drafter's pass, the 8B's emulated runs at 1k, 8k and 32k, the
-    # pass costs of the 27B with a 16k context, both shapes against upstream
+    # in the order of what is least known. First the 27B's emulated run at tau 7.7 (512 tokens, so that a prompt's last
+    # pass, capped by the token budget, weighs little in tau) with its drafter in Q8_0, Q4_K and float16 (2.91x at tau
+    # 7.66 on 2026-12-06 in Q8_0, the bound 2.93x, before the drafter kept its graphs between passes), the 27B's pass
+    # costs with a 16k context; then its run at tau 3.4, the 8B's pass costs and its emulated runs at 1k, 8k and 32k,
+    # both shapes against upstream, the float16 drafters' pass costs
     # one emulated run of the 27B: NAME DRAFTER TAU
     emulated_27b() {
         measure "$1" 480 python3 -P -m dflash_local bench "$t27" -d "$2" --prompts "$SHAPES/prompts-ctx1024.jsonl" \
@@ -87,18 +87,15 @@ run() {
         shift 3
         measure "$name" 240 python3 -P bench/pass_costs.py "$target" "$drafter" "${gpu[@]}" "$@" --json "$RES/$name.json"
     }
-    local dt
-    for dt in q4_k f16; do
-        emulated_27b qwen35-27b-drafter-$dt-emulated-tau7.7-ctx1024 "$SHAPES-$dt/qwen35-27b.Q4_K_M-dflash.gguf" 7.7
-    done
-    pass_costs pass-costs-qwen35-27b-ctx16k-drafter-f16 "$t27" "$SHAPES-f16/qwen35-27b.Q4_K_M-dflash.gguf" \
+    emulated_27b qwen35-27b-emulated-tau7.7-ctx1024 "${t27%.gguf}-dflash.gguf" 7.7
+    emulated_27b qwen35-27b-drafter-q4_k-emulated-tau7.7-ctx1024 "$SHAPES-q4_k/qwen35-27b.Q4_K_M-dflash.gguf" 7.7
+    pass_costs pass-costs-qwen35-27b-ctx16k "$t27" "${t27%.gguf}-dflash.gguf" --ctx-size 16384
+    pass_costs pass-costs-qwen35-27b-ctx16k-drafter-q4_k "$t27" "$SHAPES-q4_k/qwen35-27b.Q4_K_M-dflash.gguf" \
         --ctx-size 16384
-    pass_costs pass-costs-qwen3-8b-drafter-f16 "$t8" "$SHAPES-f16/qwen3-8b.Q4_K_M-dflash.gguf"
+    emulated_27b qwen35-27b-drafter-f16-emulated-tau7.7-ctx1024 "$SHAPES-f16/qwen35-27b.Q4_K_M-dflash.gguf" 7.7
+    emulated_27b qwen35-27b-emulated-tau3.4-ctx1024 "${t27%.gguf}-dflash.gguf" 3.4
+    pass_costs pass-costs-qwen3-8b "$t8" "${t8%.gguf}-dflash.gguf"
     local tau c n
-    for tau in 7.7 3.4; do
-        emulated_27b qwen35-27b-emulated-tau$tau-ctx1024 "${t27%.gguf}-dflash.gguf" $tau
-        [ $tau = 7.7 ] && pass_costs pass-costs-qwen3-8b "$t8" "${t8%.gguf}-dflash.gguf"
-    done
     for tau in 7.7 3.4; do
         for c in 1024 8192 32768; do
             n=4 && [ $c = 32768 ] && n=2
@@ -107,9 +104,6 @@ run() {
                 --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen3-8b-emulated-tau$tau-ctx$c.json"
         done
     done
-    pass_costs pass-costs-qwen35-27b-ctx16k "$t27" "${t27%.gguf}-dflash.gguf" --ctx-size 16384
-    pass_costs pass-costs-qwen35-27b-ctx16k-drafter-q4_k "$t27" "$SHAPES-q4_k/qwen35-27b.Q4_K_M-dflash.gguf" \
-        --ctx-size 16384
     bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
     echo "upstream rc $? $(date +%T)"
     local t
@@ -119,6 +113,9 @@ run() {
             --tree-size 0 "${gpu[@]}" --compare-llama-cpp build/gpu/upstream \
             --json "$RES/$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp.json"
     done
+    pass_costs pass-costs-qwen35-27b-ctx16k-drafter-f16 "$t27" "$SHAPES-f16/qwen35-27b.Q4_K_M-dflash.gguf" \
+        --ctx-size 16384
+    pass_costs pass-costs-qwen3-8b-drafter-f16 "$t8" "$SHAPES-f16/qwen3-8b.Q4_K_M-dflash.gguf"
 }
 
 case ${1:-} in
