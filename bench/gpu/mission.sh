@@ -13,6 +13,7 @@ set -uo pipefail
 WORK=${WORK:-/root/w}
 RES=${RES:-/root/mission}
 SHAPES=${SHAPES:-/root/shapes}
+N27=${N27:-4}  # prompts of the 27B's emulated runs (their trial passes take some 25 s each)
 LOG=$RES/mission.log
 
 start() {
@@ -78,7 +79,7 @@ run() {
     # one emulated run of the 27B: NAME DRAFTER TAU
     emulated_27b() {
         measure "$1" 480 python3 -P -m dflash_local bench "$t27" -d "$2" --prompts "$SHAPES/prompts-ctx1024.jsonl" \
-            -n 4 --max-tokens 512 -c 1552 "${chain[@]}" --emulate-acceptance "bench/profiles/tau-$3.json" \
+            -n "$N27" --max-tokens 512 -c 1552 "${chain[@]}" --emulate-acceptance "bench/profiles/tau-$3.json" \
             --json "$RES/$1.json"
     }
     # the pass costs of NAME: TARGET DRAFTER [FLAGS]
