@@ -14,6 +14,7 @@ WORK=${WORK:-/root/w}
 RES=${RES:-/root/mission}
 SHAPES=${SHAPES:-/root/shapes}
 N27=${N27:-4}  # prompts of the 27B's emulated runs (their trial passes take some 25 s each)
+DRAFTER_TYPES=${DRAFTER_TYPES:-q4_k:qwen35-27b f16:qwen35-27b f16:qwen3-8b}  # drafters written in other types: TYPE:SHAPE
 LOG=$RES/mission.log
 
 start() {
@@ -59,7 +60,7 @@ run() {
      set -e
      python3 bench/shapes.py --shape qwen3-8b --out "$SHAPES" --context-prompts 1024,8192,32768
      python3 bench/shapes.py --shape qwen35-27b --out "$SHAPES" --context-prompts 1024
-     for dt in q4_k:qwen35-27b f16:qwen35-27b f16:qwen3-8b; do
+     for dt in $DRAFTER_TYPES; do
          mkdir -p "$SHAPES-${dt%:*}" && ln -f "$SHAPES/${dt#*:}.Q4_K_M.gguf" "$SHAPES-${dt%:*}/"
          python3 bench/shapes.py --shape "${dt#*:}" --out "$SHAPES-${dt%:*}" --drafter-type "${dt%:*}"
      done) > "$RES/shapes.log" 2>&1 &
