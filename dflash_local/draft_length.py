@@ -8,7 +8,8 @@ target pass; k = 0 is the target alone.
 
 The costs are known before the first step (calibrate.py measures them once per machine, model and settings), so only
 acceptance is learnt as the run goes, and what was learnt seeds the next run (`prior`). A choice never measured is
-tried when it could beat the best one even if every draft were accepted, and only while the time spent on such tries
+tried when it could beat the best one even if every draft were accepted (a longer chain: every draft past a shorter
+one's, in as many of its steps as accepted all the shorter one's drafts), and only while the time spent on such tries
 stays within EXPLORE_SHARE of the decode time so far: a short run stays the target alone's speed where drafting does
 not pay, and a long one finds where it does. The drafts of a smaller choice are the first of a bigger one of its
 kind (a chain's first drafts, a tree's first-chosen nodes), so every step also tells what each smaller choice of its
@@ -52,6 +53,8 @@ class DraftLength:
         self.cost = dict(costs)  # moving averages from here on
         self.seen = dict.fromkeys(self.choices, 0.0)    # steps of its kind that verified at least its k drafts
         self.gained = dict.fromkeys(self.choices, 0.0)  # ... and the drafts they would have accepted with only k
+        self.steps = dict.fromkeys(self.choices, 0)  # this run's steps counted in `seen` (chains)
+        self.whole = dict.fromkeys(self.choices, 0)  # ... of which all its k drafts were accepted
         for c, (seen, gained) in (prior or {}).items():
             if c in self.seen and seen > 0:
                 w = min(seen, PRIOR_STEPS) / seen
@@ -75,8 +78,11 @@ class DraftLength:
         the step's time, target and drafter."""
         for c in self.choices:
             if c.tree == choice.tree and 0 < c.k <= choice.k:
+                accepted = sum(r <= c.k for r in ranks)
                 self.seen[c] += 1
-                self.gained[c] += sum(r <= c.k for r in ranks)
+                self.gained[c] += accepted
+                self.steps[c] += 1
+                self.whole[c] += accepted == c.k
         # a step the machine stalled (another process, a page fault) moves the estimate by a fifth at most: the best
         # choice's cost is only measured again when it is chosen, and one stalled step must not hand its place away
         self.cost[choice] = 0.8 * self.cost[choice] + 0.2 * min(seconds, 2 * self.cost[choice])
@@ -101,4 +107,13 @@ class DraftLength:
         tried again once it is not, the target alone too)."""
         gain = self._gain(c)
         cost = min(self.cost[c], self.calibrated[c])
-        return (1.0 + gain + (min(c.k, self.depth) - gain) / math.sqrt(1.0 + self.seen[c])) / cost
+        hope = gain + (min(c.k, self.depth) - gain) / math.sqrt(1.0 + self.seen[c])
+        if not c.tree:
+            # a chain accepts past a shorter one's k drafts only where that one accepted all k: at most that share
+            # of its steps (with the same kind of margin) times the drafts it adds
+            for s in self.choices:
+                if not s.tree and 0 < s.k < c.k and self.steps[s]:
+                    share = self.whole[s] / self.steps[s]
+                    share += (1.0 - share) / math.sqrt(1.0 + self.steps[s])
+                    hope = min(hope, self._gain(s) + (min(c.k, self.depth) - s.k) * share)
+        return (1.0 + hope) / cost

@@ -95,6 +95,26 @@ def test_the_policy_tries_only_what_could_pay_and_within_its_share_of_the_time()
     assert policy.choose(15, 62)[0] == Choice(False, 0)
 
 
+def test_a_longer_chain_is_tried_only_if_a_shorter_ones_drafts_are_all_accepted_often_enough():
+    policy = DraftLength(_costs(1e-3, 0.75e-3, 30e-3), depth=15)
+    policy.t_total = 100.0  # time enough for any try
+
+    def rate(k: int) -> float:  # the best a chain of k could do, in tokens per one-token pass
+        return policy._hope(Choice(False, k)) * 1e-3
+
+    assert rate(15) > 1, "nothing measured: a chain of 15 could pay if all its drafts were accepted"
+    for _ in range(8):  # a chain of 3: its first draft accepted in 1 of 9 steps, never all 3
+        policy.record(Choice(False, 3), [], 3.25e-3, tried=True)
+    policy.record(Choice(False, 3), [1], 3.25e-3, tried=True)
+    assert policy.whole[Choice(False, 1)] == 1 and policy.steps[Choice(False, 1)] == 9
+    # a chain of 15 gains at most the chain of 3's 1/9 + 12 x (0 + 1 / sqrt(10)) drafts: 1 + 3.9 tokens for the time of
+    # 12.25 one-token passes
+    assert rate(15) < 1 and policy.choose(15, 0)[0] == Choice(False, 0)
+    for _ in range(40):  # then all drafts of the chain of 3 accepted: in 40 of 49 steps
+        policy.record(Choice(False, 3), [1, 2, 3], 3.25e-3, tried=True)
+    assert rate(15) > 1, "now a long chain could pay again"
+
+
 def test_the_policy_starts_from_what_earlier_runs_accepted():
     # a GPU-like machine: every pass costs about what one token does; an earlier run saw trees of 62 accept 6 drafts
     costs = _costs(1e-3, 0.05e-3, 1.5e-3)
