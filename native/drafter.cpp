@@ -153,8 +153,7 @@ struct graph_slot {
     ggml_cgraph *        gf     = nullptr;
     ggml_gallocr_t       galloc = nullptr;
     // the inputs a call sets (those its graph has) and the outputs it reads
-    ggml_tensor * feat = nullptr, * tok = nullptr, * pos = nullptr, * mask = nullptr;
-    ggml_tensor * k_idx = nullptr, * v_idx = nullptr;
+    ggml_tensor * feat = nullptr, * tok = nullptr, * pos = nullptr, * mask = nullptr, * v_idx = nullptr;
     ggml_tensor * ids = nullptr, * probs = nullptr, * logits = nullptr;
 
     graph_slot() = default;
@@ -185,7 +184,7 @@ struct graph_slot {
         ggml_init_params p = { arena.size(), arena.data(), /*.no_alloc =*/ true };
         ctx  = ggml_init(p);
         gf   = ggml_new_graph_custom(ctx, kMaxNodes, false);
-        feat = tok = pos = mask = k_idx = v_idx = ids = probs = logits = nullptr;
+        feat = tok = pos = mask = v_idx = ids = probs = logits = nullptr;
     }
 
     // allocates the graph built, kept for calls of this shape
@@ -249,35 +248,35 @@ struct dflash_drafter {
                              0.0f, 1.0f, 0.0f, 0.0f);
     }
 
-    // K/V [head_dim, n_head_kv, n] of n new positions go into the cache of layer il, at the rows s.k_idx names: K by
-    // position, V (transposed) element by element, at the indices of kv_rows()
+    // K/V [head_dim, n_head_kv, n] of n new positions go into the cache of layer il: K as rows at the positions
+    // (s.pos), V (transposed) element by element at the indices s.v_idx (set_positions)
     void store_kv(ggml_context * ctx, graph_slot & s, int il, ggml_tensor * k, ggml_tensor * v, int64_t n) const {
         const int64_t w = (int64_t) info.head_dim * info.n_head_kv;
         ggml_tensor * kc = ggml_reshape_2d(ctx, k_cache[il], w, info.n_ctx);
         ggml_tensor * vc = ggml_reshape_2d(ctx, v_cache[il], 1, w * info.n_ctx);
-        ggml_build_forward_expand(s.gf, ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, k, w, n), s.k_idx));
+        ggml_build_forward_expand(s.gf, ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, k, w, n), s.pos));
         ggml_build_forward_expand(s.gf, ggml_set_rows(ctx, vc, ggml_reshape_2d(ctx, v, 1, w * n), s.v_idx));
     }
 
-    // the row indices store_kv writes n positions from pos0 at
-    void kv_rows(graph_slot & s, int32_t pos0, int64_t n) const {
-        const int64_t w = (int64_t) info.head_dim * info.n_head_kv;
-        std::vector<int32_t> k(n), v(n * w);
-        for (int64_t t = 0; t < n; ++t) {
-            k[t] = pos0 + (int32_t) t;
-            for (int64_t j = 0; j < w; ++j) {
-                v[t * w + j] = (int32_t) (j * info.n_ctx + pos0 + t);  // element j of position t: V is [n_ctx, w]
-            }
-        }
-        ggml_backend_tensor_set(s.k_idx, k.data(), 0, ggml_nbytes(s.k_idx));
-        ggml_backend_tensor_set(s.v_idx, v.data(), 0, ggml_nbytes(s.v_idx));
+    // the inputs of n positions from pos0: for RoPE and the K rows, and where each V element goes
+    void new_position_inputs(ggml_context * ctx, graph_slot & s, int64_t n) const {
+        s.pos   = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+        s.v_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n * info.head_dim * info.n_head_kv);
+        ggml_set_input(s.pos);
+        ggml_set_input(s.v_idx);
     }
 
-    void new_kv_inputs(ggml_context * ctx, graph_slot & s, int64_t n) const {
-        s.k_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-        s.v_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n * info.head_dim * info.n_head_kv);
-        ggml_set_input(s.k_idx);
-        ggml_set_input(s.v_idx);
+    void set_positions(graph_slot & s, int32_t pos0, int64_t n) const {
+        const int64_t w = (int64_t) info.head_dim * info.n_head_kv;
+        std::vector<int32_t> p(n), v(n * w);
+        for (int64_t t = 0; t < n; ++t) {
+            p[t] = pos0 + (int32_t) t;
+            for (int64_t j = 0; j < w; ++j) {
+                v[t * w + j] = (int32_t) (j * info.n_ctx + p[t]);  // element j of position t: V is [n_ctx, w]
+            }
+        }
+        ggml_backend_tensor_set(s.pos, p.data(), 0, ggml_nbytes(s.pos));
+        ggml_backend_tensor_set(s.v_idx, v.data(), 0, ggml_nbytes(s.v_idx));
     }
 };
 
@@ -523,10 +522,8 @@ int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_
             s.begin(d->backend);
             ggml_context * ctx = s.ctx;
             s.feat = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, width, n);
-            s.pos  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
             ggml_set_input(s.feat);
-            ggml_set_input(s.pos);
-            d->new_kv_inputs(ctx, s, n);
+            d->new_position_inputs(ctx, s, n);
 
             ggml_tensor * g = d->norm(ctx, ggml_mul_mat(ctx, d->fc, s.feat), d->hidden_norm);
             for (int il = 0; il < in.n_layer; ++il) {
@@ -538,17 +535,12 @@ int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_
             }
             s.end({ n });
         }
-        std::vector<int32_t> p(n);
-        for (int64_t i = 0; i < n; ++i) {
-            p[i] = pos0 + (int32_t) i;
-        }
         ggml_backend_tensor_set(s.feat, features, 0, sizeof(float) * width * n_tokens);
         if (n > n_tokens) {
             const std::vector<float> zeros(width * (n - n_tokens), 0.0f);
             ggml_backend_tensor_set(s.feat, zeros.data(), sizeof(float) * width * n_tokens, sizeof(float) * zeros.size());
         }
-        ggml_backend_tensor_set(s.pos, p.data(), 0, ggml_nbytes(s.pos));
-        d->kv_rows(s, pos0, n);
+        d->set_positions(s, pos0, n);
         s.compute(d->backend);
         d->n_pos = pos0 + n_tokens;
         return 0;
@@ -584,12 +576,10 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
             s.begin(d->backend);
             ggml_context * ctx = s.ctx;
             s.tok  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, B);
-            s.pos  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, B);
             s.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, B);
             ggml_set_input(s.tok);
-            ggml_set_input(s.pos);
             ggml_set_input(s.mask);
-            d->new_kv_inputs(ctx, s, B);
+            d->new_position_inputs(ctx, s, B);
 
             const float   scale = 1.0f / std::sqrt((float) in.head_dim);
             ggml_tensor * x     = ggml_get_rows(ctx, d->tok_embd, s.tok);
@@ -644,19 +634,15 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
             ggml_build_forward_expand(s.gf, s.ids);
             s.end(shape);
         }
-        std::vector<int32_t> t(B, in.mask_token_id), p(B);
+        std::vector<int32_t> t(B, in.mask_token_id);
         t[0] = anchor;
-        for (int32_t i = 0; i < B; ++i) {
-            p[i] = p0 + i;
-        }
         std::vector<ggml_fp16_t> mask(n_kv * B, ggml_fp32_to_fp16(-std::numeric_limits<float>::infinity()));
         for (int32_t i = 0; i < B; ++i) {
             std::fill_n(mask.begin() + i * n_kv, p0 + B, ggml_fp32_to_fp16(0.0f));
         }
         ggml_backend_tensor_set(s.tok, t.data(), 0, ggml_nbytes(s.tok));
-        ggml_backend_tensor_set(s.pos, p.data(), 0, ggml_nbytes(s.pos));
         ggml_backend_tensor_set(s.mask, mask.data(), 0, ggml_nbytes(s.mask));
-        d->kv_rows(s, p0, B);
+        d->set_positions(s, p0, B);
         s.compute(d->backend);
         ggml_backend_tensor_get(s.ids, out_tokens, 0, ggml_nbytes(s.ids));
         if (s.probs && out_probs) {
