@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from dflash_local import __version__
 from dflash_local.cache import read_json, write_json
 from dflash_local.draft_length import Choice
+from dflash_local.model_registry import MODELS
+from dflash_local.models import SHIPPED_DRAFTERS
 from dflash_local.sampling import SamplingParams
 from dflash_local.tree import N_TOP, build_tree
 
@@ -114,13 +116,33 @@ def median_seconds(step: Callable[[], object], repeats: int = REPEATS,
 
 
 def load_acceptance(tg: Target, dr: Drafter, block_size: int) -> dict[Choice, tuple[float, float]]:
-    """(steps, drafts accepted) per choice that earlier runs with this target, drafter and block size recorded."""
-    doc = read_json("acceptance.json").get(_acceptance_key(tg, dr, block_size), {})
+    """(steps, drafts accepted) per choice that earlier runs with this target, drafter and block size recorded; before
+    any, a built-in model's shipped drafter's as measured for the project (its chains)."""
+    doc = read_json("acceptance.json").get(_acceptance_key(tg, dr, block_size))
+    if doc is None:
+        return _shipped_acceptance(tg, dr, block_size)
     out = {}
     for name, (seen, gained) in doc.items():
         kind, k = name.split("-")
         out[Choice(kind == "tree", int(k))] = (seen, gained)
     return out
+
+
+def _shipped_acceptance(tg: Target, dr: Drafter, block_size: int) -> dict[Choice, tuple[float, float]]:
+    """(steps, drafts accepted) from the histograms of a built-in model's shipped drafter, where this is that drafter
+    with its model (by the target's size) at block 16, where they were measured: each tree measured, and each chain
+    (a chain of k accepts what the chain of 15 accepted, up to k)."""
+    model = next((m for m in MODELS.values() if m.drafter_accepts and tg.path.stat().st_size == m.size
+                  and dr.path.resolve() == (SHIPPED_DRAFTERS / m.drafter).resolve()), None)
+    if model is None or block_size != 16 or dr.acceptance_key:
+        return {}
+    prior = {}
+    for name, hist in model.drafter_accepts:
+        kind, k = name.split("-")
+        ks = (1, 3, 7, 15) if kind == "chain" else (int(k),)
+        for c in (Choice(kind == "tree", k) for k in ks):
+            prior[c] = (sum(hist), sum(min(a, c.k) * n for a, n in enumerate(hist)))
+    return prior
 
 
 def save_acceptance(tg: Target, dr: Drafter, block_size: int, acceptance: dict[Choice, tuple[float, float]]) -> None:

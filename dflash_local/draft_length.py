@@ -10,7 +10,8 @@ The costs are known before the first step (calibrate.py measures them once per m
 acceptance is learnt as the run goes, and what was learnt seeds the next run (`prior`). A choice never measured is
 tried when it could beat the best one even if every draft were accepted (a longer chain: every draft past a shorter
 one's, in as many of its steps as accepted all the shorter one's drafts), and only while the time spent on such tries
-stays within EXPLORE_SHARE of the decode time so far: a short run stays the target alone's speed where drafting does
+stays within EXPLORE_SHARE of the decode time so far, times what the try could win at most (a choice that could be
+10 % faster than the best gets a tenth of that share): a short run stays the target alone's speed where drafting does
 not pay, and a long one finds where it does. The drafts of a smaller choice are the first of a bigger one of its
 kind (a chain's first drafts, a tree's first-chosen nodes), so every step also tells what each smaller choice of its
 kind would have accepted.
@@ -65,13 +66,26 @@ class DraftLength:
     def choose(self, max_chain: int, max_tree: int) -> tuple[Choice, bool]:
         """What to verify next step (at most max_chain drafts as a chain, or max_tree as a tree) and whether it is a
         try rather than the best by what is known."""
-        options = [c for c in self.choices if c.k <= (max_tree if c.tree else max_chain)]
+        options = self._options(max_chain, max_tree)
         best = max(options, key=self._rate)
-        budget = EXPLORE_SHARE * self.t_total - self.t_explore
-        tries = [c for c in options if c != best and self.cost[c] <= budget and self._hope(c) > self._rate(best)]
+        rate = self._rate(best)
+
+        def affordable(c: Choice) -> bool:  # the tries' time stays within a share that grows with what c could win
+            gain = self._hope(c) / rate - 1.0
+            return gain > 0 and self.t_explore + self.cost[c] <= EXPLORE_SHARE * min(gain, 1.0) * self.t_total
+
+        tries = [c for c in options if c != best and affordable(c)]
         if tries:
             return max(tries, key=self._hope), True
         return best, False
+
+    def could_draft(self, max_chain: int, max_tree: int) -> bool:
+        """Whether a choice that drafts is the best by what is known, or could beat the best by its hope. If none,
+        no step drafts until what is known changes, which only a drafting step or the machine's speed does: a
+        generation that starts so runs the target alone, and the drafter needs none of its features."""
+        options = self._options(max_chain, max_tree)
+        best = max(options, key=self._rate)
+        return best.k > 0 or any(c.k > 0 and self._hope(c) > self._rate(best) for c in options)
 
     def record(self, choice: Choice, ranks: list[int], seconds: float, tried: bool) -> None:
         """ranks: the order in which the accepted drafts were chosen (1: first), along the accepted path; seconds:
@@ -94,6 +108,15 @@ class DraftLength:
         """(steps, drafts accepted) per choice: the prior of a later run."""
         return {c: (self.seen[c], self.gained[c]) for c in self.choices if self.seen[c]}
 
+    def _options(self, max_chain: int, max_tree: int) -> list[Choice]:
+        return [c for c in self.choices if c.k <= (max_tree if c.tree else max_chain)]
+
+    def _optimist(self, c: Choice) -> float:
+        """Drafts c might accept per step: its measured gain plus a margin up to all its drafts that shrinks as it is
+        measured."""
+        gain = self._gain(c)
+        return gain + (min(c.k, self.depth) - gain) / math.sqrt(1.0 + self.seen[c])
+
     def _gain(self, c: Choice) -> float:
         """Expected drafts accepted per step: none until measured (the target alone is the safe default)."""
         return self.gained[c] / self.seen[c] if c.k and self.seen[c] else 0.0
@@ -105,10 +128,11 @@ class DraftLength:
         """The rate c might have: its measured gain plus a margin up to all k drafts that shrinks as it is measured,
         at the lower of its measured and calibrated costs (so a choice whose cost rose while the machine was busy is
         tried again once it is not, the target alone too)."""
-        gain = self._gain(c)
         cost = min(self.cost[c], self.calibrated[c])
-        hope = gain + (min(c.k, self.depth) - gain) / math.sqrt(1.0 + self.seen[c])
-        if not c.tree:
+        hope = self._optimist(c)
+        if c.tree:  # its drafts are a bigger tree's first-ranked ones: it accepts no more than that tree does
+            hope = min([hope, *(self._optimist(s) for s in self.choices if s.tree and s.k > c.k and self.seen[s])])
+        else:
             # a chain accepts past a shorter one's k drafts only where that one accepted all k: at most that share
             # of its steps (with the same kind of margin) times the drafts it adds
             for s in self.choices:

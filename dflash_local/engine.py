@@ -7,6 +7,7 @@ their prefill, sampling and stopping rules.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class Engine:
         # features of positions the target ran alone, injected in one drafter pass when drafting resumes
         self._pending: list[np.ndarray] = []
         self._pending_pos = 0
+        self._capturing = False  # this generation may draft: the target's features go to the drafter
 
     def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
                  on_tokens: Callable[[list[int]], bool | None] | None = None) -> Generation:
@@ -115,10 +117,15 @@ class Engine:
         if dr:
             dr.crop(0)
         self._pending = []
+        # where nothing could pay (a CPU, a drafter whose acceptance is known to be too low), the target runs alone
+        # uncaptured: its passes unsplit, as fast as without a drafter
+        self._capturing = dr is not None and (
+            self.policy is None or self.policy.could_draft(self.block_size - 1, self.tree_size))
 
         tg.pick_on_device(sampling)  # the target's tokens picked where the model runs: no logits to the host
         try:
-            return self._generate(prompt, max_tokens, sampler, stats, on_tokens)
+            with tg.capture.paused() if dr and not self._capturing else contextlib.nullcontext():
+                return self._generate(prompt, max_tokens, sampler, stats, on_tokens)
         finally:
             tg.pick_on_device(None)
 
@@ -132,7 +139,7 @@ class Engine:
             logits = tg.decode(prompt, 0, all_logits=False)
             anchor = self._picks(sampler, logits, 1)[0]
             tg.commit([anchor])
-            if dr:
+            if self._capturing:
                 dr.inject(tg.features(), 0)
         except KeyboardInterrupt:  # Ctrl-C in the prefill: nothing generated yet
             return Generation([], stats, "interrupted")
@@ -167,7 +174,9 @@ class Engine:
                 max_chain = min(depth, room)
                 max_tree = min(self.tree_size, room) if depth else 0
                 tried = False
-                if policy:
+                if not self._capturing:
+                    choice = Choice(False, 0)
+                elif policy:
                     choice, tried = policy.choose(max_chain, max_tree)
                 else:  # always all the drafts, a tree where there is one
                     choice = Choice(True, max_tree) if max_tree else Choice(False, max_chain)
@@ -225,11 +234,12 @@ class Engine:
             n_acc, token = sampler.verify(logits, drafts)
         stats.t_target += time.perf_counter() - t
         if dr:
-            if not self._pending:
-                self._pending_pos = pos
-            self._pending.append(tg.features()[: n_acc + 1].copy())
-            if k or len(self._pending) >= MAX_PENDING:  # else the target ran alone: they wait for the next draft
-                self._inject_pending(stats)
+            if self._capturing:
+                if not self._pending:
+                    self._pending_pos = pos
+                self._pending.append(tg.features()[: n_acc + 1].copy())
+                if k or len(self._pending) >= MAX_PENDING:  # else the target ran alone: they wait for the next draft
+                    self._inject_pending(stats)
             stats.accepted.append(n_acc)
             stats.drafted.append(k)
         if n_acc < k:

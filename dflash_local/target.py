@@ -22,7 +22,7 @@ import llama_cpp as lc
 import numpy as np
 
 from dflash_local.errors import UserError
-from dflash_local.native import Capture, cpu_has_amx
+from dflash_local.native import Capture, cpu_has_amx, greedy_sampler
 from dflash_local.native import lib as native_lib
 from dflash_local.sampling import SamplingParams
 from dflash_local.target_check import check_target_file
@@ -74,9 +74,10 @@ class TargetParams:
 def _sampler_chain(p: SamplingParams) -> list[ctypes.c_void_p]:
     """llama.cpp samplers drawing from sampling.target_probs's distribution: temperature, then top-k on the scaled
     logits, top-p and min-p on their softmax (min-p's ratio to the likeliest is the same with or without top-p's
-    renormalization), then a draw."""
+    renormalization), then a draw. Greedy: the argmax of all of a pass's rows at once (llama.cpp's own greedy sampler
+    takes one row at a time, one GPU block each)."""
     if p.greedy:
-        return [lc.llama_sampler_init_greedy()]
+        return [ctypes.cast(greedy_sampler(), lc.llama_sampler_p_ctypes)]
     chain = [lc.llama_sampler_init_temp(p.temperature)]
     if p.top_k > 0:
         chain.append(lc.llama_sampler_init_top_k(p.top_k))

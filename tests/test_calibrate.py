@@ -10,6 +10,8 @@ from synthetic_drafters import random_drafter_gguf
 from dflash_local import calibrate
 from dflash_local.draft_length import Choice, choices_for
 from dflash_local.engine import Engine
+from dflash_local.model_registry import SMOLLM2
+from dflash_local.models import shipped_drafter
 from dflash_local.native import Drafter
 from dflash_local.target import Target, TargetParams
 from dflash_local.tree import TREE_SIZE
@@ -70,3 +72,23 @@ def test_acceptance_is_carried_to_the_next_engine(models):
     second = Engine(tg, dr, 16)
     assert second.policy.seen[Choice(False, 3)] == 32, "weighted as at most PRIOR_STEPS steps"
     assert second.policy.gained[Choice(False, 3)] / 32 == pytest.approx(saved[Choice(False, 3)][1] / saved[Choice(False, 3)][0])
+
+
+def test_a_shipped_drafters_first_run_starts_from_its_measured_acceptance(smollm2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("DFLASH_CACHE", str(tmp_path))  # a first run: no acceptance cached
+    drafter = shipped_drafter(SMOLLM2)
+    dr = Drafter(drafter, smollm2_path, n_ctx=256, n_threads=1)
+    tg = Target(smollm2_path, TargetParams(n_ctx=128, n_threads=1), capture_layers=dr.info.target_layers)
+    try:
+        prior = calibrate.load_acceptance(tg, dr, 16)
+        chain, tree15, tree62 = (hist for _, hist in SMOLLM2.drafter_accepts)
+        assert prior[Choice(False, 15)] == (sum(chain), sum(a * n for a, n in enumerate(chain)))
+        assert prior[Choice(False, 1)] == (sum(chain), sum(chain[1:])), "a chain of 1 accepts where 15 accept any"
+        assert prior[Choice(True, 62)] == (sum(tree62), sum(a * n for a, n in enumerate(tree62)))
+        assert Choice(True, 31) not in prior, "never measured"
+        assert calibrate.load_acceptance(tg, dr, 8) == {}, "measured at block 16 only"
+        calibrate.save_acceptance(tg, dr, 16, {Choice(False, 3): (5.0, 1.0)})
+        assert calibrate.load_acceptance(tg, dr, 16) == {Choice(False, 3): (5.0, 1.0)}, "then what runs learnt"
+    finally:
+        dr.close()
+        tg.close()

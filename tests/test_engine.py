@@ -100,6 +100,28 @@ def test_identity_random_drafter(arch, tiny_target, drafters):
     dr.close()
 
 
+def test_a_generation_where_no_draft_could_pay_runs_the_target_alone_uncaptured(tiny_target, drafters):
+    path = tiny_target("llama")
+    dr = Drafter(drafters["llama"], path, n_ctx=PARAMS.n_ctx + 64, n_threads=1)
+    tg = Target(path, PARAMS, capture_layers=dr.info.target_layers, rollback=dr.info.block_size)
+    try:
+        prompt = tg.tokenize(PROMPTS[1])
+        engine = Engine(tg, dr, 16)
+        policy = engine.policy
+        for c in policy.choices:  # each draft costs a one-token pass, and in 100 steps of each none was accepted
+            policy.cost[c] = policy.calibrated[c] = 1e-3 * (1 + c.k)
+            if c.k:
+                policy.seen[c], policy.gained[c], policy.steps[c], policy.whole[c] = 100, 0, 100, 0
+        assert not policy.could_draft(15, engine.tree_size)
+        got = engine.generate(prompt, N_TOKENS)
+        assert got.tokens == target_only(path, prompt, N_TOKENS)
+        assert set(got.stats.drafted) == {0} and got.stats.t_capture == 0 and dr.n_pos == 0, "nothing captured"
+        assert tg.capture.enabled, "the capture is on again for the next generation"
+    finally:
+        dr.close()
+        tg.close()
+
+
 @pytest.mark.parametrize("arch,snapshots,branches", [(arch, True, 0) for arch in ARCHS] + [("qwen35", False, 0)]
                          + [(arch, True, TREE_SIZE) for arch in ARCHS if arch != "qwen35"])
 def test_identity_long_acceptance(arch, snapshots, branches, tiny_target):

@@ -17,7 +17,8 @@ from llama_helpers import EXACT, decode, detokenize, greedy, load, logits, token
 from tiny_targets import ARCHS, BOS_ID, GEMMA3_SWA, N_VOCAB, UNK_ID, VOCAB, write_tiny_target
 
 from dflash_local.errors import UserError
-from dflash_local.target import read_gguf_arch
+from dflash_local.sampling import SamplingParams
+from dflash_local.target import Target, TargetParams, read_gguf_arch
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
@@ -109,3 +110,21 @@ def test_smollm2_generates(smollm2_path: Path) -> None:
         assert greedy(ctx, model, prompt, 16) == out
         assert np.isfinite(logits(ctx, model)).all()
         assert "Paris" in detokenize(model, out)
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "smollm2"])
+def test_greedy_picks_in_the_graph_are_each_rows_argmax(arch: str, request: pytest.FixtureRequest) -> None:
+    """Target.pick_on_device's greedy pick (native/greedy.cpp: one two-stage argmax over all of a pass's rows; the tiny
+    vocabulary of 508 in 4 chunks, SmolLM2's 49,152 in 192) is each row's argmax as numpy takes it."""
+    path = request.getfixturevalue("smollm2_path") if arch == "smollm2" else request.getfixturevalue("tiny_target")(arch)
+    tg = Target(path, TargetParams(n_ctx=256, n_threads=1), capture_layers=(1,))  # a drafter's target: 63 rows a pass
+    try:
+        tokens = tg.tokenize(PROMPT)
+        rows = tg.decode(tokens, 0, all_logits=True).copy()
+        tg.clear()
+        assert tg.pick_on_device(SamplingParams())
+        tg.decode(tokens, 0, all_logits=True)
+        picks = tg.picks(len(tokens))
+    finally:
+        tg.close()
+    assert len(tokens) > 8 and picks.tolist() == rows.argmax(axis=1).tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from dflash_local.draft_length import EXPLORE_SHARE, Choice, DraftLength, choices_for
 from dflash_local.tree import build_tree
@@ -83,7 +84,10 @@ def test_the_policy_tries_only_what_could_pay_and_within_its_share_of_the_time()
     while not (chosen := policy.choose(15, 62))[1]:  # the target alone until the tries' share of time allows one
         policy.record(chosen[0], [], 1e-3, tried=False)
         steps += 1
-    assert steps == math.ceil(1.75e-3 / EXPLORE_SHARE / 1e-3), "a try of a chain of 1 (1.75 ms) needs its share of time"
+    # a chain of 1 could make 2 tokens in 1.75 ms, 14 % more than the target alone: its try (1.75 ms) waits until it
+    # fits in 14 % of the tries' share of the time so far
+    could_win = 2 / 1.75 - 1
+    assert steps == math.ceil(1.75e-3 / (EXPLORE_SHARE * could_win) / 1e-3), "a try needs its share of time"
     assert chosen[0] == Choice(False, 1)
     tries = set()
     for _ in range(5000):
@@ -113,6 +117,30 @@ def test_a_longer_chain_is_tried_only_if_a_shorter_ones_drafts_are_all_accepted_
     for _ in range(40):  # then all drafts of the chain of 3 accepted: in 40 of 49 steps
         policy.record(Choice(False, 3), [1, 2, 3], 3.25e-3, tried=True)
     assert rate(15) > 1, "now a long chain could pay again"
+
+
+def test_a_generation_drafts_only_where_some_choice_could_pay():
+    cpu = DraftLength(_costs(1e-3, 0.75e-3, 30e-3), depth=15)
+    gpu = DraftLength(_costs(1e-3, 0.05e-3, 1.5e-3), depth=15)
+    for policy in (cpu, gpu):
+        assert policy.could_draft(15, 62), "nothing known: a chain could pay were all its drafts accepted"
+        for _ in range(100):  # chains of 15 tried long, none of their drafts ever accepted
+            policy.record(Choice(False, 15), [], policy.cost[Choice(False, 15)], tried=True)
+    # each chain's hope is now k / sqrt(101) drafts: on the CPU none could pay (nor a tree, 30 passes' time for 16
+    # tokens at most); on the GPU a chain of 1 still could (1.1 tokens for 1.05 passes' time)
+    assert not cpu.could_draft(15, 62)
+    assert gpu.could_draft(15, 0)
+
+
+def test_a_tree_is_hoped_to_accept_no_more_than_a_bigger_one():
+    # a CPU-like machine where a tree of 31 would pay only if it accepted nearly its whole depth
+    costs = _costs(1e-3, 0.75e-3, 12e-3)
+    assert DraftLength(costs, depth=15)._hope(Choice(True, 31)) > 1000, "nothing known: it could pay"
+    # trees of 62 seen to accept 3 drafts in 32 steps: a tree of 31, whose drafts are the 31 first of theirs, at most
+    # 3 + 12 / sqrt(33) = 5.1, 6.1 tokens in 12 passes' time
+    policy = DraftLength(costs, depth=15, prior={Choice(True, 62): (32.0, 96.0)})
+    assert policy._hope(Choice(True, 31)) == pytest.approx((1 + 3 + 12 / math.sqrt(33)) / 12e-3)
+    assert not policy.could_draft(0, 62)
 
 
 def test_the_policy_starts_from_what_earlier_runs_accepted():
