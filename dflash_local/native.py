@@ -229,10 +229,10 @@ class Drafter:
         self.info = DrafterInfo(**fields, target_layers=tuple(raw.target_layers[: raw.n_extract]))
         self._tokens = np.zeros(self.info.block_size, dtype=np.int32)
 
-    def set_shapes(self, kv_pad: int, inject_rows: int) -> None:
-        """The shapes the drafter's graphs keep between calls (dflash.h): on the CPU, where each is 1, tests set a
+    def set_shapes(self, kv_min: int, inject_rows: int) -> None:
+        """The shapes the drafter's graphs keep between calls (dflash.h): on the CPU, where they are exact, tests set a
         GPU's to check its padding."""
-        _check(lib.dflash_drafter_set_shapes(self._ptr, kv_pad, inject_rows))
+        _check(lib.dflash_drafter_set_shapes(self._ptr, kv_min, inject_rows))
 
     def inject(self, features: np.ndarray, pos0: int) -> None:
         """K/V of target features [n, n_extract * n_embd] at positions pos0 .. pos0+n-1."""

@@ -84,10 +84,11 @@ dflash_drafter * dflash_drafter_load(const char * drafter_path, const char * tar
 void             dflash_drafter_free(dflash_drafter * d);
 int32_t          dflash_drafter_get_info(const dflash_drafter * d, dflash_drafter_info * out);
 // Graphs kept between calls while their shape holds (a GPU replays one as a CUDA graph): a draft attends over its
-// context padded to a multiple of kv_pad positions (the rest masked), an injection of fewer than inject_rows rows runs
-// as inject_rows (the extra rows land where the next draft writes its block). Both 1: every call's exact shape. Set at
-// load: 256 and the block size on GPUs, 1 and 1 on the CPU, where a padded row costs its compute.
-int32_t          dflash_drafter_set_shapes(dflash_drafter * d, int32_t kv_pad, int32_t inject_rows);
+// context padded to kv_min positions doubled as often as it takes (the rest masked; kv_min 0: exact), so that its graph
+// changes at most once each time the context doubles; an injection of fewer than inject_rows rows runs as inject_rows
+// (the extra rows land where the next draft writes its block; 1: exact). Set at load: 256 and the block size on GPUs,
+// 0 and 1 on the CPU, where a padded row costs its compute and a new graph little.
+int32_t          dflash_drafter_set_shapes(dflash_drafter * d, int32_t kv_min, int32_t inject_rows);
 // Context path: features [n_tokens, n_extract * n_embd] for positions pos0 .. pos0+n_tokens-1
 // become K/V in the cache; the cache then holds positions 0 .. pos0+n_tokens-1.
 int32_t          dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0);

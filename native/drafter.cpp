@@ -217,7 +217,7 @@ struct dflash_drafter {
     ggml_context *        ctx_kv  = nullptr;
     ggml_backend_buffer_t buf_kv  = nullptr;
     // the shapes graphs keep (dflash_drafter_set_shapes)
-    int32_t               kv_pad      = 1;
+    int32_t               kv_min      = 0;
     int32_t               inject_rows = 1;
     graph_slot            inject_graph, draft_graph;
 
@@ -445,7 +445,7 @@ static void load_drafter(dflash_drafter & d, const std::string & drafter_path, c
     ggml_backend_buffer_clear(d.buf_kv, 0);
 
     if (ggml_backend_dev_type(ggml_backend_get_device(d.backend)) != GGML_BACKEND_DEVICE_TYPE_CPU) {
-        d.kv_pad      = 256;
+        d.kv_min      = 256;
         d.inject_rows = in.block_size;
     }
 }
@@ -492,12 +492,12 @@ int32_t dflash_drafter_crop(dflash_drafter * d, int32_t n_pos) {
     return 0;
 }
 
-int32_t dflash_drafter_set_shapes(dflash_drafter * d, int32_t kv_pad, int32_t inject_rows) {
+int32_t dflash_drafter_set_shapes(dflash_drafter * d, int32_t kv_min, int32_t inject_rows) {
     return guarded([&] {
-        if (kv_pad < 1 || inject_rows < 1 || inject_rows > d->info.block_size) {
-            throw std::runtime_error("kv_pad must be >= 1 and inject_rows in 1.." + std::to_string(d->info.block_size));
+        if (kv_min < 0 || inject_rows < 1 || inject_rows > d->info.block_size) {
+            throw std::runtime_error("kv_min must be >= 0 and inject_rows in 1.." + std::to_string(d->info.block_size));
         }
-        d->kv_pad      = kv_pad;
+        d->kv_min      = kv_min;
         d->inject_rows = inject_rows;
         return 0;
     });
@@ -568,8 +568,16 @@ int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_s
         if (p0 + B > in.n_ctx) {
             throw std::runtime_error("draft: drafter context is full (" + std::to_string(in.n_ctx) + " positions)");
         }
-        // the context attended, padded to a multiple of kv_pad positions (masked): the graph stays for as many
-        const int64_t n_kv = std::min<int64_t>((p0 + B + d->kv_pad - 1) / d->kv_pad * d->kv_pad, in.n_ctx);
+        // the context attended, padded (masked) to kv_min positions doubled as often as it takes: a new graph, which
+        // on a GPU is allocated and warmed up again before it is replayed, at most once each time the context doubles
+        int64_t n_kv = p0 + B;
+        if (d->kv_min > 0) {
+            int64_t padded = d->kv_min;
+            while (padded < n_kv) {
+                padded *= 2;
+            }
+            n_kv = std::min<int64_t>(padded, in.n_ctx);
+        }
         auto &        s    = d->draft_graph;
         const std::vector<int64_t> shape = { B, n_draft, n_top, n_kv };
         if (s.stale(shape)) {
