@@ -235,11 +235,15 @@ class Engine:
         stats.t_target += time.perf_counter() - t
         if dr:
             if self._capturing:
-                if not self._pending:
-                    self._pending_pos = pos
-                self._pending.append(tg.features()[: n_acc + 1].copy())
-                if k or len(self._pending) >= MAX_PENDING:  # else the target ran alone: they wait for the next draft
-                    self._inject_pending(stats)
+                rows = tg.features()[: n_acc + 1]  # a view of the capture's rows, valid until the next decode
+                if k and not self._pending:  # nothing held back: into the drafter straight from the capture
+                    self._inject(rows, pos, stats)
+                else:
+                    if not self._pending:
+                        self._pending_pos = pos
+                    self._pending.append(rows.copy())
+                    if k or len(self._pending) >= MAX_PENDING:  # else the target ran alone: they wait for a draft
+                        self._inject_pending(stats)
             stats.accepted.append(n_acc)
             stats.drafted.append(k)
         if n_acc < k:
@@ -258,12 +262,15 @@ class Engine:
     def _inject_pending(self, stats: Stats) -> None:
         """The features of positions the target ran alone, into the drafter in one pass."""
         if self._pending:
-            t = time.perf_counter()
-            rows = np.concatenate(self._pending)
+            rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
             self._pending = []
-            if self._pending_pos + len(rows) <= self.drafter.info.n_ctx:  # else it is full and drafts no more
-                self.drafter.inject(rows, self._pending_pos)
-            stats.t_inject += time.perf_counter() - t
+            self._inject(rows, self._pending_pos, stats)
+
+    def _inject(self, rows: np.ndarray, pos: int, stats: Stats) -> None:
+        t = time.perf_counter()
+        if pos + len(rows) <= self.drafter.info.n_ctx:  # else it is full and drafts no more
+            self.drafter.inject(rows, pos)
+        stats.t_inject += time.perf_counter() - t
 
     def _tree_step(self, anchor: int, pos: int, k: int, depth: int, sampler: Sampler,
                    stats: Stats) -> tuple[list[int], int, list[int]]:
