@@ -107,17 +107,20 @@ step_models() {
 
 step_data() {
     # answers kept from an earlier run (its index.json and tokens.i32, compressed to travel: 2 MB for 11,867
-    # answers), so that train goes on from them; the features are captured again
+    # answers), so that train goes on from them; the features are captured again. Prompts kept tokenized for
+    # torchtrain to answer next (todo.pkl.xz, gpu_train.py --tokenize-to's file) go to $BUILD/todo.pkl
     local src=${DATA:-$BUNDLE/data}
     [ -f "$src/index.json.gz" ] || { echo "no $src/index.json.gz" >&2; exit 1; }
     [ ! -f "$BUILD/data/index.json" ] || { echo "$BUILD/data already holds a data set" >&2; exit 1; }
     log "answers from $src into $BUILD/data"
     mkdir -p "$BUILD/data"
     "$PY" - "$src" "$BUILD/data" <<'PY'
-import gzip, lzma, shutil, sys
+import gzip, lzma, os, shutil, sys
 src, dst = sys.argv[1:]
 shutil.copyfileobj(gzip.open(f"{src}/index.json.gz"), open(f"{dst}/index.json", "wb"))
 shutil.copyfileobj(lzma.open(f"{src}/tokens.i32.xz"), open(f"{dst}/tokens.i32", "wb"))
+if os.path.exists(f"{src}/todo.pkl.xz"):
+    shutil.copyfileobj(lzma.open(f"{src}/todo.pkl.xz"), open(f"{dst}/../todo.pkl", "wb"))
 PY
     ls -l "$BUILD/data"
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pickle
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,6 +131,7 @@ def tokenize(a: argparse.Namespace) -> tuple[list[Todo], int, list[int]]:
     try:
         ds = Dataset(a.data_dir, a.target, capture_layers(a), info(a).n_embd)
         todo, skipped = answers.plan(tg, training_prompts(a.prompts), ds, a.max_new_tokens)
+        random.Random(a.seed).shuffle(todo)  # sources mixed: a run cut short has answered some of each
         # plain tuples: reading them needs no llama.cpp (whose CPU build crashed on the lent H100, above)
         return [(t.key, t.group, t.prompt) for t in todo], skipped, [t for t in range(tg.n_vocab) if tg.is_eog(t)]
     finally:
