@@ -63,8 +63,9 @@ double           dflash_capture_seconds(const dflash_capture * cap);
 // ---- the target's greedy pick ------------------------------------------------------------------
 struct llama_sampler;
 // A llama.cpp backend sampler (for a sampler chain, then llama_set_sampler) that picks the argmax of every output row of
-// a pass in one two-stage argmax over all rows, where llama.cpp's greedy sampler runs one single-block argmax per row;
-// the first of equal maxima, as llama.cpp's greedy sampler on the CPU. native/greedy.cpp says how.
+// a pass in one two-stage argmax over all rows (a plain one on a device without the stages' ops), where llama.cpp's
+// greedy sampler runs one single-block argmax per row; the first of equal maxima, as llama.cpp's greedy sampler on the
+// CPU. native/greedy.cpp says how.
 struct llama_sampler * dflash_greedy_sampler_new(void);
 
 // ---- drafter --------------------------------------------------------------------------------

@@ -20,8 +20,9 @@
 namespace {
 
 struct greedy_rows {
-    ggml_tensor * logits = nullptr;  // the graph's logits of all rows, argmax already built for this graph
-    ggml_tensor * picks  = nullptr;  // their argmax, int32 [rows]
+    bool          two_stage = true;     // the device runs the two stages' ops (else a plain argmax: backend_init)
+    ggml_tensor * logits    = nullptr;  // the graph's logits of all rows, argmax already built for this graph
+    ggml_tensor * picks     = nullptr;  // their argmax, int32 [rows]
 };
 
 // chunks per row: the largest divisor of V up to sqrt(V) (the two stages about even: 128 for the coder's 151,936, 485
@@ -39,8 +40,8 @@ int64_t n_chunks(int64_t V) {
 }
 
 // argmax of each row of a contiguous float32 x [V, R]: int32 [R]
-ggml_tensor * argmax_rows(ggml_context * ctx, ggml_tensor * x) {
-    const int64_t V = x->ne[0], R = x->ne[1], G = n_chunks(V), C = V / G;
+ggml_tensor * argmax_rows(ggml_context * ctx, ggml_tensor * x, bool two_stage) {
+    const int64_t V = x->ne[0], R = x->ne[1], G = two_stage ? n_chunks(V) : 1, C = V / G;
     if (G == 1) {
         return ggml_argmax(ctx, x);
     }
@@ -71,22 +72,27 @@ llama_sampler * clone(const llama_sampler *) { return dflash_greedy_sampler_new(
 
 void free_ctx(llama_sampler * smpl) { delete static_cast<greedy_rows *>(smpl->ctx); }
 
-// whether the device runs every op of the pick (a probe graph over made-up logits of 2 rows of 151,936)
-bool backend_init(llama_sampler *, ggml_backend_buffer_type_t buft, uint32_t) {
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-    if (!dev) {
-        return true;
-    }
+// whether dev runs every op of the pick (a probe graph over made-up logits of 2 rows of 151,936)
+bool supports(ggml_backend_dev_t dev, bool two_stage) {
     ggml_init_params params = { 64 * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, /*.no_alloc =*/ true };
     ggml_context *   ctx    = ggml_init(params);
     ggml_cgraph *    gf     = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, argmax_rows(ctx, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 151936, 2)));
+    ggml_build_forward_expand(gf, argmax_rows(ctx, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 151936, 2), two_stage));
     bool ok = true;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ok = ok && ggml_backend_dev_supports_op(dev, ggml_graph_node(gf, i));
     }
     ggml_free(ctx);
     return ok;
+}
+
+// the two stages where the device runs their ops (a device without one: a plain argmax of all rows, one block a row,
+// still one kernel for the pass instead of one a row)
+bool backend_init(llama_sampler * smpl, ggml_backend_buffer_type_t buft, uint32_t) {
+    auto *             s   = static_cast<greedy_rows *>(smpl->ctx);
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    s->two_stage           = !dev || supports(dev, true);
+    return s->two_stage || supports(dev, false);
 }
 
 void backend_apply(llama_sampler * smpl, ggml_context * ctx, ggml_cgraph *, llama_sampler_data * data) {
@@ -96,19 +102,22 @@ void backend_apply(llama_sampler * smpl, ggml_context * ctx, ggml_cgraph *, llam
     const bool    of_all = all && all->type == GGML_TYPE_F32 && ggml_is_contiguous(all) && ggml_is_matrix(all) &&
                         all->ne[0] == row->ne[0] && ggml_nelements(row) == row->ne[0] && row->view_offs % all->nb[1] == 0;
     if (!of_all) {  // a lone row
-        data->sampled = argmax_rows(ctx, ggml_reshape_2d(ctx, ggml_cont(ctx, row), ggml_nelements(row), 1));
+        data->sampled = argmax_rows(ctx, ggml_reshape_2d(ctx, row, ggml_nelements(row), 1), s->two_stage);
         return;
     }
     if (s->logits != all) {
         s->logits = all;
-        s->picks  = argmax_rows(ctx, all);
+        s->picks  = argmax_rows(ctx, all, s->two_stage);
     }
     const size_t r = row->view_offs / all->nb[1];
     data->sampled  = ggml_view_1d(ctx, s->picks, 1, r * ggml_element_size(s->picks));
 }
 
 // before llama.cpp builds a graph: the last one's tensors are gone
-void backend_reset(llama_sampler * smpl) { *static_cast<greedy_rows *>(smpl->ctx) = greedy_rows{}; }
+void backend_reset(llama_sampler * smpl) {
+    auto * s  = static_cast<greedy_rows *>(smpl->ctx);
+    s->logits = s->picks = nullptr;
+}
 
 llama_sampler_i iface = {  // not const: llama_sampler_init takes a mutable one
     /* .name              = */ name,
