@@ -118,7 +118,7 @@ class Engine:
             dr.crop(0)
         self._pending = []
         # where nothing could pay (a CPU, a drafter whose acceptance is known to be too low), the target runs alone
-        # uncaptured: its passes unsplit, as fast as without a drafter
+        # uncaptured: its passes unsplit, no drafter pass
         self._capturing = dr is not None and (
             self.policy is None or self.policy.could_draft(self.block_size - 1, self.tree_size))
 
