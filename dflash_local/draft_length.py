@@ -9,10 +9,12 @@ target pass; k = 0 is the target alone.
 The costs are known before the first step (calibrate.py measures them once per machine, model and settings), so only
 acceptance is learnt as the run goes, and what was learnt seeds the next run (`prior`). A choice never measured is
 tried when it could beat the best one even if every draft were accepted (a longer chain: every draft past a shorter
-one's, in as many of its steps as accepted all the shorter one's drafts), and only while the time spent on such tries
+one's, in as many of its steps as accepted all the shorter one's drafts; a tree: no more than a bigger tree is hoped
+to accept), and only while the time spent on such tries
 stays within EXPLORE_SHARE of the decode time so far, times what the try could win at most (a choice that could be
 10 % faster than the best gets a tenth of that share): a short run stays the target alone's speed where drafting does
-not pay, and a long one finds where it does. The drafts of a smaller choice are the first of a bigger one of its
+not pay, and a long one finds where it does; a generation that starts with nothing to try or to prefer to the target
+alone needs no features at all (`could_draft`). The drafts of a smaller choice are the first of a bigger one of its
 kind (a chain's first drafts, a tree's first-chosen nodes), so every step also tells what each smaller choice of its
 kind would have accepted.
 """
