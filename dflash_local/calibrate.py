@@ -130,17 +130,17 @@ def load_acceptance(tg: Target, dr: Drafter, block_size: int) -> dict[Choice, tu
 
 def _shipped_acceptance(tg: Target, dr: Drafter, block_size: int) -> dict[Choice, tuple[float, float]]:
     """(steps, drafts accepted) from the histograms of a built-in model's shipped drafter, where this is that drafter
-    with its model (by the target's size) at block 16, where they were measured: each tree measured, and each chain
-    (a chain of k accepts what the chain of 15 accepted, up to k)."""
+    with its model (by the target's size) at block 16, where they were measured: each tree measured, and every chain
+    (a chain of k accepts what the chain of 15 accepted, up to k; the policy keeps the lengths it chooses from)."""
     model = next((m for m in MODELS.values() if m.drafter_accepts and tg.path.stat().st_size == m.size
                   and dr.path.resolve() == (SHIPPED_DRAFTERS / m.drafter).resolve()), None)
     if model is None or block_size != 16 or dr.acceptance_key:
         return {}
     prior = {}
     for name, hist in model.drafter_accepts:
-        kind, k = name.split("-")
-        ks = (1, 3, 7, 15) if kind == "chain" else (int(k),)
-        for c in (Choice(kind == "tree", k) for k in ks):
+        kind, drafts = name.split("-")
+        lengths = range(1, int(drafts) + 1) if kind == "chain" else (int(drafts),)
+        for c in (Choice(kind == "tree", k) for k in lengths):
             prior[c] = (sum(hist), sum(min(a, c.k) * n for a, n in enumerate(hist)))
     return prior
 
