@@ -140,7 +140,7 @@ class Engine:
             anchor = self._picks(sampler, logits, 1)[0]
             tg.commit([anchor])
             if self._capturing:
-                dr.inject(tg.features(), 0)
+                self._inject_last(len(prompt), 0)
         except KeyboardInterrupt:  # Ctrl-C in the prefill: nothing generated yet
             return Generation([], stats, "interrupted")
         finally:
@@ -235,13 +235,12 @@ class Engine:
         stats.t_target += time.perf_counter() - t
         if dr:
             if self._capturing:
-                rows = tg.features()[: n_acc + 1]  # a view of the capture's rows, valid until the next decode
-                if k and not self._pending:  # nothing held back: into the drafter straight from the capture
-                    self._inject(rows, pos, stats)
+                if k and not self._pending:  # nothing held back: into the drafter straight from the target's rows
+                    self._inject(n_acc + 1, pos, stats)
                 else:
                     if not self._pending:
                         self._pending_pos = pos
-                    self._pending.append(rows.copy())
+                    self._pending.append(tg.features()[: n_acc + 1].copy())
                     if k or len(self._pending) >= MAX_PENDING:  # else the target ran alone: they wait for a draft
                         self._inject_pending(stats)
             stats.accepted.append(n_acc)
@@ -266,11 +265,25 @@ class Engine:
             self._pending = []
             self._inject(rows, self._pending_pos, stats)
 
-    def _inject(self, rows: np.ndarray, pos: int, stats: Stats) -> None:
+    def _inject(self, rows: np.ndarray | int, pos: int, stats: Stats) -> None:
+        """Features into the drafter at pos: rows, or n: the last decode's first n rows (_inject_last)."""
         t = time.perf_counter()
-        if pos + len(rows) <= self.drafter.info.n_ctx:  # else it is full and drafts no more
-            self.drafter.inject(rows, pos)
+        n = rows if isinstance(rows, int) else len(rows)
+        if pos + n <= self.drafter.info.n_ctx:  # else it is full and drafts no more
+            if isinstance(rows, int):
+                self._inject_last(n, pos)
+            else:
+                self.drafter.inject(rows, pos)
         stats.t_inject += time.perf_counter() - t
+
+    def _inject_last(self, n: int, pos: int) -> None:
+        """The last decode's first n feature rows into the drafter at pos, read where llama.cpp left them where it can
+        (Target.layer_rows: no copy on the host; on a GPU, from pinned memory), else from the capture's copy."""
+        layers = self.target.layer_rows()
+        if layers is not None:
+            self.drafter.inject_layers(layers, n, pos)
+        else:
+            self.drafter.inject(self.target.features()[:n], pos)
 
     def _tree_step(self, anchor: int, pos: int, k: int, depth: int, sampler: Sampler,
                    stats: Stats) -> tuple[list[int], int, list[int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ def _load() -> ctypes.CDLL:
         "dflash_drafter_free": ([ctypes.c_void_p], None),
         "dflash_drafter_get_info": ([ctypes.c_void_p, ctypes.c_void_p], c_int),
         "dflash_drafter_inject": ([ctypes.c_void_p, c_float_p, c_int, c_int], c_int),
+        "dflash_drafter_inject_layers": ([ctypes.c_void_p, ctypes.c_void_p, c_int, c_int], c_int),
         "dflash_drafter_crop": ([ctypes.c_void_p, c_int], c_int),
         "dflash_drafter_set_shapes": ([ctypes.c_void_p, c_int, c_int], c_int),
         "dflash_drafter_n_pos": ([ctypes.c_void_p], c_int),
@@ -134,9 +135,11 @@ class Capture:
         )
         self.user_data = ctypes.c_void_p(self._ptr)
         self.enabled = True
+        self._deferred: tuple[Callable[[], list[int]], int] | None = None
 
     def reset(self) -> None:
         lib.dflash_capture_reset(self._ptr)
+        self._deferred = None
 
     def enable(self, on: bool) -> None:
         lib.dflash_capture_enable(self._ptr, on)
@@ -156,8 +159,28 @@ class Capture:
         buffer per extracted layer, in the order of target_layers)."""
         _check(lib.dflash_capture_pull(self._ptr, (ctypes.c_void_p * len(layers))(*layers), n_rows))
 
+    def defer(self, layers: Callable[[], list[int]], n_rows: int) -> None:
+        """Rows that llama.cpp's layer-input capture left in its own buffers (layers() gives pull's addresses once
+        they are there), pulled only when read or flushed: a drafting step's injection reads them there instead."""
+        self.flush()
+        self._deferred = (layers, n_rows)
+
+    def flush(self) -> None:
+        """Pull the deferred rows: before they are read, or before a decode overwrites llama.cpp's buffers."""
+        if self._deferred:
+            layers, n_rows = self._deferred
+            self._deferred = None
+            self.pull(layers(), n_rows)
+
+    def deferred(self) -> list[int] | None:
+        """The addresses of the deferred rows where they are all the rows since the reset, else None."""
+        if self._deferred is None or lib.dflash_capture_n_rows(self._ptr) != 0:
+            return None
+        return self._deferred[0]()
+
     def rows(self) -> np.ndarray:
         """Features captured since the last reset, [n_rows, n_extract * n_embd] (a view; copy to keep)."""
+        self.flush()
         n = _check(lib.dflash_capture_n_rows(self._ptr))
         if n == 0:
             return np.zeros((0, self.width), dtype=np.float32)
@@ -166,6 +189,7 @@ class Capture:
     def rows_e4m3(self) -> tuple[np.ndarray, np.ndarray]:
         """rows() as float8 e4m3 codes (uint8, same shape) and a scale per row and layer ([n_rows, n_extract]
         float32): value = code's value * scale."""
+        self.flush()
         n = _check(lib.dflash_capture_n_rows(self._ptr))
         codes = np.empty((n, self.width), dtype=np.uint8)
         scales = np.empty((n, self.n_extract), dtype=np.float32)
@@ -238,6 +262,11 @@ class Drafter:
         """K/V of target features [n, n_extract * n_embd] at positions pos0 .. pos0+n-1."""
         f = np.ascontiguousarray(features, dtype=np.float32)
         _check(lib.dflash_drafter_inject(self._ptr, _as_float_ptr(f), f.shape[0], pos0))
+
+    def inject_layers(self, layers: list[int], n: int, pos0: int) -> None:
+        """inject() from each extracted layer's rows apart: layers[j] the address of [n, n_embd] floats (where
+        llama.cpp's layer-input extraction left them: Target.layer_rows)."""
+        _check(lib.dflash_drafter_inject_layers(self._ptr, (ctypes.c_void_p * len(layers))(*layers), n, pos0))
 
     def crop(self, n_pos: int) -> None:
         _check(lib.dflash_drafter_crop(self._ptr, n_pos))

@@ -417,13 +417,24 @@ class Target:
         # llama.cpp leaves the logits in the graph only where every output has a sampler (each row goes to the one
         # of its first sequence)
         self._picked_all = self.picks_on_device and all(ss[0] == 0 for ss, keep in zip(seqs, logits) if keep)
+        if self.capture:
+            self.capture.flush()  # an earlier chunk's rows, which this decode overwrites in llama.cpp's buffers
         rc = lc.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) at position {min(positions)}")
         if self._layer_inputs and self.capture.enabled:
-            lc.llama_synchronize(self.ctx)  # llama.cpp copies the rows out asynchronously
-            get_inp = self._layer_inputs[1]
-            self.capture.pull([get_inp(self.ctx, layer) for layer in self.capture_layers], len(tokens))
+            self.capture.defer(self._layer_input_rows, len(tokens))
+
+    def _layer_input_rows(self) -> list[int]:
+        lc.llama_synchronize(self.ctx)  # llama.cpp copies the rows out asynchronously
+        get_inp = self._layer_inputs[1]
+        return [get_inp(self.ctx, layer) for layer in self.capture_layers]
+
+    def layer_rows(self) -> list[int] | None:
+        """Where llama.cpp left the last decode's captured rows, one [n_tokens, n_embd] float buffer per extracted
+        layer (pinned memory on a GPU), valid until the next decode: for the drafter to read there, without the
+        capture's copy. None where they are not all there (an eval-callback capture, a decode in several chunks)."""
+        return self.capture.deferred() if self.capture else None
 
     def logits(self, n_out: int) -> np.ndarray:
         """Logits rows of the last decode's n_out outputs, as a view."""

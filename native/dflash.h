@@ -93,6 +93,10 @@ int32_t          dflash_drafter_set_shapes(dflash_drafter * d, int32_t kv_min, i
 // Context path: features [n_tokens, n_extract * n_embd] for positions pos0 .. pos0+n_tokens-1
 // become K/V in the cache; the cache then holds positions 0 .. pos0+n_tokens-1.
 int32_t          dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0);
+// The same with each extracted layer's rows apart: layers[j] is [n_tokens, n_embd] (as llama.cpp's layer-input
+// extraction leaves them), read until the call returns.
+int32_t          dflash_drafter_inject_layers(dflash_drafter * d, const float * const * layers, int32_t n_tokens,
+                                              int32_t pos0);
 // Keep only positions < n_pos.
 int32_t          dflash_drafter_crop(dflash_drafter * d, int32_t n_pos);
 int32_t          dflash_drafter_n_pos(const dflash_drafter * d);

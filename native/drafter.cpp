@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -220,6 +221,7 @@ struct dflash_drafter {
     int32_t               kv_min      = 0;
     int32_t               inject_rows = 1;
     graph_slot            inject_graph, draft_graph;
+    std::vector<float>    staging;  // inject's rows regrouped by layer
 
     ggml_tensor * fc = nullptr, * hidden_norm = nullptr, * output_norm = nullptr;
     ggml_tensor * tok_embd = nullptr, * output = nullptr;
@@ -503,7 +505,7 @@ int32_t dflash_drafter_set_shapes(dflash_drafter * d, int32_t kv_min, int32_t in
     });
 }
 
-int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0) {
+int32_t dflash_drafter_inject_layers(dflash_drafter * d, const float * const * layers, int32_t n_tokens, int32_t pos0) {
     return guarded([&] {
         const auto & in = d->info;
         if (n_tokens <= 0 || pos0 < 0 || pos0 > d->n_pos) {
@@ -514,18 +516,23 @@ int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_
             throw std::runtime_error("inject: drafter context is full (" + std::to_string(in.n_ctx) + " positions)");
         }
         // fewer rows than inject_rows (a decoding step's) run as inject_rows, so that every step has the same graph;
-        // the rows past n_tokens (zeros) land where the next draft writes its block
-        const int64_t width = (int64_t) in.n_extract * in.n_embd;
-        const int64_t n     = n_tokens < d->inject_rows && pos0 + d->inject_rows <= in.n_ctx ? d->inject_rows : n_tokens;
-        auto &        s     = d->inject_graph;
+        // the rows past n_tokens land where the next draft writes its block
+        const int64_t n = n_tokens < d->inject_rows && pos0 + d->inject_rows <= in.n_ctx ? d->inject_rows : n_tokens;
+        auto &        s = d->inject_graph;
         if (s.stale({ n })) {
             s.begin(d->backend);
             ggml_context * ctx = s.ctx;
-            s.feat = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, width, n);
+            // each extracted layer's rows apart, as the target leaves them: a copy per layer fills it. An output too,
+            // so that its memory is never lent to another tensor: the padding rows keep earlier (finite) rows
+            s.feat = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, in.n_embd, n, in.n_extract);
             ggml_set_input(s.feat);
+            ggml_set_output(s.feat);
             d->new_position_inputs(ctx, s, n);
 
-            ggml_tensor * g = d->norm(ctx, ggml_mul_mat(ctx, d->fc, s.feat), d->hidden_norm);
+            // [n_embd, n, n_extract] -> [n_extract * n_embd, n]: a position's layers side by side, as fc reads them
+            ggml_tensor * f = ggml_cont(ctx, ggml_permute(ctx, s.feat, 0, 2, 1, 3));
+            f = ggml_reshape_2d(ctx, f, (int64_t) in.n_extract * in.n_embd, n);
+            ggml_tensor * g = d->norm(ctx, ggml_mul_mat(ctx, d->fc, f), d->hidden_norm);
             for (int il = 0; il < in.n_layer; ++il) {
                 const auto & L = d->layers[il];
                 ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk, g), in.head_dim, in.n_head_kv, n);
@@ -534,17 +541,34 @@ int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_
                 d->store_kv(ctx, s, il, k, v, n);
             }
             s.end({ n });
+            ggml_backend_tensor_memset(s.feat, 0, 0, ggml_nbytes(s.feat));
         }
-        ggml_backend_tensor_set(s.feat, features, 0, sizeof(float) * width * n_tokens);
-        if (n > n_tokens) {
-            const std::vector<float> zeros(width * (n - n_tokens), 0.0f);
-            ggml_backend_tensor_set(s.feat, zeros.data(), sizeof(float) * width * n_tokens, sizeof(float) * zeros.size());
+        // queued on the drafter's stream before its graph (from pinned memory, as llama.cpp's output buffer on a GPU
+        // is, the copies overlap nothing but cost no staging)
+        const size_t layer_bytes = sizeof(float) * in.n_embd * n_tokens;
+        for (int j = 0; j < in.n_extract; ++j) {
+            ggml_backend_tensor_set_async(d->backend, s.feat, layers[j], s.feat->nb[2] * j, layer_bytes);
         }
         d->set_positions(s, pos0, n);
         s.compute(d->backend);
         d->n_pos = pos0 + n_tokens;
         return 0;
     });
+}
+
+int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0) {
+    // rows [n_tokens, n_extract * n_embd]: each layer's rows gathered apart, as inject_layers takes them
+    const int64_t n_embd = d->info.n_embd, n_extr = d->info.n_extract;
+    d->staging.resize((size_t) std::max(n_tokens, 0) * n_extr * n_embd);
+    std::vector<const float *> layers(n_extr);
+    for (int64_t j = 0; j < n_extr; ++j) {
+        float * dst = d->staging.data() + j * n_tokens * n_embd;
+        for (int64_t r = 0; r < n_tokens; ++r) {
+            std::memcpy(dst + r * n_embd, features + (r * n_extr + j) * n_embd, sizeof(float) * n_embd);
+        }
+        layers[j] = dst;
+    }
+    return dflash_drafter_inject_layers(d, layers.data(), n_tokens, pos0);
 }
 
 int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t n_draft, int32_t n_top,

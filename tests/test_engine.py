@@ -45,6 +45,11 @@ class OracleDrafter:
         assert np.isfinite(features).all()
         self.n_pos = pos0 + len(features)
 
+    def inject_layers(self, layers: list[int], n: int, pos0: int) -> None:
+        assert pos0 == self.n_pos or pos0 == 0, "features must continue the drafter's context"
+        assert layers and all(layers)
+        self.n_pos = pos0 + n
+
     def draft(self, anchor: int, block_size: int, n: int | None = None) -> np.ndarray:
         return self.draft_top(anchor, 1, block_size, n)[0][:, 0]
 
@@ -174,6 +179,27 @@ def test_identity_smollm2_long_context_shipped_drafter(smollm2_path):
         assert Engine(tg, dr, 16, adaptive=False, tree_size=tree_size).generate(prompt, 64).tokens == expected
     got = Engine(tg, OracleDrafter(expected, len(prompt), 16), 16, adaptive=False).generate(prompt, 64)
     assert got.tokens == expected and got.stats.tau > 2.0
+    tg.close()
+    dr.close()
+
+
+def test_drafter_reads_the_rows_where_llama_cpp_left_them(smollm2_path, monkeypatch):
+    """The prompt's and every drafting step's features go into the drafter from llama.cpp's own buffers
+    (Target.layer_rows), and draft what the capture's copy of them drafts."""
+    dr = Drafter(SHIPPED_DRAFTERS / f"{smollm2_path.stem}-dflash.gguf", smollm2_path, n_ctx=PARAMS.n_ctx + 64,
+                 n_threads=1)
+    tg = Target(smollm2_path, PARAMS, capture_layers=dr.info.target_layers)
+    prompt = tg.tokenize(tg.chat_prompt([("user", PROMPTS[1])]))
+    rows_read: list[int] = []
+    inject_layers = dr.inject_layers
+    monkeypatch.setattr(dr, "inject_layers", lambda layers, n, pos: rows_read.append(n) or inject_layers(layers, n, pos))
+    direct = Engine(tg, dr, 16, adaptive=False).generate(prompt, 48)
+    monkeypatch.setattr(tg, "layer_rows", lambda: None)
+    copied = Engine(tg, dr, 16, adaptive=False).generate(prompt, 48)
+    assert rows_read == [len(prompt)] + [n + 1 for n in direct.stats.accepted][:len(rows_read) - 1]
+    assert len(rows_read) >= len(direct.stats.accepted)  # the last step may draft nothing
+    assert direct.stats.accepted == copied.stats.accepted and sum(direct.stats.accepted) > 0
+    assert direct.tokens == copied.tokens
     tg.close()
     dr.close()
 

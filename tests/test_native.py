@@ -69,6 +69,32 @@ def test_drafter_matches_reference_f32(arch, n_layer, padded, tiny_target, tmp_p
     _check_against_reference(drafter, target, rtol=1e-4, padded=padded)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_inject_layers_equals_inject(padded, tiny_target, tmp_path):
+    """Each extracted layer's rows apart (as llama.cpp's layer-input capture leaves them) give the drafter what the
+    rows side by side give, bit for bit; padded, after pieces of every length."""
+    target = tiny_target("qwen3")
+    path = random_drafter_gguf(target, tmp_path / "d.gguf", n_layer=2, outtype="f32")
+    by_rows, by_layers = Drafter(path, target, n_ctx=64, n_threads=1), Drafter(path, target, n_ctx=64, n_threads=1)
+    info = by_rows.info
+    n_extract = len(info.target_layers)
+    if padded:
+        for dr in (by_rows, by_layers):
+            dr.set_shapes(8, info.block_size)
+    feats = np.random.default_rng(0).standard_normal((20, n_extract * info.n_embd)).astype(np.float32)
+    start = 0
+    for n in (9, 1, 3, 7):
+        piece = feats[start:start + n]
+        by_rows.inject(piece, start)
+        layers = [np.ascontiguousarray(piece.reshape(n, n_extract, info.n_embd)[:, j]) for j in range(n_extract)]
+        by_layers.inject_layers([a.ctypes.data for a in layers], n, start)
+        start += n
+        np.testing.assert_array_equal(by_layers.draft_logits(5, info.block_size),
+                                      by_rows.draft_logits(5, info.block_size))
+    by_rows.close()
+    by_layers.close()
+
+
 @pytest.mark.parametrize("outtype,rtol", [("f16", 1e-2), ("q8_0", 3e-2)])
 def test_drafter_matches_reference_quantized(outtype, rtol, smollm2_path, tmp_path):
     # SmolLM2: GQA 9/3 heads of 64, a Q4_1 embedding and LM head shared with the target; ggml's

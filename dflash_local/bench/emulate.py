@@ -184,6 +184,9 @@ class EmulatedDrafter:
     def inject(self, features: np.ndarray, pos0: int) -> None:
         self.real.inject(features, pos0)
 
+    def inject_layers(self, layers: list[int], n: int, pos0: int) -> None:
+        self.real.inject_layers(layers, n, pos0)
+
     def crop(self, n_pos: int) -> None:
         self.real.crop(n_pos)
 
