@@ -6,7 +6,9 @@
   verifies;
 - for DFlash's context, the rollback after a pass of k tokens whose drafts were all rejected (`rollback`: llama.cpp's
   snapshots on hybrid targets, a cache trim on attention ones);
-- the drafter's block pass drafting k - 1 tokens (`draft`) and its context pass over k accepted rows (`inject`);
+- the drafter's block pass drafting k - 1 tokens (`draft`) and its context pass over k accepted rows (`inject`), which
+  reads them where a step's injection does (Target.inject_rows: where llama.cpp left them, with its layer-input
+  capture; the capture's copy with the callback's);
 - the step of each chain length as the adaptive policy calibrates it (calibrate.measure, `policy_step`);
 - on hybrid targets the recurrent state of a sequence and the memory of its snapshots (llama.cpp keeps n_rs_seq of
   them: `llama_n_rs_seq`); on NVIDIA GPUs the device memory of the drafter (its weights, the target's embedding and
@@ -90,7 +92,7 @@ def main() -> None:
         t.decode(prompt, 0, all_logits=False)
         if t.recurrent and not t.snapshots:
             t.save_state()  # rollback() restores it
-    dr.inject(tg.features(), 0)
+    tg.inject_rows(dr, len(prompt), 0)
     if tg.recurrent:  # the recurrent state of one sequence (once it holds one), and llama.cpp's n_rs_seq copies of it
         state_mb = lc.llama_state_seq_get_size_ext(plain.ctx, 0, lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) / 2**20
         n_rs = lc.llama_n_rs_seq(tg.ctx)
@@ -112,12 +114,11 @@ def main() -> None:
         for key, on in (("verify_no_capture", False), ("verify_capture", True)):
             tg.capture.enable(on)
             res[key][k] = ms(lambda: tg.decode(toks, pos, all_logits=True), lambda: undo(tg))
-        tg.decode(toks, pos, all_logits=True)
-        feats = tg.features().copy()
+        tg.decode(toks, pos, all_logits=True)  # its rows stay where the injection reads them, as a step's do
         undo(tg)
         if k > 1:
             res["draft"][k] = ms(lambda: dr.draft(anchor, dr.info.block_size, k - 1))
-        res["inject"][k] = ms(lambda: dr.inject(feats, pos), lambda: dr.crop(pos))
+        res["inject"][k] = ms(lambda: tg.inject_rows(dr, k, pos), lambda: dr.crop(pos))
     at = pos  # each rollback follows a pass at `at`: all its drafts rejected, the anchor kept, the next pass after it
     for k in sizes:
         toks = block[:k]

@@ -56,7 +56,7 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
     tg.clear()
     dr.crop(0)
     tg.decode(tokens[:pos], 0, all_logits=False)
-    dr.inject(tg.features(), 0)
+    tg.inject_rows(dr, pos, 0)
     anchor = tokens[pos]
     depth = block_size - 1
 
@@ -69,7 +69,7 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
             tg.save_state()
         tg.decode(tokens[pos:pos + k + 1], pos, all_logits=True)
         if k:
-            dr.inject(tg.features(), pos)
+            tg.inject_rows(dr, k + 1, pos)
             dr.crop(pos)
         tg.rollback(pos, pos, [])
 

@@ -140,7 +140,7 @@ class Engine:
             anchor = self._picks(sampler, logits, 1)[0]
             tg.commit([anchor])
             if self._capturing:
-                self._inject_last(len(prompt), 0)
+                tg.inject_rows(dr, len(prompt), 0)
         except KeyboardInterrupt:  # Ctrl-C in the prefill: nothing generated yet
             return Generation([], stats, "interrupted")
         finally:
@@ -266,24 +266,15 @@ class Engine:
             self._inject(rows, self._pending_pos, stats)
 
     def _inject(self, rows: np.ndarray | int, pos: int, stats: Stats) -> None:
-        """Features into the drafter at pos: rows, or n: the last decode's first n rows (_inject_last)."""
+        """Features into the drafter at pos: rows, or n: the last decode's first n rows (Target.inject_rows)."""
         t = time.perf_counter()
         n = rows if isinstance(rows, int) else len(rows)
         if pos + n <= self.drafter.info.n_ctx:  # else it is full and drafts no more
             if isinstance(rows, int):
-                self._inject_last(n, pos)
+                self.target.inject_rows(self.drafter, n, pos)
             else:
                 self.drafter.inject(rows, pos)
         stats.t_inject += time.perf_counter() - t
-
-    def _inject_last(self, n: int, pos: int) -> None:
-        """The last decode's first n feature rows into the drafter at pos, read where llama.cpp left them where it can
-        (Target.layer_rows: no copy on the host; on a GPU, from pinned memory), else from the capture's copy."""
-        layers = self.target.layer_rows()
-        if layers is not None:
-            self.drafter.inject_layers(layers, n, pos)
-        else:
-            self.drafter.inject(self.target.features()[:n], pos)
 
     def _tree_step(self, anchor: int, pos: int, k: int, depth: int, sampler: Sampler,
                    stats: Stats) -> tuple[list[int], int, list[int]]:

@@ -22,7 +22,7 @@ import llama_cpp as lc
 import numpy as np
 
 from dflash_local.errors import UserError
-from dflash_local.native import Capture, cpu_has_amx, greedy_sampler
+from dflash_local.native import Capture, Drafter, cpu_has_amx, greedy_sampler
 from dflash_local.native import lib as native_lib
 from dflash_local.sampling import SamplingParams
 from dflash_local.target_check import check_target_file
@@ -435,6 +435,15 @@ class Target:
         layer (pinned memory on a GPU), valid until the next decode: for the drafter to read there, without the
         capture's copy. None where they are not all there (an eval-callback capture, a decode in several chunks)."""
         return self.capture.deferred() if self.capture else None
+
+    def inject_rows(self, drafter: Drafter, n: int, pos: int) -> None:
+        """The last decode's first n feature rows into the drafter at pos: read where llama.cpp left them where it
+        can (layer_rows), else from the capture's copy."""
+        layers = self.layer_rows()
+        if layers is not None:
+            drafter.inject_layers(layers, n, pos)
+        else:
+            drafter.inject(self.features()[:n], pos)
 
     def logits(self, n_out: int) -> np.ndarray:
         """Logits rows of the last decode's n_out outputs, as a view."""

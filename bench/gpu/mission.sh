@@ -15,6 +15,7 @@ RES=${RES:-/root/mission}
 SHAPES=${SHAPES:-/root/shapes}
 N27=${N27:-4}  # prompts of the 27B's emulated runs (their trial passes take some 25 s each)
 DRAFTER_TYPES=${DRAFTER_TYPES:-q4_k:qwen35-27b f16:qwen35-27b f16:qwen3-8b}  # drafters written in other types: TYPE:SHAPE
+ONLY=${ONLY:-.}  # a regex: only the measurements whose names match it (e.g. 'qwen35-27b-emulated' to repeat those)
 LOG=$RES/mission.log
 
 start() {
@@ -44,6 +45,7 @@ watch() {
 measure() {
     local name=$1 limit=$2
     shift 2
+    [[ $name =~ $ONLY ]] || return 0
     echo "=== $name $(date +%T)"
     timeout "$limit" "$@" > "$RES/$name.log" 2>&1
     echo "rc $? $(date +%T)"
@@ -107,8 +109,10 @@ run() {
                 --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen3-8b-emulated-tau$tau-ctx$c.json"
         done
     done
-    bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
-    echo "upstream rc $? $(date +%T)"
+    if [[ -vs-llama-cpp =~ $ONLY ]]; then
+        bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
+        echo "upstream rc $? $(date +%T)"
+    fi
     local t
     for t in "$t27" "$t8"; do
         measure "$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp" 240 python3 -P -m dflash_local bench "$t" \
