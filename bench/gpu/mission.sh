@@ -75,9 +75,8 @@ run() {
     local gpu=(-ngl 99 --device CUDA0)
     local chain=(--block-sizes 16 --fixed --tree-size 0 "${gpu[@]}")
     # in the order of what is least known. First the 27B's emulated run at tau 7.7 (512 tokens, so that a prompt's last
-    # pass, capped by the token budget, weighs little in tau) with its drafter in Q8_0, Q4_K and float16 (2.96x at tau
-    # 7.68 on 2026-12-07 in Q8_0, the bound 2.98x, while its drafter passes cost 3.7 ms there against 2.8 in the random
-    # drafter's loop below: before a draft's context was padded by doubling), the 27B's pass costs with a 16k context;
+    # pass, capped by the token budget, weighs little in tau) with its drafter in Q8_0, Q4_K and float16 (3.18x at tau
+    # 7.68 on 2026-12-07 in Q8_0, at the bound), the 27B's pass costs with a 16k context;
     # then its run at tau 3.4, the 8B's pass costs and its emulated runs at 1k, 8k and 32k, both shapes against
     # upstream, the float16 drafters' pass costs (a drafter type not written: its runs fail at once)
     # one emulated run of the 27B: NAME DRAFTER TAU
