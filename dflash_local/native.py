@@ -161,8 +161,9 @@ class Capture:
 
     def defer(self, layers: Callable[[], list[int]], n_rows: int) -> None:
         """Rows that llama.cpp's layer-input capture left in its own buffers (layers() gives pull's addresses once
-        they are there), pulled only when read or flushed: a drafting step's injection reads them there instead."""
-        self.flush()
+        they are there), pulled only when read or flushed: a drafting step's injection reads them there instead. Rows
+        deferred before must have been flushed before the decode that overwrote them."""
+        assert self._deferred is None, "flush() before the next decode"
         self._deferred = (layers, n_rows)
 
     def flush(self) -> None:

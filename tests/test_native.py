@@ -3,6 +3,7 @@ drafter, and the captured hidden states against a float64 torch forward of the t
 
 from __future__ import annotations
 
+import ctypes
 import numpy as np
 import pytest
 import torch
@@ -162,6 +163,27 @@ def test_capture_ways_agree_bit_for_bit(smollm2_path, monkeypatch):
     for a, b in zip(*runs):
         assert a.shape[1] == len(layers) * 576 and len(a) > 1
         np.testing.assert_array_equal(a, b)
+
+
+def test_layer_rows_are_the_captured_rows(smollm2_path):
+    """After one llama_decode, layer_rows gives where llama.cpp left each extracted layer's rows: the capture's
+    columns, bit for bit, until they are read (then the capture's copy alone). A decode in several llama_decode
+    calls (more tokens than n_batch) has only its last chunk there: the capture's copy alone, every row."""
+    layers = (2, 15, 28)
+    tg = Target(smollm2_path, TargetParams(n_ctx=256, n_batch=32, n_threads=1), capture_layers=layers)
+    tokens = tg.tokenize("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 4)
+    tg.decode(tokens[:20], 0, all_logits=False)
+    ptrs = tg.layer_rows()
+    assert ptrs is not None and len(ptrs) == len(layers)
+    rows = [np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_float)), shape=(20, tg.n_embd)) for p in ptrs]
+    np.testing.assert_array_equal(np.concatenate(rows, axis=1), tg.features())
+    assert tg.layer_rows() is None
+    tg.clear()
+    assert len(tokens) > 32
+    tg.decode(tokens, 0, all_logits=False)
+    assert tg.layer_rows() is None
+    assert tg.features().shape == (len(tokens), len(layers) * tg.n_embd)
+    tg.close()
 
 
 def test_bad_drafters(tiny_target, smollm2_path, tmp_path):
