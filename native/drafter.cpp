@@ -543,8 +543,8 @@ int32_t dflash_drafter_inject_layers(dflash_drafter * d, const float * const * l
             s.end({ n });
             ggml_backend_tensor_memset(s.feat, 0, 0, ggml_nbytes(s.feat));
         }
-        // queued on the drafter's stream before its graph (from pinned memory, as llama.cpp's output buffer on a GPU
-        // is, the copies overlap nothing but cost no staging)
+        // queued on the drafter's stream ahead of its graph; from llama.cpp's output buffer, pinned on a GPU, a copy
+        // needs no staging
         const size_t layer_bytes = sizeof(float) * in.n_embd * n_tokens;
         for (int j = 0; j < in.n_extract; ++j) {
             ggml_backend_tensor_set_async(d->backend, s.feat, layers[j], s.feat->nb[2] * j, layer_bytes);
@@ -559,9 +559,9 @@ int32_t dflash_drafter_inject_layers(dflash_drafter * d, const float * const * l
 int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0) {
     // rows [n_tokens, n_extract * n_embd]: each layer's rows gathered apart, as inject_layers takes them
     const int64_t n_embd = d->info.n_embd, n_extr = d->info.n_extract;
+    std::vector<const float *> layers(n_extr, features);
     d->staging.resize((size_t) std::max(n_tokens, 0) * n_extr * n_embd);
-    std::vector<const float *> layers(n_extr);
-    for (int64_t j = 0; j < n_extr; ++j) {
+    for (int64_t j = 0; j < n_extr && n_tokens > 0; ++j) {
         float * dst = d->staging.data() + j * n_tokens * n_embd;
         for (int64_t r = 0; r < n_tokens; ++r) {
             std::memcpy(dst + r * n_embd, features + (r * n_extr + j) * n_embd, sizeof(float) * n_embd);
