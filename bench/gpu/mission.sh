@@ -108,16 +108,18 @@ run() {
                 --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen3-8b-emulated-tau$tau-ctx$c.json"
         done
     done
-    if [[ -vs-llama-cpp =~ $ONLY ]]; then
-        bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
-        echo "upstream rc $? $(date +%T)"
-    fi
-    local t
+    local t name upstream_built=
     for t in "$t27" "$t8"; do
-        measure "$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp" 240 python3 -P -m dflash_local bench "$t" \
+        name=$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp
+        [[ $name =~ $ONLY ]] || continue
+        if [ -z "$upstream_built" ]; then  # built only for a comparison that runs
+            bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
+            echo "upstream rc $? $(date +%T)"
+            upstream_built=1
+        fi
+        measure "$name" 240 python3 -P -m dflash_local bench "$t" \
             --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 2 --max-tokens 64 -c 1280 --block-sizes 16 --fixed \
-            --tree-size 0 "${gpu[@]}" --compare-llama-cpp build/gpu/upstream \
-            --json "$RES/$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp.json"
+            --tree-size 0 "${gpu[@]}" --compare-llama-cpp build/gpu/upstream --json "$RES/$name.json"
     done
     pass_costs pass-costs-qwen35-27b-ctx16k-drafter-f16 "$t27" "$SHAPES-f16/qwen35-27b.Q4_K_M-dflash.gguf" \
         --ctx-size 16384
