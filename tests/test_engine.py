@@ -192,7 +192,8 @@ def test_drafter_reads_the_rows_where_llama_cpp_left_them(smollm2_path, monkeypa
     prompt = tg.tokenize(tg.chat_prompt([("user", PROMPTS[1])]))
     rows_read: list[int] = []
     inject_layers = dr.inject_layers
-    monkeypatch.setattr(dr, "inject_layers", lambda layers, n, pos: rows_read.append(n) or inject_layers(layers, n, pos))
+    monkeypatch.setattr(dr, "inject_layers",
+                        lambda layers, n, pos: rows_read.append(n) or inject_layers(layers, n, pos))
     direct = Engine(tg, dr, 16, adaptive=False).generate(prompt, 48)
     monkeypatch.setattr(tg, "layer_rows", lambda: None)
     copied = Engine(tg, dr, 16, adaptive=False).generate(prompt, 48)

@@ -13,8 +13,8 @@ from dflash_local.tree import TREE_SIZE
 
 
 POLICY = ("adaptive: step costs calibrated before the first step (cached), acceptance learnt as the run goes from "
-          f"what earlier runs cached, tries of choices not known to pay within {EXPLORE_SHARE:.0%} of the decode time times what they could win (up to "
-          "all of it)")
+          f"what earlier runs cached, tries of choices not known to pay within {EXPLORE_SHARE:.0%} of the decode time "
+          "times what they could win (up to all of it)")
 
 
 def bench(
