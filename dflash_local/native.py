@@ -43,6 +43,7 @@ def _load() -> ctypes.CDLL:
         "dflash_capture_enable": ([ctypes.c_void_p, ctypes.c_bool], None),
         "dflash_capture_n_rows": ([ctypes.c_void_p], c_int),
         "dflash_capture_data": ([ctypes.c_void_p], c_float_p),
+        "dflash_capture_layer": ([ctypes.c_void_p, c_int], ctypes.c_void_p),
         "dflash_capture_rows_e4m3": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], c_int),
         "dflash_capture_seconds": ([ctypes.c_void_p], ctypes.c_double),
         "dflash_greedy_sampler_new": ([], ctypes.c_void_p),
@@ -173,11 +174,15 @@ class Capture:
             self._deferred = None
             self.pull(layers(), n_rows)
 
-    def deferred(self) -> list[int] | None:
-        """The addresses of the deferred rows where they are all the rows since the reset, else None."""
-        if self._deferred is None or lib.dflash_capture_n_rows(self._ptr) != 0:
-            return None
-        return self._deferred[0]()
+    def layers(self) -> list[int]:
+        """Where the rows captured since the last reset are, one [n_rows, n_embd] float buffer per extracted layer:
+        llama.cpp's own buffers where the deferred rows are all of them, else the capture's (flushed). Valid until
+        the next decode or reset."""
+        if self._deferred is not None and lib.dflash_capture_n_rows(self._ptr) == 0:
+            return self._deferred[0]()
+        self.flush()
+        _check(lib.dflash_capture_n_rows(self._ptr))
+        return [lib.dflash_capture_layer(self._ptr, j) for j in range(self.n_extract)]
 
     def rows(self) -> np.ndarray:
         """Features captured since the last reset, [n_rows, n_extract * n_embd] (a view; copy to keep)."""
@@ -266,7 +271,7 @@ class Drafter:
 
     def inject_layers(self, layers: list[int], n: int, pos0: int) -> None:
         """inject() from each extracted layer's rows apart: layers[j] the address of [n, n_embd] floats (where
-        llama.cpp's layer-input extraction left them: Target.layer_rows)."""
+        the capture or llama.cpp's layer-input extraction left them: Capture.layers)."""
         _check(lib.dflash_drafter_inject_layers(self._ptr, (ctypes.c_void_p * len(layers))(*layers), n, pos0))
 
     def crop(self, n_pos: int) -> None:

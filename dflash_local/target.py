@@ -430,20 +430,10 @@ class Target:
         get_inp = self._layer_inputs[1]
         return [get_inp(self.ctx, layer) for layer in self.capture_layers]
 
-    def layer_rows(self) -> list[int] | None:
-        """Where llama.cpp left the last decode's captured rows, one [n_tokens, n_embd] float buffer per extracted
-        layer (pinned memory on a GPU), valid until the next decode: for the drafter to read there, without the
-        capture's copy. None where they are not all there (an eval-callback capture, a decode in several chunks)."""
-        return self.capture.deferred() if self.capture else None
-
     def inject_rows(self, drafter: Drafter, n: int, pos: int) -> None:
-        """The last decode's first n feature rows into the drafter at pos: read where llama.cpp left them where it
-        can (layer_rows), else from the capture's copy."""
-        layers = self.layer_rows()
-        if layers is not None:
-            drafter.inject_layers(layers, n, pos)
-        else:
-            drafter.inject(self.features()[:n], pos)
+        """The last decode's first n feature rows into the drafter at pos, read where they are, each layer's rows
+        apart (Capture.layers): where llama.cpp left them where it can, else in the capture."""
+        drafter.inject_layers(self.capture.layers(), n, pos)
 
     def logits(self, n_out: int) -> np.ndarray:
         """Logits rows of the last decode's n_out outputs, as a view."""

@@ -20,16 +20,19 @@
 #include <vector>
 
 struct dflash_capture {
-    int32_t              n_embd;
-    std::vector<int32_t> node_layers;  // llama.cpp layer index il = L-1, one per extracted layer
-    std::vector<float>   rows;         // [n_rows, n_extract * n_embd]
-    std::vector<float>   scratch;      // one node's data, before scattering into its column block
-    int32_t              n_rows   = 0; // rows complete in every column block
-    int32_t              n_seen   = 0; // column blocks filled for the current ubatch
-    int32_t              ub_rows  = 0; // rows of the current ubatch
-    bool                 enabled  = true;
-    bool                 failed   = false;
-    double               seconds  = 0.0;
+    int32_t                         n_embd;
+    std::vector<int32_t>            node_layers;  // llama.cpp layer index il = L-1, one per extracted layer
+    // each extracted layer's rows apart ([n_rows, n_embd] each), as llama.cpp hands them over and as the drafter's
+    // injection reads them; interleaved into `rows` only when something reads them so (trees, training)
+    std::vector<std::vector<float>> layers;
+    std::vector<float>              rows;          // [n_rows, n_extract * n_embd], valid for n_interleaved rows
+    int32_t                         n_interleaved = 0;
+    int32_t                         n_rows   = 0;  // rows complete in every layer
+    int32_t                         n_seen   = 0;  // layers filled for the current ubatch
+    int32_t                         ub_rows  = 0;  // rows of the current ubatch
+    bool                            enabled  = true;
+    bool                            failed   = false;
+    double                          seconds  = 0.0;
 };
 
 dflash_capture * dflash_capture_new(int32_t n_embd, const int32_t * target_layers, int32_t n_layers) {
@@ -54,6 +57,7 @@ dflash_capture * dflash_capture_new(int32_t n_embd, const int32_t * target_layer
         }
         cap->node_layers.push_back(target_layers[i] - 1);
     }
+    cap->layers.resize(n_layers);
     return cap;
 }
 
@@ -61,6 +65,7 @@ void dflash_capture_free(dflash_capture * cap) { delete cap; }
 
 void dflash_capture_reset(dflash_capture * cap) {
     cap->n_rows  = 0;
+    cap->n_interleaved = 0;
     cap->n_seen  = 0;
     cap->ub_rows = 0;
     cap->failed  = false;
@@ -70,7 +75,21 @@ void dflash_capture_enable(dflash_capture * cap, bool enabled) { cap->enabled = 
 
 int32_t dflash_capture_n_rows(const dflash_capture * cap) { return cap->failed ? -1 : cap->n_rows; }
 
-const float * dflash_capture_data(const dflash_capture * cap) { return cap->rows.data(); }
+const float * dflash_capture_data(dflash_capture * cap) {
+    const int64_t n_embd = cap->n_embd;
+    const int64_t n_extr = (int64_t) cap->layers.size();
+    cap->rows.resize((size_t) cap->n_rows * n_extr * n_embd);
+    for (int64_t r = cap->n_interleaved; r < cap->n_rows; ++r) {
+        for (int64_t j = 0; j < n_extr; ++j) {
+            std::memcpy(cap->rows.data() + (r * n_extr + j) * n_embd, cap->layers[j].data() + r * n_embd,
+                        sizeof(float) * n_embd);
+        }
+    }
+    cap->n_interleaved = cap->n_rows;
+    return cap->rows.data();
+}
+
+const float * dflash_capture_layer(const dflash_capture * cap, int32_t j) { return cap->layers[j].data(); }
 
 // float8 e4m3 (1 sign, 4 exponent bits of bias 7, 3 mantissa bits, no infinities) of x clamped to +-448, rounded to
 // nearest even, as torch's float8_e4m3fn
@@ -106,7 +125,8 @@ int32_t dflash_capture_rows_e4m3(const dflash_capture * cap, uint8_t * out, floa
         return -1;
     }
     const int64_t n_embd = cap->n_embd;
-    const int64_t n      = (int64_t) cap->n_rows * (int64_t) cap->node_layers.size();  // one scale each
+    const int64_t n_extr = (int64_t) cap->layers.size();
+    const int64_t n      = (int64_t) cap->n_rows * n_extr;  // one scale each: row i / n_extr, layer i % n_extr
     // on several threads: one took 3.3 ns a value on the dev CPU: some 100 s for the 10.9 M positions that an H100
     // captured in 228 s
     const int64_t            n_threads = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, 8);
@@ -114,7 +134,8 @@ int32_t dflash_capture_rows_e4m3(const dflash_capture * cap, uint8_t * out, floa
     for (int64_t t = 0; t < n_threads; ++t) {
         threads.emplace_back([=] {
             for (int64_t i = n * t / n_threads; i < n * (t + 1) / n_threads; ++i) {
-                scales[i] = encode_e4m3(cap->rows.data() + i * n_embd, n_embd, out + i * n_embd);
+                const float * x = cap->layers[i % n_extr].data() + (i / n_extr) * n_embd;
+                scales[i]       = encode_e4m3(x, n_embd, out + i * n_embd);
             }
         });
     }
@@ -144,19 +165,21 @@ static int column_of(const dflash_capture * cap, const char * name) {
     return -1;
 }
 
-// n_tok rows of one extracted layer ([n_tok, n_embd]) into its column block of the rows after the n_rows complete ones
-static void put_column(dflash_capture * cap, const float * src, int64_t col, int64_t n_tok) {
-    const int64_t n_embd = cap->n_embd;
-    const int64_t n_extr = (int64_t) cap->node_layers.size();
-    float *       dst    = cap->rows.data() + ((size_t) cap->n_rows * n_extr + col) * n_embd;
-    for (int64_t r = 0; r < n_tok; ++r) {
-        std::memcpy(dst + r * n_extr * n_embd, src + r * n_embd, n_embd * sizeof(float));
+// room for n_tok more rows in every layer, after the n_rows complete ones
+static void grow(dflash_capture * cap, int64_t n_tok) {
+    for (auto & layer : cap->layers) {
+        layer.resize((size_t) (cap->n_rows + n_tok) * cap->n_embd);
     }
+}
+
+// where layer j's next rows go
+static float * next_rows(dflash_capture * cap, int64_t j) {
+    return cap->layers[j].data() + (size_t) cap->n_rows * cap->n_embd;
 }
 
 static void copy_node(dflash_capture * cap, const ggml_tensor * t, int col) {
     const int64_t n_embd  = cap->n_embd;
-    const int64_t n_extr  = (int64_t) cap->node_layers.size();
+    const int64_t n_extr  = (int64_t) cap->layers.size();
     const int64_t n_tok   = t->ne[1];
     if (t->type != GGML_TYPE_F32 || t->ne[0] != n_embd || !ggml_is_contiguous(t)) {
         dflash_set_error(std::string("captured node ") + t->name + " is not a contiguous f32 [n_embd, n_tokens] tensor");
@@ -165,16 +188,14 @@ static void copy_node(dflash_capture * cap, const ggml_tensor * t, int col) {
     }
     if (cap->n_seen == 0) {
         cap->ub_rows = (int32_t) n_tok;
-        cap->rows.resize((size_t) (cap->n_rows + n_tok) * n_extr * n_embd);
+        grow(cap, n_tok);
     } else if (n_tok != cap->ub_rows) {
         // the last layer is trimmed to output rows; the drafter must not read it
         dflash_set_error(std::string("captured node ") + t->name + " has fewer rows than the ubatch");
         cap->failed = true;
         return;
     }
-    cap->scratch.resize((size_t) n_tok * n_embd);
-    ggml_backend_tensor_get(t, cap->scratch.data(), 0, ggml_nbytes(t));
-    put_column(cap, cap->scratch.data(), col, n_tok);
+    ggml_backend_tensor_get(t, next_rows(cap, col), 0, ggml_nbytes(t));
     if (++cap->n_seen == (int32_t) n_extr) {
         cap->n_rows += (int32_t) n_tok;
         cap->n_seen = 0;
@@ -186,10 +207,9 @@ int32_t dflash_capture_pull(dflash_capture * cap, const float * const * layers, 
         return cap->failed ? -1 : cap->n_rows;
     }
     const auto    t0     = std::chrono::steady_clock::now();
-    const int64_t n_extr = (int64_t) cap->node_layers.size();
-    cap->rows.resize((size_t) (cap->n_rows + n_rows) * n_extr * cap->n_embd);
-    for (int64_t j = 0; j < n_extr; ++j) {
-        put_column(cap, layers[j], j, n_rows);
+    grow(cap, n_rows);
+    for (size_t j = 0; j < cap->layers.size(); ++j) {
+        std::memcpy(next_rows(cap, (int64_t) j), layers[j], sizeof(float) * n_rows * cap->n_embd);
     }
     cap->n_rows += n_rows;
     cap->seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -31,9 +31,9 @@ void         dflash_exit_on_ggml_abort(void);
 void         dflash_quiet_log(int level, const char * text, void * user_data);
 
 // ---- capture --------------------------------------------------------------------------------
-// Collects the rows of graph nodes `l_out-(L-1)` for the GGUF target layers L, into a row-major
-// buffer [n_rows, n_layers * n_embd] in batch order, across ubatches: through the eval callback, or pulled from
-// llama.cpp's layer-input capture (the same tensors: layer L's input is layer L-1's output).
+// Collects the rows of graph nodes `l_out-(L-1)` for the GGUF target layers L in batch order, across ubatches, each
+// layer's rows apart ([n_rows, n_embd]): through the eval callback, or pulled from llama.cpp's layer-input capture
+// (the same tensors: layer L's input is layer L-1's output).
 typedef struct dflash_capture dflash_capture;
 
 dflash_capture * dflash_capture_new(int32_t n_embd, const int32_t * target_layers, int32_t n_layers);
@@ -50,7 +50,10 @@ void             dflash_capture_reset(dflash_capture * cap);
 // Pause or resume capturing (paused: no node is asked for, so the target runs unsplit).
 void             dflash_capture_enable(dflash_capture * cap, bool enabled);
 int32_t          dflash_capture_n_rows(const dflash_capture * cap);
-const float *    dflash_capture_data(const dflash_capture * cap);
+// The rows interleaved, [n_rows, n_layers * n_embd] (row r: its layers side by side), made when asked for.
+const float *    dflash_capture_data(dflash_capture * cap);
+// Layer j's rows, [n_rows, n_embd] (j in target_layers' order): what dflash_drafter_inject_layers reads.
+const float *    dflash_capture_layer(const dflash_capture * cap, int32_t j);
 // The same rows as float8 e4m3 (the training data's format, half the room of float16): each layer's n_embd
 // values of a row divided by their largest magnitude / 448 (e4m3's largest finite value), that divisor into
 // scales (n_rows * n_extract), the codes into out (n_rows * n_extract * n_embd bytes), rounded to nearest even.

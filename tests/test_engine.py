@@ -15,6 +15,7 @@ import pytest
 from synthetic_drafters import random_drafter_gguf
 from tiny_targets import ARCHS
 
+from dflash_local import target as target_module
 from dflash_local.engine import Engine
 from dflash_local.models import SHIPPED_DRAFTERS
 from dflash_local.native import Drafter, DrafterInfo
@@ -183,24 +184,29 @@ def test_identity_smollm2_long_context_shipped_drafter(smollm2_path):
     dr.close()
 
 
-def test_drafter_reads_the_rows_where_llama_cpp_left_them(smollm2_path, monkeypatch):
-    """The prompt's and every drafting step's features go into the drafter from llama.cpp's own buffers
-    (Target.layer_rows), and draft what the capture's copy of them drafts."""
+@pytest.mark.parametrize("way", ["layer inputs", "eval callback"])
+def test_drafter_reads_each_layers_rows_where_they_are(smollm2_path, monkeypatch, way):
+    """The prompt's and every drafting step's features go into the drafter each layer's rows apart, from where the
+    capture left them (Capture.layers: llama.cpp's own buffers, or the eval callback's), and draft what the
+    interleaved rows draft."""
+    if way == "eval callback":
+        monkeypatch.setattr(target_module, "LAYER_INPUT_ARCHS", frozenset())
     dr = Drafter(SHIPPED_DRAFTERS / f"{smollm2_path.stem}-dflash.gguf", smollm2_path, n_ctx=PARAMS.n_ctx + 64,
                  n_threads=1)
     tg = Target(smollm2_path, PARAMS, capture_layers=dr.info.target_layers)
+    assert tg.capture_method == way
     prompt = tg.tokenize(tg.chat_prompt([("user", PROMPTS[1])]))
     rows_read: list[int] = []
     inject_layers = dr.inject_layers
     monkeypatch.setattr(dr, "inject_layers",
                         lambda layers, n, pos: rows_read.append(n) or inject_layers(layers, n, pos))
     direct = Engine(tg, dr, 16, adaptive=False).generate(prompt, 48)
-    monkeypatch.setattr(tg, "layer_rows", lambda: None)
-    copied = Engine(tg, dr, 16, adaptive=False).generate(prompt, 48)
+    monkeypatch.setattr(tg, "inject_rows", lambda drafter, n, pos: drafter.inject(tg.features()[:n], pos))
+    interleaved = Engine(tg, dr, 16, adaptive=False).generate(prompt, 48)
     assert rows_read == [len(prompt)] + [n + 1 for n in direct.stats.accepted][:len(rows_read) - 1]
     assert len(rows_read) >= len(direct.stats.accepted)  # the last step may draft nothing
-    assert direct.stats.accepted == copied.stats.accepted and sum(direct.stats.accepted) > 0
-    assert direct.tokens == copied.tokens
+    assert direct.stats.accepted == interleaved.stats.accepted and sum(direct.stats.accepted) > 0
+    assert direct.tokens == interleaved.tokens
     tg.close()
     dr.close()
 

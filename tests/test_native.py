@@ -165,23 +165,35 @@ def test_capture_ways_agree_bit_for_bit(smollm2_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_layer_rows_are_the_captured_rows(smollm2_path):
-    """After one llama_decode, layer_rows gives where llama.cpp left each extracted layer's rows: the capture's
-    columns, bit for bit, until they are read (then the capture's copy alone). A decode in several llama_decode
-    calls (more tokens than n_batch) has only its last chunk there: the capture's copy alone, every row."""
+@pytest.mark.parametrize("way", ["layer inputs", "eval callback"])
+def test_capture_layers_are_the_captured_rows(smollm2_path, monkeypatch, way):
+    """Capture.layers gives each extracted layer's rows apart, the columns of the interleaved rows bit for bit:
+    after one llama_decode with llama.cpp's layer-input capture, where llama.cpp left them (until they are read,
+    then the capture's own); after a decode in several llama_decode calls (more tokens than n_batch) or through the
+    eval callback, the capture's, every row."""
+    if way == "eval callback":
+        monkeypatch.setattr(target_module, "LAYER_INPUT_ARCHS", frozenset())
     layers = (2, 15, 28)
     tg = Target(smollm2_path, TargetParams(n_ctx=256, n_batch=32, n_threads=1), capture_layers=layers)
+    assert tg.capture_method == way
+
+    def columns(n: int) -> np.ndarray:
+        ptrs = tg.capture.layers()
+        assert len(ptrs) == len(layers)
+        return np.concatenate([np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_float)),
+                                                     shape=(n, tg.n_embd)) for p in ptrs], axis=1)
+
     tokens = tg.tokenize("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 4)
     tg.decode(tokens[:20], 0, all_logits=False)
-    ptrs = tg.layer_rows()
-    assert ptrs is not None and len(ptrs) == len(layers)
-    rows = [np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_float)), shape=(20, tg.n_embd)) for p in ptrs]
-    np.testing.assert_array_equal(np.concatenate(rows, axis=1), tg.features())
-    assert tg.layer_rows() is None
+    in_place = tg.capture.layers()
+    got = columns(20).copy()
+    np.testing.assert_array_equal(got, tg.features())
+    assert (tg.capture.layers() == in_place) == (way == "eval callback")  # read: the capture's own since
+    np.testing.assert_array_equal(columns(20), got)
     tg.clear()
     assert len(tokens) > 32
     tg.decode(tokens, 0, all_logits=False)
-    assert tg.layer_rows() is None
+    np.testing.assert_array_equal(columns(len(tokens)), tg.features())
     assert tg.features().shape == (len(tokens), len(layers) * tg.n_embd)
     tg.close()
 
