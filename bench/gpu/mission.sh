@@ -16,6 +16,8 @@ SHAPES=${SHAPES:-/root/shapes}
 N27=${N27:-4}  # prompts of the 27B's emulated runs (their trial passes take some 25 s each)
 DRAFTER_TYPES=${DRAFTER_TYPES:-q4_k:qwen35-27b f16:qwen35-27b f16:qwen3-8b}  # drafters written in other types: TYPE:SHAPE
 ONLY=${ONLY:-.}  # a regex: only the measurements whose names match it (e.g. 'qwen35-27b-emulated' to repeat those)
+WRITE=${WRITE:-qwen3-8b qwen35-27b}  # the shapes written (the measurements of a shape not written fail at once)
+AFTER=${AFTER:-}  # a pattern (pgrep -f): measurements wait until no process matches it (a training run on this GPU)
 LOG=$RES/mission.log
 
 start() {
@@ -60,8 +62,9 @@ run() {
     # a folder of its own, $SHAPES-<type>, beside a link to the same target (found by the name next to it)
     (export PYTHONPATH=$WORK/src
      set -e
-     python3 bench/shapes.py --shape qwen3-8b --out "$SHAPES" --context-prompts 1024,8192,32768
-     python3 bench/shapes.py --shape qwen35-27b --out "$SHAPES" --context-prompts 1024
+     [[ " $WRITE " != *" qwen3-8b "* ]] ||
+         python3 bench/shapes.py --shape qwen3-8b --out "$SHAPES" --context-prompts 1024,8192,32768
+     [[ " $WRITE " != *" qwen35-27b "* ]] || python3 bench/shapes.py --shape qwen35-27b --out "$SHAPES" --context-prompts 1024
      for dt in $DRAFTER_TYPES; do
          mkdir -p "$SHAPES-${dt%:*}" && ln -f "$SHAPES/${dt#*:}.Q4_K_M.gguf" "$SHAPES-${dt%:*}/"
          python3 bench/shapes.py --shape "${dt#*:}" --out "$SHAPES-${dt%:*}" --drafter-type "${dt%:*}"
@@ -71,6 +74,10 @@ run() {
     echo "build rc $? $(date +%T)"
     wait $shapes
     echo "shapes rc $? $(date +%T)"
+    if [ -n "$AFTER" ]; then
+        while pgrep -f "$AFTER" > /dev/null; do sleep 2; done
+        echo "no process matches $AFTER $(date +%T)"
+    fi
     local t8=$SHAPES/qwen3-8b.Q4_K_M.gguf t27=$SHAPES/qwen35-27b.Q4_K_M.gguf
     local gpu=(-ngl 99 --device CUDA0)
     local chain=(--block-sizes 16 --fixed --tree-size 0 "${gpu[@]}")
