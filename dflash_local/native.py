@@ -174,14 +174,19 @@ class Capture:
             self._deferred = None
             self.pull(layers(), n_rows)
 
-    def layers(self) -> list[int]:
-        """Where the rows captured since the last reset are, one [n_rows, n_embd] float buffer per extracted layer:
-        llama.cpp's own buffers where the deferred rows are all of them, else the capture's (flushed). Valid until
-        the next decode or reset."""
+    def layers(self, n: int) -> list[int]:
+        """Where the first n rows captured since the last reset are, one [n_rows, n_embd] float buffer per extracted
+        layer: llama.cpp's own buffers where the deferred rows are all of them, else the capture's (flushed). Valid
+        until the next decode or reset."""
         if self._deferred is not None and lib.dflash_capture_n_rows(self._ptr) == 0:
-            return self._deferred[0]()
-        self.flush()
-        _check(lib.dflash_capture_n_rows(self._ptr))
+            layers, held = self._deferred
+        else:
+            self.flush()
+            layers, held = None, _check(lib.dflash_capture_n_rows(self._ptr))
+        if not 0 < n <= held:
+            raise NativeError(f"{n} feature rows asked for, {held} captured")
+        if layers is not None:
+            return layers()
         return [lib.dflash_capture_layer(self._ptr, j) for j in range(self.n_extract)]
 
     def rows(self) -> np.ndarray:

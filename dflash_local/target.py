@@ -433,7 +433,7 @@ class Target:
     def inject_rows(self, drafter: Drafter, n: int, pos: int) -> None:
         """The last decode's first n feature rows into the drafter at pos, read where they are, each layer's rows
         apart (Capture.layers): where llama.cpp left them where it can, else in the capture."""
-        drafter.inject_layers(self.capture.layers(), n, pos)
+        drafter.inject_layers(self.capture.layers(n), n, pos)
 
     def logits(self, n_out: int) -> np.ndarray:
         """Logits rows of the last decode's n_out outputs, as a view."""

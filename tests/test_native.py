@@ -178,17 +178,19 @@ def test_capture_layers_are_the_captured_rows(smollm2_path, monkeypatch, way):
     assert tg.capture_method == way
 
     def columns(n: int) -> np.ndarray:
-        ptrs = tg.capture.layers()
+        ptrs = tg.capture.layers(n)
         assert len(ptrs) == len(layers)
         return np.concatenate([np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_float)),
                                                      shape=(n, tg.n_embd)) for p in ptrs], axis=1)
 
     tokens = tg.tokenize("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 4)
     tg.decode(tokens[:20], 0, all_logits=False)
-    in_place = tg.capture.layers()
+    in_place = tg.capture.layers(20)
+    with pytest.raises(NativeError, match="21 feature rows asked for, 20 captured"):
+        tg.capture.layers(21)
     got = columns(20).copy()
     np.testing.assert_array_equal(got, tg.features())
-    assert (tg.capture.layers() == in_place) == (way == "eval callback")  # read: the capture's own since
+    assert (tg.capture.layers(20) == in_place) == (way == "eval callback")  # read: the capture's own since
     np.testing.assert_array_equal(columns(20), got)
     tg.clear()
     assert len(tokens) > 32
