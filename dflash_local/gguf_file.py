@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from dflash_local.errors import UserError
+from dflash_local.errors import NativeError, UserError
 
 # GGUF value types (gguf.GGUFValueType): struct formats of the fixed-size ones
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -95,9 +95,14 @@ def read_layout(path: Path | str, keep: Collection[str] = ()) -> Layout:
 @functools.cache
 def _tensor_sizes() -> dict[int, tuple[int, int]]:
     """ggml type -> (elements per block, bytes per block), from the ggml llama.cpp runs on (imported here: it loads
-    llama.cpp)."""
-    from dflash_local.native import ggml_type_sizes
+    llama.cpp). Where the native helper is not built (training from the source tree on a lent GPU machine), from
+    gguf-py's table, which agrees on the types weights are stored in."""
+    try:
+        from dflash_local.native import ggml_type_sizes
+    except NativeError:
+        from gguf.constants import GGML_QUANT_SIZES
 
+        return {int(t): sizes for t, sizes in GGML_QUANT_SIZES.items()}
     return ggml_type_sizes()
 
 

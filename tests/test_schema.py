@@ -68,6 +68,18 @@ def test_the_native_header_is_the_schema():
         "native/dflash_schema.h is stale: python -P -m dflash_local.convert.schema_header > native/dflash_schema.h")
 
 
+def test_gguf_py_knows_the_weight_types_as_ggml_does():
+    """gguf-py's table stands in for ggml's where the native helper is not built (gguf_file._tensor_sizes)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from dflash_local.native import ggml_type_sizes
+
+    Q = gguf.GGMLQuantizationType
+    weights = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+    ggml = ggml_type_sizes()
+    assert {int(t): GGML_QUANT_SIZES[t] for t in weights} == {int(t): ggml[int(t)] for t in weights}
+
+
 def test_valid_and_harmless_drafters_load(files, tmp_path):
     target, drafter = files
     assert refusals(drafter, target) == ("", "")

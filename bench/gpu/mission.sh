@@ -24,7 +24,8 @@ start() {
     rm -rf "$WORK" "$RES" && mkdir -p "$RES" && cp -r . "$WORK"
     # the source as a package for bench/shapes.py before dflash-local is installed (convert/ is dflash_local.convert)
     mkdir -p "$WORK/src" && cp -r dflash_local "$WORK/src/" && cp -r convert "$WORK/src/dflash_local/convert"
-    (cd "$WORK" && setsid bash bench/gpu/mission.sh run < /dev/null > "$LOG" 2>&1 &)
+    # only setsid in the background: a subshell of `cd && setsid ... &` would hold this call's output open till the end
+    (cd "$WORK" || exit 1; setsid bash bench/gpu/mission.sh run < /dev/null > "$LOG" 2>&1 &)
     sleep 5 && cat "$LOG"
 }
 

@@ -5,15 +5,18 @@
 #
 #   bash bench/gpu/train.sh start       joins the parts into build/gpu/models (checked against SHA256SUMS), unpacks
 #                                       the answers kept in $DATA when the card holds their features too (OLD), and
-#                                       runs `run.sh torchtrain` on the prompts of $TODO until TRAIN_SECONDS from now
+#                                       runs `run.sh torchtrain` until TRAIN_SECONDS from now on the answers to
+#                                       MAX_ANSWERS prompts of $TODO that no kept set ($KEPT) has answered
 #   bash bench/gpu/train.sh watch [S]   waits up to S seconds (default 540) for the end; then into $OUT: the drafter
 #                                       in 16 MB parts, all the answers (index.json.gz, tokens.i32.xz) and train.log
 set -uo pipefail
 PARTS=${PARTS:-/root/parts}
 BUILD=build/gpu
 LOG=/root/train.log
-DATA=${DATA:-bench/train/data/coder}  # answers kept from earlier runs (index.json.gz, tokens.i32.xz)
-TODO=${TODO:-bench/train/data/coder/todo-algorithms.pkl.xz}  # prompts to answer (gpu_train.py --tokenize-to's, xz)
+DATA=${DATA:-bench/train/data/coder-algorithms}  # answers kept from an earlier run (index.json.gz, tokens.i32.xz)
+KEPT=${KEPT:-$(echo bench/train/data/coder*/)}  # every kept set: their prompts are not answered again
+TODO=${TODO:-bench/train/data/coder/todo.pkl.xz}  # prompts to answer (gpu_train.py --tokenize-to's, xz)
+MAX_ANSWERS=${MAX_ANSWERS:-22000}  # float8 features of some 47 GB: what an H100 holds beside the training
 TRAIN_SECONDS=${TRAIN_SECONDS:-900}
 ANSWER_SECONDS=${ANSWER_SECONDS:-200}
 OLD=${OLD:-}  # 1: train on the kept answers too (default: where the card has room for their features, 46 GB)
@@ -33,7 +36,16 @@ start() {
         DATA=$DATA bash bench/gpu/run.sh data || exit 1
     fi
     mkdir -p "$BUILD/data"
-    xz -dc "$TODO" > "$BUILD/todo-now.pkl"
+    # the prompts of TODO that no kept data set has answered, MAX_ANSWERS of them (the card holds their features)
+    python3 - "$TODO" "$BUILD/todo-now.pkl" "$MAX_ANSWERS" $KEPT <<'PY' || exit 1
+import gzip, json, lzma, pickle, sys
+src, dst, n, *kept = sys.argv[1:]
+done = {s["key"] for d in kept for s in json.load(gzip.open(f"{d}/index.json.gz"))["sequences"]}
+todo, skipped, eog = pickle.load(lzma.open(src))
+todo = [t for t in todo if t[0] not in done][:int(n)]
+pickle.dump((todo, skipped, eog), open(dst, "wb"))
+print(f"{len(todo)} prompts of {src} not answered in {' '.join(kept)}")
+PY
     # the drafter joined here is the one to start from, and is replaced by the one trained
     [ -z "$init" ] || mv "$init" /root/init.gguf
     echo "OLD=$OLD, training until $(date -d "+$TRAIN_SECONDS seconds" +%T)"

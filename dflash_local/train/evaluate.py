@@ -25,6 +25,7 @@ class EvalReport:
     tau: float  # mean over prompts of Generation.stats.tau
     tokens: int
     seconds: float  # decoding, prefills excluded
+    accept_hist: list[int]  # verification passes by drafts accepted (0, 1, ...), over all prompts
 
     @property
     def tokens_per_second(self) -> float:
@@ -39,7 +40,7 @@ def measure_tau(target: Path, drafter: Path, prompts: list[Prompt], max_new_toke
     try:
         # every pass drafts the whole block (or tree): tau measures the drafter
         engine = Engine(tg, dr, adaptive=False, tree_size=tree_size)
-        taus, tokens, seconds = [], 0, 0.0
+        taus, tokens, seconds, hist = [], 0, 0.0, np.zeros(dr.info.block_size, dtype=np.int64)
         task = progress.add_task("evaluation", total=len(prompts))
         for p in prompts:
             ids = prompt_tokens(tg, p)
@@ -47,9 +48,10 @@ def measure_tau(target: Path, drafter: Path, prompts: list[Prompt], max_new_toke
                 s = generate_in_job(engine, ids, max_new_tokens).stats
                 if s.passes:
                     taus.append(s.tau)
+                    hist += np.bincount(s.accepted, minlength=len(hist))[:len(hist)]
                 tokens, seconds = tokens + s.generated, seconds + s.t_decode
             progress.update(task, advance=1, description=f"evaluation (tau {np.mean(taus) if taus else 0:.2f})")
     finally:
         dr.close()
         tg.close()
-    return EvalReport(len(taus), float(np.mean(taus)) if taus else 0.0, tokens, seconds)
+    return EvalReport(len(taus), float(np.mean(taus)) if taus else 0.0, tokens, seconds, hist.tolist())
