@@ -77,7 +77,7 @@ def measure(tg: Target, dr: Drafter, block_size: int, choices: list[Choice]) -> 
         ids, probs = dr.draft_top(anchor, N_TOP, block_size, depth)
         t = build_tree(ids, probs, k)
         tg.decode_tree([anchor, *t.tokens], t.depths, t.seqs, pos)
-        dr.inject(tg.features()[:min(k, depth) + 1], pos)  # as many rows as the longest path (their cost)
+        tg.inject_path(dr, list(range(min(k, depth) + 1)), pos)  # as many rows as the longest path (their cost)
         dr.crop(pos)
         tg.keep_branch(pos, [], len(t.seqs[0]))
 

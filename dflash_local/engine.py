@@ -303,7 +303,7 @@ class Engine:
             tg.commit(picks[: len(path)].tolist())
         stats.t_target += time.perf_counter() - t
         t = time.perf_counter()
-        dr.inject(tg.features()[path], pos)
+        tg.inject_path(dr, path, pos)
         stats.t_inject += time.perf_counter() - t
         t = time.perf_counter()
         n_acc = len(path) - 1

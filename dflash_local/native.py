@@ -52,6 +52,7 @@ def _load() -> ctypes.CDLL:
         "dflash_drafter_get_info": ([ctypes.c_void_p, ctypes.c_void_p], c_int),
         "dflash_drafter_inject": ([ctypes.c_void_p, c_float_p, c_int, c_int], c_int),
         "dflash_drafter_inject_layers": ([ctypes.c_void_p, ctypes.c_void_p, c_int, c_int], c_int),
+        "dflash_drafter_inject_gather": ([ctypes.c_void_p, ctypes.c_void_p, c_int, c_int_p, c_int, c_int], c_int),
         "dflash_drafter_crop": ([ctypes.c_void_p, c_int], c_int),
         "dflash_drafter_set_shapes": ([ctypes.c_void_p, c_int, c_int], c_int),
         "dflash_drafter_n_pos": ([ctypes.c_void_p], c_int),
@@ -278,6 +279,13 @@ class Drafter:
         """inject() from each extracted layer's rows apart: layers[j] the address of [n, n_embd] floats (where
         the capture or llama.cpp's layer-input extraction left them: Capture.layers)."""
         _check(lib.dflash_drafter_inject_layers(self._ptr, (ctypes.c_void_p * len(layers))(*layers), n, pos0))
+
+    def inject_gather(self, layers: list[int], n_held: int, rows: list[int], pos0: int) -> None:
+        """inject_layers() of the rows picked out of each layer's [n_held, n_embd] rows (a tree's accepted path):
+        row rows[i] at position pos0 + i."""
+        picked = (ctypes.c_int32 * len(rows))(*rows)
+        _check(lib.dflash_drafter_inject_gather(self._ptr, (ctypes.c_void_p * len(layers))(*layers), n_held,
+                                                 picked, len(rows), pos0))
 
     def crop(self, n_pos: int) -> None:
         _check(lib.dflash_drafter_crop(self._ptr, n_pos))

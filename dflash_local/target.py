@@ -435,6 +435,11 @@ class Target:
         apart (Capture.layers): where llama.cpp left them where it can, else in the capture."""
         drafter.inject_layers(self.capture.layers(n), n, pos)
 
+    def inject_path(self, drafter: Drafter, rows: list[int], pos: int) -> None:
+        """As inject_rows, the last decode's rows `rows` (a tree's accepted path) at pos, pos + 1, ..."""
+        n_held = max(rows) + 1
+        drafter.inject_gather(self.capture.layers(n_held), n_held, rows, pos)
+
     def logits(self, n_out: int) -> np.ndarray:
         """Logits rows of the last decode's n_out outputs, as a view."""
         return np.ctypeslib.as_array(lc.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))

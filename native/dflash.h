@@ -100,6 +100,10 @@ int32_t          dflash_drafter_inject(dflash_drafter * d, const float * feature
 // extraction leaves them), read until the call returns.
 int32_t          dflash_drafter_inject_layers(dflash_drafter * d, const float * const * layers, int32_t n_tokens,
                                               int32_t pos0);
+// The same for rows picked out of each layer's [n_held, n_embd] rows (a tree's accepted path): row rows[i] for
+// position pos0 + i.
+int32_t          dflash_drafter_inject_gather(dflash_drafter * d, const float * const * layers, int32_t n_held,
+                                              const int32_t * rows, int32_t n_tokens, int32_t pos0);
 // Keep only positions < n_pos.
 int32_t          dflash_drafter_crop(dflash_drafter * d, int32_t n_pos);
 int32_t          dflash_drafter_n_pos(const dflash_drafter * d);

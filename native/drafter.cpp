@@ -556,19 +556,39 @@ int32_t dflash_drafter_inject_layers(dflash_drafter * d, const float * const * l
     });
 }
 
-int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0) {
-    // rows [n_tokens, n_extract * n_embd]: each layer's rows gathered apart, as inject_layers takes them
+// inject_layers from rows copied into the staging buffer, each layer's apart: row(j, i) is where layer j's row for
+// position pos0 + i is
+template <typename Row> static int32_t inject_staged(dflash_drafter * d, int32_t n_tokens, int32_t pos0, Row row) {
     const int64_t n_embd = d->info.n_embd, n_extr = d->info.n_extract;
-    std::vector<const float *> layers(n_extr, features);
+    std::vector<const float *> layers(n_extr, nullptr);
     d->staging.resize((size_t) std::max(n_tokens, 0) * n_extr * n_embd);
     for (int64_t j = 0; j < n_extr && n_tokens > 0; ++j) {
         float * dst = d->staging.data() + j * n_tokens * n_embd;
-        for (int64_t r = 0; r < n_tokens; ++r) {
-            std::memcpy(dst + r * n_embd, features + (r * n_extr + j) * n_embd, sizeof(float) * n_embd);
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            std::memcpy(dst + i * n_embd, row(j, i), sizeof(float) * n_embd);
         }
         layers[j] = dst;
     }
     return dflash_drafter_inject_layers(d, layers.data(), n_tokens, pos0);
+}
+
+int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_t n_tokens, int32_t pos0) {
+    // rows [n_tokens, n_extract * n_embd]: a position's layers side by side
+    const int64_t n_embd = d->info.n_embd, n_extr = d->info.n_extract;
+    return inject_staged(d, n_tokens, pos0, [&](int64_t j, int64_t i) { return features + (i * n_extr + j) * n_embd; });
+}
+
+int32_t dflash_drafter_inject_gather(dflash_drafter * d, const float * const * layers, int32_t n_held,
+                                     const int32_t * rows, int32_t n_tokens, int32_t pos0) {
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        if (rows[i] < 0 || rows[i] >= n_held) {
+            dflash_set_error("inject: row " + std::to_string(rows[i]) + " asked for, " + std::to_string(n_held) +
+                             " held");
+            return -1;
+        }
+    }
+    const int64_t n_embd = d->info.n_embd;
+    return inject_staged(d, n_tokens, pos0, [&](int64_t j, int64_t i) { return layers[j] + rows[i] * n_embd; });
 }
 
 int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t n_draft, int32_t n_top,

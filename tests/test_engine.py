@@ -18,7 +18,7 @@ from tiny_targets import ARCHS
 from dflash_local import target as target_module
 from dflash_local.engine import Engine
 from dflash_local.models import SHIPPED_DRAFTERS
-from dflash_local.native import Drafter, DrafterInfo
+from dflash_local.native import Drafter, DrafterInfo, NativeError
 from dflash_local.sampling import SamplingParams, target_probs
 from dflash_local.target import Target, TargetParams
 from dflash_local.tree import TREE_SIZE
@@ -50,6 +50,10 @@ class OracleDrafter:
         assert pos0 == self.n_pos or pos0 == 0, "features must continue the drafter's context"
         assert layers and all(layers)
         self.n_pos = pos0 + n
+
+    def inject_gather(self, layers: list[int], n_held: int, rows: list[int], pos0: int) -> None:
+        assert all(0 <= r < n_held for r in rows)
+        self.inject_layers(layers, len(rows), pos0)
 
     def draft(self, anchor: int, block_size: int, n: int | None = None) -> np.ndarray:
         return self.draft_top(anchor, 1, block_size, n)[0][:, 0]
@@ -207,6 +211,35 @@ def test_drafter_reads_each_layers_rows_where_they_are(smollm2_path, monkeypatch
     assert len(rows_read) >= len(direct.stats.accepted)  # the last step may draft nothing
     assert direct.stats.accepted == interleaved.stats.accepted and sum(direct.stats.accepted) > 0
     assert direct.tokens == interleaved.tokens
+    tg.close()
+    dr.close()
+
+
+@pytest.mark.parametrize("way", ["layer inputs", "eval callback"])
+def test_a_trees_path_is_gathered_from_each_layers_rows(smollm2_path, monkeypatch, way):
+    """A tree step injects its accepted path's rows picked out of each layer's rows where the capture left them
+    (Target.inject_path), and drafts what the interleaved rows of that path draft; a row past those held is an
+    error, not a read past them."""
+    if way == "eval callback":
+        monkeypatch.setattr(target_module, "LAYER_INPUT_ARCHS", frozenset())
+    dr = Drafter(SHIPPED_DRAFTERS / f"{smollm2_path.stem}-dflash.gguf", smollm2_path, n_ctx=PARAMS.n_ctx + 64,
+                 n_threads=1)
+    tg = Target(smollm2_path, PARAMS, capture_layers=dr.info.target_layers, branches=TREE_SIZE)
+    prompt = tg.tokenize(tg.chat_prompt([("user", PROMPTS[1])]))
+    paths: list[list[int]] = []
+    inject_path = tg.inject_path
+    monkeypatch.setattr(tg, "inject_path",
+                        lambda drafter, rows, pos: paths.append(rows) or inject_path(drafter, rows, pos))
+    gathered = Engine(tg, dr, 16, adaptive=False, tree_size=TREE_SIZE).generate(prompt, 48)
+    monkeypatch.setattr(tg, "inject_path", lambda drafter, rows, pos: drafter.inject(tg.features()[rows], pos))
+    interleaved = Engine(tg, dr, 16, adaptive=False, tree_size=TREE_SIZE).generate(prompt, 48)
+    assert [len(p) - 1 for p in paths] == gathered.stats.accepted
+    assert any(p != list(range(len(p))) for p in paths)  # some path leaves the tree's first chain
+    assert gathered.stats.accepted == interleaved.stats.accepted and gathered.tokens == interleaved.tokens
+    tg.clear()
+    tg.decode(prompt[:4], 0, all_logits=False)
+    with pytest.raises(NativeError, match="row 4 asked for, 4 held"):
+        dr.inject_gather(tg.capture.layers(4), 4, [0, 4], 0)
     tg.close()
     dr.close()
 
