@@ -580,15 +580,16 @@ int32_t dflash_drafter_inject(dflash_drafter * d, const float * features, int32_
 
 int32_t dflash_drafter_inject_gather(dflash_drafter * d, const float * const * layers, int32_t n_held,
                                      const int32_t * rows, int32_t n_tokens, int32_t pos0) {
-    for (int32_t i = 0; i < n_tokens; ++i) {
-        if (rows[i] < 0 || rows[i] >= n_held) {
-            dflash_set_error("inject: row " + std::to_string(rows[i]) + " asked for, " + std::to_string(n_held) +
-                             " held");
-            return -1;
+    return guarded([&] {
+        for (int32_t i = 0; i < n_tokens; ++i) {
+            if (rows[i] < 0 || rows[i] >= n_held) {
+                throw std::runtime_error("inject: row " + std::to_string(rows[i]) + " asked for, " +
+                                         std::to_string(n_held) + " held");
+            }
         }
-    }
-    const int64_t n_embd = d->info.n_embd;
-    return inject_staged(d, n_tokens, pos0, [&](int64_t j, int64_t i) { return layers[j] + rows[i] * n_embd; });
+        const int64_t n_embd = d->info.n_embd;
+        return inject_staged(d, n_tokens, pos0, [&](int64_t j, int64_t i) { return layers[j] + rows[i] * n_embd; });
+    });
 }
 
 int32_t dflash_drafter_draft(dflash_drafter * d, int32_t anchor, int32_t block_size, int32_t n_draft, int32_t n_top,

@@ -48,7 +48,7 @@ def measure_tau(target: Path, drafter: Path, prompts: list[Prompt], max_new_toke
                 s = generate_in_job(engine, ids, max_new_tokens).stats
                 if s.passes:
                     taus.append(s.tau)
-                    hist += np.bincount(s.accepted, minlength=len(hist))[:len(hist)]
+                    hist += np.bincount(s.accepted, minlength=len(hist))
                 tokens, seconds = tokens + s.generated, seconds + s.t_decode
             progress.update(task, advance=1, description=f"evaluation (tau {np.mean(taus) if taus else 0:.2f})")
     finally:
