@@ -96,8 +96,9 @@ class Engine:
                                          choices_for(self.block_size - 1, self.tree_size))
             prior = calibrate.load_acceptance(target, drafter, self.block_size)
             self.policy = DraftLength(costs, self.block_size - 1, prior)
-        # features of positions the target ran alone, injected in one drafter pass when drafting resumes
-        self._pending: list[np.ndarray] = []
+        # positions the target ran alone since the last drafter pass: their feature rows wait in the capture, to go
+        # into the drafter in one pass when drafting resumes
+        self._pending = 0
         self._pending_pos = 0
         self._capturing = False  # this generation may draft: the target's features go to the drafter
 
@@ -116,7 +117,7 @@ class Engine:
         tg.clear()
         if dr:
             dr.crop(0)
-        self._pending = []
+        self._pending = 0
         # where nothing could pay (a CPU, a drafter whose acceptance is known to be too low), the target runs alone
         # uncaptured: its passes unsplit, no drafter pass
         self._capturing = dr is not None and (
@@ -226,7 +227,7 @@ class Engine:
         if k > 0 and tg.recurrent and not tg.snapshots:
             tg.save_state()
         batch = [anchor, *drafts.tolist()]
-        logits = tg.decode(batch, pos, all_logits=True)
+        logits = tg.decode(batch, pos, all_logits=True, keep_rows=self._pending > 0)
         if (picks := tg.picks(len(batch))) is not None:
             n_acc, token = accept_picks(picks, drafts)
             tg.commit(picks[: n_acc + 1].tolist())
@@ -235,13 +236,13 @@ class Engine:
         stats.t_target += time.perf_counter() - t
         if dr:
             if self._capturing:
-                if k and not self._pending:  # nothing held back: into the drafter straight from the target's rows
+                if k:  # into the drafter straight from the target's rows (none held back: injected before the draft)
                     self._inject(n_acc + 1, pos, stats)
-                else:
+                else:  # the target ran alone: its row waits in the capture for the next draft
                     if not self._pending:
                         self._pending_pos = pos
-                    self._pending.append(tg.features()[: n_acc + 1].copy())
-                    if k or len(self._pending) >= MAX_PENDING:  # else the target ran alone: they wait for a draft
+                    self._pending += 1
+                    if self._pending >= MAX_PENDING:
                         self._inject_pending(stats)
             stats.accepted.append(n_acc)
             stats.drafted.append(k)
@@ -259,21 +260,16 @@ class Engine:
         return [sampler.sample(row) for row in logits[:n]]
 
     def _inject_pending(self, stats: Stats) -> None:
-        """The features of positions the target ran alone, into the drafter in one pass."""
+        """The features of positions the target ran alone, held in the capture, into the drafter in one pass."""
         if self._pending:
-            rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-            self._pending = []
-            self._inject(rows, self._pending_pos, stats)
+            n, self._pending = self._pending, 0
+            self._inject(n, self._pending_pos, stats)
 
-    def _inject(self, rows: np.ndarray | int, pos: int, stats: Stats) -> None:
-        """Features into the drafter at pos: rows, or n: the last decode's first n rows (Target.inject_rows)."""
+    def _inject(self, n: int, pos: int, stats: Stats) -> None:
+        """The first n feature rows held into the drafter at pos (Target.inject_rows)."""
         t = time.perf_counter()
-        n = rows if isinstance(rows, int) else len(rows)
         if pos + n <= self.drafter.info.n_ctx:  # else it is full and drafts no more
-            if isinstance(rows, int):
-                self.target.inject_rows(self.drafter, n, pos)
-            else:
-                self.drafter.inject(rows, pos)
+            self.target.inject_rows(self.drafter, n, pos)
         stats.t_inject += time.perf_counter() - t
 
     def _tree_step(self, anchor: int, pos: int, k: int, depth: int, sampler: Sampler,

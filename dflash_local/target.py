@@ -254,17 +254,18 @@ class Target:
             n = lc.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_special, True)
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """A token's bytes; a control token's (e.g. <|im_start|>) only where `special`."""
         buf = ctypes.create_string_buffer(64)
-        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    def text(self, tokens: list[int]) -> str:
+    def text(self, tokens: list[int], special: bool = False) -> str:
         """The text of whole tokens; a character cut by the end shows as U+FFFD."""
-        return b"".join(self.piece(t) for t in tokens).decode(errors="replace")
+        return b"".join(self.piece(t, special) for t in tokens).decode(errors="replace")
 
     def chat_prompt(self, messages: list[tuple[str, str]]) -> str | None:
         """(role, content) messages under the GGUF's chat template, ending with the assistant's
@@ -290,13 +291,16 @@ class Target:
         """How the drafter's layers are captured, if they are."""
         return "layer inputs" if self._layer_inputs else "eval callback" if self.capture else None
 
-    def decode(self, tokens: list[int], pos0: int, all_logits: bool, seq: int = 0) -> np.ndarray:
-        """Run tokens of sequence seq at positions pos0.. and return logits rows (all, or the last) as a view."""
+    def decode(self, tokens: list[int], pos0: int, all_logits: bool, seq: int = 0,
+               keep_rows: bool = False) -> np.ndarray:
+        """Run tokens of sequence seq at positions pos0.. and return logits rows (all, or the last) as a view.
+        keep_rows: this pass's feature rows go after those held (earlier passes' rows that wait for one drafter
+        pass), else they replace them."""
         if all_logits and len(tokens) > self.n_batch:
             raise ValueError("all_logits needs the tokens to fit one batch")
         if pos0 + len(tokens) > self.n_ctx:
             raise UserError(f"context is full: {pos0 + len(tokens)} tokens exceed --ctx-size {self.n_ctx}")
-        if self.capture:
+        if self.capture and not keep_rows:
             self.capture.reset()
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
@@ -431,7 +435,7 @@ class Target:
         return [get_inp(self.ctx, layer) for layer in self.capture_layers]
 
     def inject_rows(self, drafter: Drafter, n: int, pos: int) -> None:
-        """The last decode's first n feature rows into the drafter at pos, read where they are, each layer's rows
+        """The first n feature rows held (the last decode's, after any it kept) into the drafter at pos, read where they are, each layer's rows
         apart (Capture.layers): where llama.cpp left them where it can, else in the capture."""
         drafter.inject_layers(self.capture.layers(n), n, pos)
 

@@ -15,7 +15,9 @@ import pytest
 from synthetic_drafters import random_drafter_gguf
 from tiny_targets import ARCHS
 
+from dflash_local import engine as engine_module
 from dflash_local import target as target_module
+from dflash_local.draft_length import Choice
 from dflash_local.engine import Engine
 from dflash_local.models import SHIPPED_DRAFTERS
 from dflash_local.native import Drafter, DrafterInfo, NativeError
@@ -151,6 +153,51 @@ def test_identity_long_acceptance(arch, snapshots, branches, tiny_target):
             if block == 16:
                 assert max(got.stats.accepted) >= 3, "the oracle should get runs accepted"
                 assert min(got.stats.accepted) < 3
+    tg.close()
+
+
+class AloneThreeStepsOfFour:
+    """A draft-length policy that has the target run alone three steps of every four, then drafts the whole chain."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def could_draft(self, max_chain: int, max_tree: int) -> bool:
+        return True
+
+    def choose(self, max_chain: int, max_tree: int) -> tuple[Choice, bool]:
+        self.steps += 1
+        return Choice(False, max_chain if self.steps % 4 == 0 else 0), False
+
+    def record(self, *_) -> None:
+        pass
+
+    def acceptance(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # llama.cpp's layer-input capture, the eval callback
+def test_rows_of_steps_the_target_ran_alone_reach_the_drafter_in_one_pass(arch, tiny_target, monkeypatch):
+    """While the target runs alone, each step's feature row waits in the capture (Target.decode's keep_rows), and
+    the rows of those steps go into the drafter in one injection when drafting resumes, at the positions they hold
+    (the oracle checks that each injection continues its context, and drafts from where it stands)."""
+    path = tiny_target(arch)
+    tg = Target(path, PARAMS, capture_layers=(1,), rollback=16)
+    prompt = tg.tokenize(PROMPTS[2])
+    expected = target_only(path, prompt, 64)
+    oracle = OracleDrafter(expected, len(prompt), 16)
+    injected: list[int] = []
+    inject_layers = oracle.inject_layers
+    monkeypatch.setattr(oracle, "inject_layers",
+                        lambda layers, n, pos: injected.append(n) or inject_layers(layers, n, pos))
+    monkeypatch.setattr(engine_module.calibrate, "save_acceptance", lambda *_: None)
+    engine = Engine(tg, oracle, 16, adaptive=False)
+    engine.policy = AloneThreeStepsOfFour()
+    got = engine.generate(prompt, 64)
+    assert got.tokens == expected
+    assert got.stats.drafted[:4] == [0, 0, 0, 15] and max(got.stats.accepted) >= 3
+    drafting = [i for i, k in enumerate(got.stats.drafted) if k]
+    assert injected == [len(prompt)] + [n for i in drafting for n in (3, got.stats.accepted[i] + 1)][:len(injected) - 1]
     tg.close()
 
 

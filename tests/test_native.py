@@ -197,6 +197,18 @@ def test_capture_layers_are_the_captured_rows(smollm2_path, monkeypatch, way):
     tg.decode(tokens, 0, all_logits=False)
     np.testing.assert_array_equal(columns(len(tokens)), tg.features())
     assert tg.features().shape == (len(tokens), len(layers) * tg.n_embd)
+    # one-token passes whose rows are kept (the engine's steps of the target alone): held after the rows before, each
+    # pass's rows bit for bit
+    n, runs = len(tokens), []
+    for keep in (False, True):
+        tg.rollback(n - 1, n - 1, [])
+        rows = []
+        for i, t in enumerate(tokens[-1:] + tokens[:3]):
+            tg.decode([t], n - 1 + i, all_logits=False, keep_rows=keep and i > 0)
+            rows.append(tg.features().copy())
+        runs.append(np.concatenate(rows) if not keep else columns(4))
+        assert len(rows[-1]) == (4 if keep else 1)
+    np.testing.assert_array_equal(runs[1], runs[0])
     tg.close()
 
 
