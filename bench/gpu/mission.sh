@@ -18,6 +18,10 @@ DRAFTER_TYPES=${DRAFTER_TYPES:-q4_k:qwen35-27b f16:qwen35-27b f16:qwen3-8b}  # d
 ONLY=${ONLY:-.}  # a regex: only the measurements whose names match it (e.g. 'qwen35-27b-emulated' to repeat those)
 WRITE=${WRITE:-qwen3-8b qwen35-27b}  # the shapes written (the measurements of a shape not written fail at once)
 AFTER=${AFTER:-}  # a pattern (pgrep -f): measurements wait until no process matches it (a training run on this GPU)
+# the coder's folder of a train.sh run on this machine (build/gpu/models, absolute): its measurements compare the drafter
+# trained there with the one it started from (/root/init.gguf); unset, they fail at once
+CODER_MODELS=${CODER_MODELS:-}
+CODER_N=${CODER_N:-64}  # HumanEval prompts of each coder measurement
 LOG=$RES/mission.log
 
 start() {
@@ -116,6 +120,21 @@ run() {
                 --emulate-acceptance "bench/profiles/tau-$tau.json" --json "$RES/qwen3-8b-emulated-tau$tau-ctx$c.json"
         done
     done
+    # the coder's drafters on HumanEval: as `dflash run` drafts (adaptive), the newly trained and the one it started
+    # from one after the other; then the new one's chains and trees of 15 every pass (tau as bench/train/tau.py has it)
+    local coder=$CODER_MODELS/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf new=$CODER_MODELS/qwen2.5-coder-1.5b-instruct-q4_k_m-dflash.gguf
+    coder_bench() {
+        local name=$1 drafter=$2
+        shift 2
+        measure "$name" 300 python3 -P -m dflash_local bench "$coder" -d "$drafter" --prompts humaneval --block-sizes 16 \
+            "${gpu[@]}" "$@" --json "$RES/$name.json"
+    }
+    coder_bench coder-new-humaneval$CODER_N "$new" -n "$CODER_N"
+    coder_bench coder-init-humaneval$CODER_N /root/init.gguf -n "$CODER_N"
+    coder_bench coder-new-humaneval$CODER_N-fixed-chain "$new" -n "$CODER_N" --max-tokens 128 --fixed --tree-size 0
+    coder_bench coder-new-humaneval$CODER_N-fixed-tree15 "$new" -n "$CODER_N" --max-tokens 128 --fixed --tree-size 15
+    measure coder-path-injection 120 python3 -P bench/path_injection.py "$coder" "$new" "${gpu[@]}" \
+        --json "$RES/coder-path-injection.json"
     local t name upstream_built=
     for t in "$t27" "$t8"; do
         name=$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp
