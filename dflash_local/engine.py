@@ -285,7 +285,7 @@ class Engine:
 
         t = time.perf_counter()
         logits = tg.decode_tree([anchor, *tree.tokens], tree.depths, tree.seqs, pos)
-        picks = tg.picks(len(tree.tokens) + 1)  # where the tree is one chain: its rows are sequence 0's alone
+        picks = tg.picks(len(tree.tokens) + 1)  # greedy, or a tree that is one chain (its rows sequence 0's alone)
 
         def pick(i: int) -> int:  # the target's token after node i
             return int(picks[i]) if picks is not None else sampler.sample(logits[i])
@@ -295,8 +295,8 @@ class Engine:
         while token in tree.children[path[-1]]:
             path.append(tree.children[path[-1]][token])
             token = pick(path[-1])
-        if picks is not None:  # one chain: the path is the first rows
-            tg.commit(picks[: len(path)].tolist())
+        if picks is not None:
+            tg.commit([int(picks[i]) for i in path])
         stats.t_target += time.perf_counter() - t
         t = time.perf_counter()
         tg.inject_path(dr, path, pos)

@@ -47,6 +47,7 @@ def _load() -> ctypes.CDLL:
         "dflash_capture_rows_e4m3": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], c_int),
         "dflash_capture_seconds": ([ctypes.c_void_p], ctypes.c_double),
         "dflash_greedy_sampler_new": ([], ctypes.c_void_p),
+        "dflash_greedy_sampler_share": ([ctypes.c_void_p], ctypes.c_void_p),
         "dflash_drafter_load": ([ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, c_int, c_int], ctypes.c_void_p),
         "dflash_drafter_free": ([ctypes.c_void_p], None),
         "dflash_drafter_get_info": ([ctypes.c_void_p, ctypes.c_void_p], c_int),
@@ -73,10 +74,11 @@ def _check(result: int | None) -> int:
     return result
 
 
-def greedy_sampler() -> ctypes.c_void_p:
+def greedy_sampler(share: ctypes.c_void_p | None = None) -> ctypes.c_void_p:
     """A llama.cpp backend sampler picking every output row's argmax in one pass over all rows (native/greedy.cpp),
-    owned by the sampler chain it is added to."""
-    return ctypes.c_void_p(lib.dflash_greedy_sampler_new())
+    owned by the sampler chain it is added to; given `share` (another one), that one's argmax: samplers of several
+    sequences pick all of a pass's rows in one."""
+    return ctypes.c_void_p(lib.dflash_greedy_sampler_share(share) if share else lib.dflash_greedy_sampler_new())
 
 
 def build_ggml_version() -> str:

@@ -71,13 +71,16 @@ class TargetParams:
     kv_unified: bool = False  # one KV buffer of n_ctx for all sequences: a batch of several keeps its order
 
 
-def _sampler_chain(p: SamplingParams) -> list[ctypes.c_void_p]:
-    """llama.cpp samplers drawing from sampling.target_probs's distribution: temperature, then top-k on the scaled
-    logits, top-p and min-p on their softmax (min-p's ratio to the likeliest is the same with or without top-p's
-    renormalization), then a draw. Greedy: the argmax of all of a pass's rows at once (llama.cpp's own greedy sampler
-    takes one row at a time, one GPU block each)."""
+def _sampler_chains(p: SamplingParams, n_seqs: int) -> dict[int, list[ctypes.c_void_p]]:
+    """Backend samplers for sequence 0 drawing from sampling.target_probs's distribution: temperature, then top-k on
+    the scaled logits, top-p and min-p on their softmax (min-p's ratio to the likeliest is the same with or without
+    top-p's renormalization), then a draw. Greedy: the argmax of all of a pass's rows at once (llama.cpp's own greedy
+    sampler takes one row at a time, one GPU block each), for sequences 0 .. n_seqs - 1 (a tree's branches), which
+    share it."""
     if p.greedy:
-        return [ctypes.cast(greedy_sampler(), lc.llama_sampler_p_ctypes)]
+        lead = greedy_sampler()
+        return {seq: [ctypes.cast(greedy_sampler(lead) if seq else lead, lc.llama_sampler_p_ctypes)]
+                for seq in range(n_seqs)}
     chain = [lc.llama_sampler_init_temp(p.temperature)]
     if p.top_k > 0:
         chain.append(lc.llama_sampler_init_top_k(p.top_k))
@@ -85,7 +88,7 @@ def _sampler_chain(p: SamplingParams) -> list[ctypes.c_void_p]:
         chain.append(lc.llama_sampler_init_top_p(p.top_p, 1))
     if p.min_p > 0.0:
         chain.append(lc.llama_sampler_init_min_p(p.min_p, 1))
-    return [*chain, lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED if p.seed is None else p.seed % 2**32)]
+    return {0: [*chain, lc.llama_sampler_init_dist(lc.LLAMA_DEFAULT_SEED if p.seed is None else p.seed % 2**32)]}
 
 
 def available_cores() -> int:
@@ -338,9 +341,10 @@ class Target:
         """While sampling is given, llama.cpp picks the target's token for each of sequence 0's outputs in the graph,
         where the model runs (greedy: the argmax; else a sample from the distribution of target_probs, each row with
         a random number of its own), and leaves their logits there: a verification's rows of 150k logits, on a GPU,
-        cost a copy to the host. Read the tokens with picks(), commit the ones used with commit(). None: off, logits
-        as usual. False when this backend cannot."""
-        self._use_samplers({} if sampling is None else {0: _sampler_chain(sampling)})
+        cost a copy to the host. Greedy, every sequence a tree's branches use too, sharing sequence 0's argmax: a
+        tree's rows are picked in one as well. Read the tokens with picks(), commit the ones used with commit().
+        None: off, logits as usual. False when this backend cannot."""
+        self._use_samplers({} if sampling is None else _sampler_chains(sampling, max(1, self.branches)))
         self.picks_on_device = sampling is not None and bool(self._samplers)
         return self.picks_on_device
 
@@ -371,14 +375,15 @@ class Target:
 
     def picks(self, n_out: int) -> np.ndarray | None:
         """The tokens picked in the graph for the last decode's n_out outputs (pick_on_device), or None where not all
-        of them were (a row of another sequence than 0 keeps its logits, and then every row does)."""
+        of them were (sampling, a tree's row of another sequence than 0 keeps its logits, and then every row does)."""
         if not self._picked_all:
             return None
         return np.array([lc.llama_get_sampled_token_ith(self.ctx, i - n_out) for i in range(n_out)])
 
     def commit(self, tokens: list[int]) -> None:
-        """The first picks of the last decode that were used, in order: the sampler's random state moves on past
-        their draws (the unused rows' draws come again in the next decode, which is fine: they decided nothing)."""
+        """The picks of the last decode that were used (a chain's first rows, a tree's path), in order: the sampler's
+        random state moves on past their draws (the unused rows' draws come again in the next decode, which is fine:
+        they decided nothing)."""
         if self._picked_all:
             for token in tokens:
                 lc.llama_sampler_accept(self._samplers[0], token)
@@ -420,7 +425,8 @@ class Target:
                 b.seq_id[i][j] = s
         # llama.cpp leaves the logits in the graph only where every output has a sampler (each row goes to the one
         # of its first sequence)
-        self._picked_all = self.picks_on_device and all(ss[0] == 0 for ss, keep in zip(seqs, logits) if keep)
+        self._picked_all = self.picks_on_device and all(ss[0] in self._samplers
+                                                        for ss, keep in zip(seqs, logits) if keep)
         if self.capture:
             self.capture.flush()  # an earlier chunk's rows, which this decode overwrites in llama.cpp's buffers
         rc = lc.llama_decode(self.ctx, b)

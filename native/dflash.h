@@ -70,6 +70,9 @@ struct llama_sampler;
 // greedy sampler runs one single-block argmax per row; the first of equal maxima, as llama.cpp's greedy sampler on the
 // CPU. native/greedy.cpp says how.
 struct llama_sampler * dflash_greedy_sampler_new(void);
+// Another greedy sampler sharing other's picks (other: one of these): set on other sequences, e.g. a tree's branches, the
+// rows of a pass are all picked in one argmax whichever sequence each belongs to. Each is freed on its own.
+struct llama_sampler * dflash_greedy_sampler_share(const struct llama_sampler * other);
 
 // ---- drafter --------------------------------------------------------------------------------
 typedef struct dflash_drafter dflash_drafter;

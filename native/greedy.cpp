@@ -8,7 +8,9 @@
 //   x [V, R] -> chunks [C, G*R] -> argmax of each chunk: loc [G*R] -> its value [G, R] -> argmax: the chunk of each
 //   row's first maximum, best [R] -> index = best * C + loc[best], in float32 (exact below 2^24) -> int32 [R]
 // and gives each row a view of its index. The first of equal maxima wins, as in ggml's argmax and numpy's: the first
-// chunk holding the maximum, and its first position there.
+// chunk holding the maximum, and its first position there. Samplers made to share one's picks (a tree's branches, each
+// a sequence with a sampler of its own) take their rows' views of the same argmax: one for the pass however many
+// sequences its rows belong to.
 #include "dflash.h"
 
 #include "ggml-backend.h"
@@ -16,6 +18,7 @@
 #include "llama.h"
 
 #include <cmath>
+#include <memory>
 
 namespace {
 
@@ -24,6 +27,11 @@ struct greedy_rows {
     ggml_tensor * logits    = nullptr;  // the graph's logits of all rows, argmax already built for this graph
     ggml_tensor * picks     = nullptr;  // their argmax, int32 [rows]
 };
+
+// a sampler's context: the picks it shares with the samplers made from it (dflash_greedy_sampler_share)
+using shared_rows = std::shared_ptr<greedy_rows>;
+
+greedy_rows * rows_of(const llama_sampler * smpl) { return static_cast<shared_rows *>(smpl->ctx)->get(); }
 
 // chunks per row: the largest divisor of V up to sqrt(V) (the two stages about even: 128 for the coder's 151,936, 485
 // for Qwen3.5's 248,320), or 1 (a plain argmax) for a prime V or one too large for float32 indices
@@ -70,7 +78,7 @@ void apply(llama_sampler *, llama_token_data_array * cur_p) {
 
 llama_sampler * clone(const llama_sampler *) { return dflash_greedy_sampler_new(); }
 
-void free_ctx(llama_sampler * smpl) { delete static_cast<greedy_rows *>(smpl->ctx); }
+void free_ctx(llama_sampler * smpl) { delete static_cast<shared_rows *>(smpl->ctx); }
 
 // whether dev runs every op of the pick (a probe graph over made-up logits of 2 rows of 151,936)
 bool supports(ggml_backend_dev_t dev, bool two_stage) {
@@ -89,14 +97,14 @@ bool supports(ggml_backend_dev_t dev, bool two_stage) {
 // the two stages where the device runs their ops (a device without one: a plain argmax of all rows, one block a row,
 // still one kernel for the pass instead of one a row)
 bool backend_init(llama_sampler * smpl, ggml_backend_buffer_type_t buft, uint32_t) {
-    auto *             s   = static_cast<greedy_rows *>(smpl->ctx);
+    auto *             s   = rows_of(smpl);
     ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
     s->two_stage           = !dev || supports(dev, true);
     return s->two_stage || supports(dev, false);
 }
 
 void backend_apply(llama_sampler * smpl, ggml_context * ctx, ggml_cgraph *, llama_sampler_data * data) {
-    auto *        s   = static_cast<greedy_rows *>(smpl->ctx);
+    auto *        s   = rows_of(smpl);
     ggml_tensor * row = data->logits;  // a view of one row of the graph's logits [V, rows]
     ggml_tensor * all = row->view_src;
     const bool    of_all = all && all->type == GGML_TYPE_F32 && ggml_is_contiguous(all) && ggml_is_matrix(all) &&
@@ -115,7 +123,7 @@ void backend_apply(llama_sampler * smpl, ggml_context * ctx, ggml_cgraph *, llam
 
 // before llama.cpp builds a graph: the last one's tensors are gone
 void backend_reset(llama_sampler * smpl) {
-    auto * s  = static_cast<greedy_rows *>(smpl->ctx);
+    auto * s  = rows_of(smpl);
     s->logits = s->picks = nullptr;
 }
 
@@ -136,4 +144,10 @@ llama_sampler_i iface = {  // not const: llama_sampler_init takes a mutable one
 
 }  // namespace
 
-llama_sampler * dflash_greedy_sampler_new(void) { return llama_sampler_init(&iface, new greedy_rows()); }
+llama_sampler * dflash_greedy_sampler_new(void) {
+    return llama_sampler_init(&iface, new shared_rows(std::make_shared<greedy_rows>()));
+}
+
+llama_sampler * dflash_greedy_sampler_share(const llama_sampler * other) {
+    return llama_sampler_init(&iface, new shared_rows(*static_cast<const shared_rows *>(other->ctx)));
+}

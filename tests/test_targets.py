@@ -19,6 +19,7 @@ from tiny_targets import ARCHS, BOS_ID, GEMMA3_SWA, N_VOCAB, UNK_ID, VOCAB, writ
 from dflash_local.errors import UserError
 from dflash_local.sampling import SamplingParams
 from dflash_local.target import Target, TargetParams, read_gguf_arch
+from dflash_local.tree import TREE_SIZE
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
@@ -128,3 +129,23 @@ def test_greedy_picks_in_the_graph_are_each_rows_argmax(arch: str, request: pyte
     finally:
         tg.close()
     assert len(tokens) > 8 and picks.tolist() == rows.argmax(axis=1).tolist()
+
+
+def test_a_trees_rows_are_picked_in_the_graph(smollm2_path: Path) -> None:
+    """Greedy, a tree's branches share sequence 0's argmax sampler: every row of a tree pass, of whichever sequence,
+    is picked in the graph (no logits to the host), and each pick is its row's argmax."""
+    tg = Target(smollm2_path, TargetParams(n_ctx=256, n_threads=1), capture_layers=(1,), branches=TREE_SIZE)
+    prompt = tg.tokenize(PROMPT)
+    # the anchor; two children, each with a child of its own: leaves in sequences 0 and 1
+    tree = ([prompt[-1], 11, 12, 13, 14], [0, 1, 1, 2, 2], [(0, 1), (0,), (1,), (0,), (1,)])
+    try:
+        runs = []
+        for on_device in (False, True):
+            tg.clear()
+            assert tg.pick_on_device(SamplingParams() if on_device else None) == on_device
+            tg.decode(prompt[:-1], 0, all_logits=False)
+            rows = tg.decode_tree(*tree, len(prompt) - 1)
+            runs.append(tg.picks(5) if on_device else rows.argmax(axis=1))
+    finally:
+        tg.close()
+    assert runs[1] is not None and runs[1].tolist() == runs[0].tolist()
