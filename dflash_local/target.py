@@ -441,8 +441,9 @@ class Target:
         return [get_inp(self.ctx, layer) for layer in self.capture_layers]
 
     def inject_rows(self, drafter: Drafter, n: int, pos: int) -> None:
-        """The first n feature rows held (the last decode's, after any it kept) into the drafter at pos, read where they are, each layer's rows
-        apart (Capture.layers): where llama.cpp left them where it can, else in the capture."""
+        """The first n feature rows held (the last decode's, after any it kept) into the drafter at pos, read where
+        they are, each layer's rows apart (Capture.layers): where llama.cpp left them where it can, else in the
+        capture."""
         drafter.inject_layers(self.capture.layers(n), n, pos)
 
     def inject_path(self, drafter: Drafter, rows: list[int], pos: int) -> None:
