@@ -43,7 +43,8 @@ def main() -> None:
     picked = [picked[round(j * len(picked) / a.n)] for j in range(min(a.n, len(picked)))]
     tg = Target(a.target, TargetParams(n_ctx=64))
     try:
-        rows = [{"id": sequences[i].group, "prompt": tg.text(tokens[starts[i]:starts[i] + sequences[i].n_prompt].tolist(), special=True),
+        rows = [{"id": sequences[i].group,
+                 "prompt": tg.text(tokens[starts[i]:starts[i] + sequences[i].n_prompt].tolist(), special=True),
                  "chat": False} for i in picked]
     finally:
         tg.close()
