@@ -12,30 +12,18 @@ from __future__ import annotations
 
 import llama_cpp as lc  # noqa: F401  first: numpy loaded before llama.cpp's libraries crashed its model load on GPUs
 
-import argparse
 import json
-import shlex
-import statistics
-import sys
-import time
-from pathlib import Path
 
-from dflash_local.bench.machine import git_commit, machine_info
+from dflash_local.bench.machine import script_header
+from dflash_local.bench.timing import side_by_side_ms, side_by_side_parser
 from dflash_local.native import Drafter
 from dflash_local.target import Target, TargetParams
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("target", type=Path)
-    ap.add_argument("drafter", type=Path)
+    ap = side_by_side_parser()
     ap.add_argument("--rows", type=int, default=63, help="tokens of the pass (a tree of 62 and its anchor)")
     ap.add_argument("--path", default="0,1,5,9", help="the accepted path's rows")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--n-gpu-layers", "-ngl", type=int, default=0)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     path = [int(r) for r in a.path.split(",")]
     params = TargetParams(n_ctx=2 * a.rows + 64, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers)
@@ -43,23 +31,19 @@ def main() -> None:
     tg = Target(a.target, params, capture_layers=dr.info.target_layers)
     tokens = (tg.tokenize("def f(x):\n    return [i * x for i in range(10)]\n", add_special=False) * a.rows)[:a.rows]
     ways = {"interleaved": lambda: dr.inject(tg.features()[path], 0), "gathered": lambda: tg.inject_path(dr, path, 0)}
-    ms: dict[str, list[float]] = {way: [] for way in ways}
-    for _ in range(a.repeats + 1):
-        for way, inject in ways.items():
-            tg.clear()
-            dr.crop(0)
-            tg.decode(tokens, 0, all_logits=False)
-            t = time.perf_counter()
-            inject()
-            ms[way].append((time.perf_counter() - t) * 1e3)
-    medians = {way: statistics.median(times[1:]) for way, times in ms.items()}
+
+    def prepare(_: str) -> None:
+        tg.clear()
+        dr.crop(0)
+        tg.decode(tokens, 0, all_logits=False)
+
+    ms, medians, _ = side_by_side_ms(ways, prepare, a.repeats)
     print(f"{a.target.name} + {a.drafter.name} ({tg.capture_method}), {a.rows} rows, path {path}: "
           + ", ".join(f"{way} {m:.3f} ms" for way, m in medians.items()))
     if a.json:
-        a.json.write_text(json.dumps({
-            "schema": "dflash-path-injection/1", "command": shlex.join(["python", *sys.argv]),
-            "machine": machine_info(), "git": git_commit(), "capture": tg.capture_method, "rows": a.rows,
-            "path": path, "repeats": a.repeats, "ms": ms, "median_ms": medians}, indent=1))
+        a.json.write_text(json.dumps(script_header("dflash-path-injection/1") | {
+            "capture": tg.capture_method, "rows": a.rows, "path": path, "repeats": a.repeats, "ms": ms,
+            "median_ms": medians}, indent=1))
     tg.close()
     dr.close()
 

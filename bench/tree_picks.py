@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import llama_cpp as lc  # noqa: F401  first: numpy loaded before llama.cpp's libraries crashed its model load on GPUs
 
-import argparse
 import json
-import shlex
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-from dflash_local.bench.machine import git_commit, machine_info
+from dflash_local.bench.machine import script_header
+from dflash_local.bench.timing import side_by_side_ms, side_by_side_parser
 from dflash_local.native import Drafter
 from dflash_local.sampling import SamplingParams
 from dflash_local.target import Target, TargetParams
@@ -33,15 +28,8 @@ PROMPT = "def is_prime(n: int) -> bool:\n    \"\"\"Whether n is a prime number.\
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("target", type=Path)
-    ap.add_argument("drafter", type=Path)
+    ap = side_by_side_parser()
     ap.add_argument("--tree-size", type=int, default=62, help="drafts of the tree (a pass of one more token)")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--n-gpu-layers", "-ngl", type=int, default=0)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     params = TargetParams(n_ctx=256, n_threads=a.threads, n_gpu_layers=a.n_gpu_layers)
     dr = Drafter(a.drafter, a.target, device=a.device, n_ctx=params.n_ctx, n_threads=a.threads)
@@ -67,25 +55,20 @@ def main() -> None:
             path.append(tree.children[path[-1]][token])
         return path
 
-    ms: dict[str, list[float]] = {"host": [], "device": []}
-    paths = {}
-    for _ in range(a.repeats + 1):
-        for way in ms:
-            tg.pick_on_device(SamplingParams() if way == "device" else None)
-            tg.clear()
-            tg.decode(prompt[:-1], 0, all_logits=False)
-            t = time.perf_counter()
-            paths[way] = verify(way == "device")
-            ms[way].append((time.perf_counter() - t) * 1e3)
+    def prepare(way: str) -> None:
+        tg.pick_on_device(SamplingParams() if way == "device" else None)
+        tg.clear()
+        tg.decode(prompt[:-1], 0, all_logits=False)
+
+    ms, medians, paths = side_by_side_ms({"host": lambda: verify(False), "device": lambda: verify(True)}, prepare,
+                                         a.repeats)
     assert paths["host"] == paths["device"], paths
-    medians = {way: statistics.median(times[1:]) for way, times in ms.items()}
     print(f"{a.target.name} + {a.drafter.name}, a tree of {len(tree.tokens)} drafts, path {paths['device']}: "
           + ", ".join(f"{way} {m:.3f} ms" for way, m in medians.items()))
     if a.json:
-        a.json.write_text(json.dumps({
-            "schema": "dflash-tree-picks/1", "command": shlex.join(["python", *sys.argv]),
-            "machine": machine_info(), "git": git_commit(), "drafts": len(tree.tokens), "path": paths["device"],
-            "repeats": a.repeats, "ms": ms, "median_ms": medians}, indent=1))
+        a.json.write_text(json.dumps(script_header("dflash-tree-picks/1") | {
+            "drafts": len(tree.tokens), "path": paths["device"], "repeats": a.repeats, "ms": ms,
+            "median_ms": medians}, indent=1))
     tg.close()
     dr.close()
 
