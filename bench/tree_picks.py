@@ -22,7 +22,7 @@ from dflash_local.bench.timing import side_by_side_ms, side_by_side_parser
 from dflash_local.native import Drafter
 from dflash_local.sampling import SamplingParams
 from dflash_local.target import Target, TargetParams
-from dflash_local.tree import N_TOP, build_tree
+from dflash_local.tree import N_TOP, build_tree, walk
 
 PROMPT = "def is_prime(n: int) -> bool:\n    \"\"\"Whether n is a prime number.\"\"\"\n"
 
@@ -50,10 +50,7 @@ def main() -> None:
         def pick(i: int) -> int:
             return int(picks[i]) if picks is not None else int(np.argmax(logits[i]))
 
-        path = [0]
-        while (token := pick(path[-1])) in tree.children[path[-1]]:
-            path.append(tree.children[path[-1]][token])
-        return path
+        return walk(tree, pick)[0]
 
     def prepare(way: str) -> None:
         tg.pick_on_device(SamplingParams() if way == "device" else None)

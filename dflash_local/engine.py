@@ -20,7 +20,7 @@ from dflash_local.errors import UsageError, UserError
 from dflash_local.native import Drafter
 from dflash_local.sampling import Sampler, SamplingParams, accept_picks
 from dflash_local.target import Target
-from dflash_local.tree import N_TOP, TREE_SIZE, build_tree
+from dflash_local.tree import N_TOP, TREE_SIZE, build_tree, walk
 
 MAX_PENDING = 256  # features held back from the drafter while the target runs alone, before they are injected anyway
 
@@ -290,11 +290,7 @@ class Engine:
         def pick(i: int) -> int:  # the target's token after node i
             return int(picks[i]) if picks is not None else sampler.sample(logits[i])
 
-        path = [0]
-        token = pick(0)
-        while token in tree.children[path[-1]]:
-            path.append(tree.children[path[-1]][token])
-            token = pick(path[-1])
+        path, token = walk(tree, pick)
         if picks is not None:
             tg.commit([int(picks[i]) for i in path])
         stats.t_target += time.perf_counter() - t

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
 
 # No numpy here: the command line reads TREE_SIZE, and numpy loaded before llama_cpp crashed llama.cpp's CUDA model
@@ -79,3 +81,14 @@ def build_tree(ids: np.ndarray, probs: np.ndarray, budget: int) -> DraftTree:
     for i in range(n - 1, 0, -1):  # parents come first, so children's sets are complete here
         below[parents[i - 1]].extend(below[i])
     return DraftTree(tokens, parents, depths, children, [tuple(sorted(b)) for b in below], ranks)
+
+
+def walk(tree: DraftTree, pick: Callable[[int], int]) -> tuple[list[int], int]:
+    """From the root, the child drafting the target's own token at each node (pick(i): its token after batch index i),
+    until no child does: the path's batch indices, the root first, and the target's token after the last."""
+    path = [0]
+    token = pick(0)
+    while token in tree.children[path[-1]]:
+        path.append(tree.children[path[-1]][token])
+        token = pick(path[-1])
+    return path, token
