@@ -17,6 +17,7 @@ import numpy as np
 from dflash_local import calibrate
 from dflash_local.draft_length import Choice, DraftLength, choices_for
 from dflash_local.errors import UsageError, UserError
+from dflash_local.lookup import Lookup, likelier_chain
 from dflash_local.native import Drafter
 from dflash_local.sampling import Sampler, SamplingParams, accept_picks
 from dflash_local.target import Target
@@ -101,6 +102,7 @@ class Engine:
         self._pending = 0
         self._pending_pos = 0
         self._capturing = False  # this generation may draft: the target's features go to the drafter
+        self._lookup = Lookup()  # the generation's tokens, for the copies drafted beside the drafter's
 
     def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
                  on_tokens: Callable[[list[int]], bool | None] | None = None) -> Generation:
@@ -118,6 +120,8 @@ class Engine:
         if dr:
             dr.crop(0)
         self._pending = 0
+        self._lookup = Lookup()
+        self._remember(prompt)
         # where nothing could pay (a CPU, a drafter whose acceptance is known to be too low), the target runs alone
         # uncaptured: its passes unsplit, no drafter pass
         self._capturing = dr is not None and (
@@ -159,6 +163,7 @@ class Engine:
                     stop = "eog"
                     break
                 out.append(anchor)
+                self._remember([anchor])
                 if on_tokens and on_tokens([anchor]) is False:
                     stop = "cancelled"
                     break
@@ -198,6 +203,7 @@ class Engine:
                         anchor_next = tok
                         break
                 out.extend(accepted)
+                self._remember(accepted)
                 if on_tokens and accepted and on_tokens(accepted) is False:
                     stop = "cancelled"
                     break
@@ -217,16 +223,17 @@ class Engine:
         """Draft k tokens after the anchor at `pos`, verify them in one target pass, keep the accepted
         ones in both caches. Returns the accepted drafts and the target's next token."""
         tg, dr = self.target, self.drafter
-        drafts = np.zeros(0, dtype=np.int32)
-        if k > 0:
+        drafts: list[int] = []
+        if k > 0:  # the drafter's chain or a copy from the context, whichever is likelier
             t = time.perf_counter()
-            drafts = dr.draft(anchor, self.block_size, k)
+            ids, probs = dr.draft_top(anchor, 1, self.block_size, k)
+            drafts = likelier_chain(ids[:, 0].tolist(), probs[:, 0].tolist(), self._lookup.copy(k))
             stats.t_draft += time.perf_counter() - t
 
         t = time.perf_counter()
         if k > 0 and tg.recurrent and not tg.snapshots:
             tg.save_state()
-        batch = [anchor, *drafts.tolist()]
+        batch = [anchor, *drafts]
         logits = tg.decode(batch, pos, all_logits=True, keep_rows=self._pending > 0)
         if (picks := tg.picks(len(batch))) is not None:
             n_acc, token = accept_picks(picks, drafts)
@@ -245,12 +252,17 @@ class Engine:
                     if self._pending >= MAX_PENDING:
                         self._inject_pending(stats)
             stats.accepted.append(n_acc)
-            stats.drafted.append(k)
-        if n_acc < k:
+            stats.drafted.append(len(drafts))
+        if n_acc < len(drafts):
             t = time.perf_counter()
             tg.rollback(pos + n_acc + 1, pos, batch[: n_acc + 1])
             stats.t_target += time.perf_counter() - t
-        return drafts[:n_acc].tolist(), token
+        return drafts[:n_acc], token
+
+    def _remember(self, tokens: list[int]) -> None:
+        """The generation's tokens, where drafts may copy from them."""
+        if self.drafter:
+            self._lookup.extend(tokens)
 
     def _picks(self, sampler: Sampler, logits: np.ndarray, n: int) -> list[int]:
         """The target's tokens for the last decode's n rows: picked in the graph, else from the logits."""
@@ -280,7 +292,7 @@ class Engine:
         tg, dr = self.target, self.drafter
         t = time.perf_counter()
         ids, probs = dr.draft_top(anchor, N_TOP, self.block_size, depth)
-        tree = build_tree(ids, probs, k)
+        tree = build_tree(ids, probs, k, self._lookup.copy(depth))
         stats.t_draft += time.perf_counter() - t
 
         t = time.perf_counter()

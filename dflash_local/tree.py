@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # differently from the target's one-token passes.
 TREE_SIZE = 62
 N_TOP = 4  # tokens per draft position a tree may branch into (8 drafted about as well at 15 nodes)
+COPIED = -1  # the rank of a copied token (build_tree's candidates)
 
 
 @dataclass
@@ -32,27 +33,39 @@ class DraftTree:
     ranks: list[int]  # batch index -> the order in which it was chosen (anchor 0): a budget of m keeps ranks <= m
 
 
-def build_tree(ids: np.ndarray, probs: np.ndarray, budget: int) -> DraftTree:
+def build_tree(ids: np.ndarray, probs: np.ndarray, budget: int, copied: tuple[list[int], list[float]] = ([], [])
+               ) -> DraftTree:
     """The `budget` likeliest paths' nodes, best first: ids and probs [positions, n_top] likeliest first. A node's
     candidates are its next sibling (the next likeliest token of its position) and its first child, so nodes come
-    after their parents, and the tree of a smaller budget is the first nodes of this one (ranks)."""
+    after their parents, and the tree of a smaller budget is the first nodes of this one (ranks).
+
+    copied: a chain of tokens from the first position on and the probability of each (lookup.Lookup.copy), a
+    candidate path of its own; where it drafts a node the drafter's candidates draft too, they share it."""
     logp = [[math.log(max(p, 1e-30)) for p in row] for row in probs.tolist()]
     tops = ids.tolist()
     max_depth = min(len(tops), budget)
+    copy, copy_logp = copied[0][:max_depth], [math.log(p) for p in copied[1][:max_depth]]
     tokens: list[int] = []
     parents: list[int] = []
     depths = [0]
-    scores = [0.0]  # batch index -> log-probability of its path
-    heap = [(-logp[0][0], 0, 0, 0)]  # (-score, parent batch index, depth - 1, rank)
+    made: dict[tuple[int, int], int] = {}  # (parent, token) -> batch index
+    # (-score, parent batch index, depth - 1, rank of the drafter's token or COPIED)
+    heap = [(-logp[0][0], 0, 0, 0)] + ([(-copy_logp[0], 0, 0, COPIED)] if copy else [])
     while heap and len(tokens) < budget:
         neg, parent, d, rank = heapq.heappop(heap)
-        tokens.append(tops[d][rank])
-        parents.append(parent)
-        depths.append(d + 1)
-        scores.append(-neg)
-        node = len(tokens)
+        token = copy[d] if rank == COPIED else tops[d][rank]
+        node = made.get((parent, token))
+        if node is None:  # else a path of the other kind drafted it already: the two go on from there
+            tokens.append(token)
+            parents.append(parent)
+            depths.append(d + 1)
+            node = made[parent, token] = len(tokens)
+        if rank == COPIED:
+            if d + 1 < len(copy):
+                heapq.heappush(heap, (neg - copy_logp[d + 1], node, d + 1, COPIED))
+            continue
         if rank + 1 < len(tops[d]):
-            heapq.heappush(heap, (-(scores[parent] + logp[d][rank + 1]), parent, d, rank + 1))
+            heapq.heappush(heap, (neg + logp[d][rank] - logp[d][rank + 1], parent, d, rank + 1))
         if d + 1 < max_depth:
             heapq.heappush(heap, (neg - logp[d + 1][0], node, d + 1, 0))
     # depth first, likeliest child first: the likeliest chain takes the batch's first cells, so that a path along it

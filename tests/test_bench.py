@@ -135,7 +135,9 @@ def test_a_divergence_at_one_thread_is_never_rounding(smollm2_path):
         div = classify(tg, prompt, expected, got, 12, width=16)
         assert div.gap is not None and div.gap > 0 and div.bound == 0.0 and div.batch_picks_dflash is False
         assert not div.rounding
-        assert not classify(tg, prompt, expected, expected[:5], 5, width=16).rounding, "a shorter text is a failure"
+        # a text that ends early ended on an end-of-generation token: classified as any other token
+        ended = classify(tg, prompt, expected, expected[:5], 5, width=16)
+        assert ended.gap is not None and ended.gap > 0 and ended.bound == 0.0 and not ended.rounding
 
         # near the start of the text the bound still comes from a whole batch, which rounds as DFlash's pass did
         widths: list[int] = []

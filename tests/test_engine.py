@@ -218,6 +218,23 @@ def test_identity_smollm2(smollm2_path, tmp_path):
     dr.close()
 
 
+def test_drafts_copied_from_the_context_are_accepted_beside_a_random_drafters(smollm2_path, tmp_path):
+    """Where the target writes again what its context holds, a copy of it (dflash_local/lookup.py) is accepted whole,
+    as a chain and in a tree, where a random drafter's own drafts are rejected; the output stays the target's own."""
+    drafter = random_drafter_gguf(smollm2_path, tmp_path / "smol-dflash.gguf", n_layer=1)
+    dr = Drafter(drafter, smollm2_path, n_ctx=PARAMS.n_ctx + 64, n_threads=1)
+    tg = Target(smollm2_path, PARAMS, capture_layers=dr.info.target_layers, rollback=16, branches=TREE_SIZE)
+    try:
+        prompt = tg.tokenize("one two three four five six seven eight nine ten, " * 3)
+        expected = target_only(smollm2_path, prompt, 48)
+        for tree_size in (0, 15):
+            got = Engine(tg, dr, 16, adaptive=False, tree_size=tree_size).generate(prompt, 48)
+            assert got.tokens == expected
+            assert got.stats.tau > 4, (tree_size, got.stats.accepted)
+    finally:
+        tg.close()
+        dr.close()
+
 def test_identity_smollm2_long_context_shipped_drafter(smollm2_path):
     """Past 256 tokens llama.cpp's KV view reaches 512 cells, where ggml's CPU flash attention splits one token's
     attention over threads and rounds differently from a block's (docs/design.md, section 7); with one

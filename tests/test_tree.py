@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dflash_local.draft_length import EXPLORE_SHARE, Choice, DraftLength, choices_for
+from dflash_local.lookup import PRIOR, Lookup
 from dflash_local.tree import build_tree
 
 
@@ -38,12 +39,13 @@ def test_one_choice_per_position_is_a_chain():
     assert tree.seqs == [(0,)] * 7
 
 
-def test_a_smaller_budget_is_the_first_nodes_of_a_bigger_tree():
+@pytest.mark.parametrize("copied", [([], []), ([0, 5, 1000, 1001], [0.9, 0.5, 0.3, 0.3])])
+def test_a_smaller_budget_is_the_first_nodes_of_a_bigger_tree(copied):
     """The draft-length policy reads what a tree of m drafts would have accepted off a bigger tree's ranks."""
     rng = np.random.default_rng(1)
     probs = np.sort(rng.dirichlet(np.ones(6), size=15)[:, :4], axis=1)[:, ::-1]
     ids = np.arange(15 * 4).reshape(15, 4)
-    big = build_tree(ids, probs, 63)
+    big = build_tree(ids, probs, 63, copied)
 
     def paths(tree, max_rank):
         out = set()
@@ -58,7 +60,35 @@ def test_a_smaller_budget_is_the_first_nodes_of_a_bigger_tree():
 
     assert sorted(big.ranks) == list(range(64))
     for m in (1, 3, 7, 15, 31):
-        assert paths(build_tree(ids, probs, m), m) == paths(big, m)
+        assert paths(build_tree(ids, probs, m, copied), m) == paths(big, m)
+
+
+def test_a_copied_chain_shares_the_drafters_nodes_and_competes_by_its_probability():
+    ids = np.arange(15 * 4).reshape(15, 4)  # a token names its position and rank
+    probs = np.tile([0.5, 0.3, 0.1, 0.1], (15, 1))
+    copied = [0, 5, 1000, 1001, 1002]  # the drafter's first and second choices, then tokens it never drafts
+    tree = build_tree(ids, probs, 15, (copied, [0.9] * 5))
+    path, node = [], 0
+    for token in copied:
+        node = tree.children[node][token]
+        path.append(node)
+    assert [tree.ranks[i] for i in path] == [1, 2, 3, 4, 5], "0.9 a token: likelier than any drafted path"
+    assert len(tree.children[0]) == len(set(tree.children[0])) and tree.children[path[0]][4] != path[1]
+    assert len(tree.tokens) == 15 and sorted(tree.ranks) == list(range(16))
+    unlikely = build_tree(ids, probs, 15, (copied, [0.01] * 5))
+    assert 1000 not in unlikely.tokens, "a copy no likelier than the drafter's paths is left out"
+
+
+def test_a_lookup_copies_what_followed_the_longest_suffix_where_it_occurred_last():
+    lookup = Lookup()
+    assert lookup.copy(4) == ([], [])
+    lookup.extend([1, 2, 3, 9, 1, 2, 3, 4, 5, 6, 7, 2, 3])
+    # the suffix 2 3 occurred at 1..2 (then 9) and at 5..6 (then 4 5 6 ...): the last, matched by 2 tokens
+    assert lookup.copy(4) == ([4, 5, 6, 7], [PRIOR[1], PRIOR[2], PRIOR[3], PRIOR[4]])
+    lookup.extend([8])
+    assert lookup.copy(4) == ([], []), "8 occurred nowhere before"
+    lookup.extend([9, 8, 9, 8])
+    assert lookup.copy(5)[0] == [9, 8, 9, 8, 9], "a copy reaching the end goes on as the loop it copies"
 
 
 def _costs(target_alone: float, per_draft: float, tree: float) -> dict[Choice, float]:

@@ -14,9 +14,9 @@ WORK=${WORK:-/root/w}
 RES=${RES:-/root/mission}
 SHAPES=${SHAPES:-/root/shapes}
 N27=${N27:-4}  # prompts of the 27B's emulated runs (their trial passes take some 25 s each)
-DRAFTER_TYPES=${DRAFTER_TYPES:-q4_k:qwen35-27b f16:qwen35-27b f16:qwen3-8b}  # drafters written in other types: TYPE:SHAPE
+DRAFTER_TYPES=${DRAFTER_TYPES-q4_k:qwen35-27b f16:qwen35-27b f16:qwen3-8b}  # drafters written in other types: TYPE:SHAPE
 ONLY=${ONLY:-.}  # a regex: only the measurements whose names match it (e.g. 'qwen35-27b-emulated' to repeat those)
-WRITE=${WRITE:-qwen3-8b qwen35-27b}  # the shapes written (the measurements of a shape not written fail at once)
+WRITE=${WRITE-qwen3-8b qwen35-27b}  # the shapes written (the measurements of a shape not written fail at once)
 AFTER=${AFTER:-}  # a pattern (pgrep -f): measurements wait until no process matches it (a training run on this GPU)
 # the coder's folder of a train.sh run on this machine (build/gpu/models, absolute): its measurements compare the drafter
 # trained there with the one it started from (/root/init.gguf); unset, they fail at once
@@ -135,6 +135,10 @@ run() {
     coder_bench coder-new-humaneval$CODER_N-fixed-tree15 "$new" -n "$CODER_N" --max-tokens 128 --fixed --tree-size 15
     measure coder-path-injection 120 python3 -P bench/path_injection.py "$coder" "$new" "${gpu[@]}" \
         --json "$RES/coder-path-injection.json"
+    for t in 15 62; do
+        measure coder-tree$t-picks 120 python3 -P bench/tree_picks.py "$coder" "$new" "${gpu[@]}" --tree-size $t \
+            --json "$RES/coder-tree$t-picks.json"
+    done
     local t name upstream_built=
     for t in "$t27" "$t8"; do
         name=$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp

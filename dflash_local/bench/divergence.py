@@ -26,8 +26,9 @@ class Divergence:
 
 def classify(tg: Target, prompt: list[int], expected: list[int], got: list[int], index: int, width: int) -> Divergence:
     """expected: the target alone's greedy tokens after prompt; got: DFlash's, first different at index. tg: a context
-    of the target alone (its cache is cleared)."""
-    if index >= min(len(expected), len(got)):  # a shorter text
+    of the target alone (its cache is cleared). A text that ends at index ended on an end-of-generation token, which
+    the texts leave out: the target alone's is its own pick there, DFlash's the one the batch ranks first."""
+    if index >= max(len(expected), len(got)):
         return Divergence(None, None, None, False)
     n = len(prompt)
     # the batch: `width` tokens of the target alone's text (fewer where it ends) from start, whose first rows predict
@@ -43,12 +44,16 @@ def classify(tg: Target, prompt: list[int], expected: list[int], got: list[int],
         if j + 1 >= start:
             one_token[j + 1] = logits.copy()
     here = one_token[index]
-    gap = float(here[expected[index]] - here[got[index]])
-    bound, batch_picks = 0.0, None
+    bound, batch_picks, row = 0.0, None, here
     if index > start:
         tg.rollback(n + start, n + start, [])
         batch = tg.decode(expected[start:start + width], n + start, all_logits=True)
         bound = max(float(np.abs(batch[r] - one_token[start + r + 1]).max()) for r in range(index - start))
-        batch_picks = int(np.argmax(batch[index - start - 1])) == got[index]
+        row = batch[index - start - 1]
     tg.clear()
+    own = expected[index] if index < len(expected) else int(np.argmax(here))
+    dflash = got[index] if index < len(got) else next(int(t) for t in np.argsort(-row) if tg.is_eog(int(t)))
+    if index > start:
+        batch_picks = int(np.argmax(row)) == dflash
+    gap = float(here[own] - here[dflash])
     return Divergence(gap, bound, batch_picks, 0.0 <= gap <= bound)
