@@ -120,12 +120,12 @@ class Engine:
         if dr:
             dr.crop(0)
         self._pending = 0
-        self._lookup = Lookup()
-        self._remember(prompt)
         # where nothing could pay (a CPU, a drafter whose acceptance is known to be too low), the target runs alone
         # uncaptured: its passes unsplit, no drafter pass
         self._capturing = dr is not None and (
             self.policy is None or self.policy.could_draft(self.block_size - 1, self.tree_size))
+        self._lookup = Lookup()
+        self._remember(prompt)
 
         tg.pick_on_device(sampling)  # the target's tokens picked where the model runs: no logits to the host
         try:
@@ -260,8 +260,8 @@ class Engine:
         return drafts[:n_acc], token
 
     def _remember(self, tokens: list[int]) -> None:
-        """The generation's tokens, where drafts may copy from them."""
-        if self.drafter:
+        """The generation's tokens, where drafts may copy from them (a generation that may draft)."""
+        if self._capturing:
             self._lookup.extend(tokens)
 
     def _picks(self, sampler: Sampler, logits: np.ndarray, n: int) -> list[int]:

@@ -6,10 +6,10 @@ likelier (likelier_chain); a tree holds both (tree.build_tree)."""
 from __future__ import annotations
 
 MAX_MATCH = 6  # the longest context suffix looked up
-# P(a copied token is the target's), by the tokens matched right before it (the looked-up suffix plus the copied
-# tokens before it), 1 .. MAX_MATCH and more: the coder's greedy continuations of HumanEval's first 13 prompts, every
-# position, 1,500 copies (token right / tried: 0.25, 0.40, 0.59, 0.56 / 0.82, 0.82 / 0.71, 0.89 / 0.91 by suffix
-# length 1 .. 6), rounded down
+# P(a copied token is the target's), by the tokens matched right before it (the looked-up suffix, then the copied
+# tokens before it): 1 .. MAX_MATCH and more. Measured on the coder's greedy continuations of HumanEval's first 13
+# prompts at every position: a copy's first token was right in 25, 40, 59, 56, 82 and 89 % of its tries after a suffix
+# of 1 .. 6 tokens, and the tokens after right ones about as often as a longer suffix's first; smoothed to rise with it.
 PRIOR = (0.25, 0.4, 0.55, 0.65, 0.75, 0.9)
 
 
