@@ -17,7 +17,7 @@ import numpy as np
 from dflash_local import calibrate
 from dflash_local.draft_length import Choice, DraftLength, choices_for
 from dflash_local.errors import UsageError, UserError
-from dflash_local.lookup import Lookup, likelier_chain
+from dflash_local.lookup import Lookup
 from dflash_local.native import Drafter
 from dflash_local.sampling import Sampler, SamplingParams, accept_picks
 from dflash_local.target import Target
@@ -74,10 +74,11 @@ class Engine:
     """Generates with `target`, drafting blocks with `drafter` when one is given."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, block_size: int | None = None,
-                 adaptive: bool = True, tree_size: int = TREE_SIZE):
+                 adaptive: bool = True, tree_size: int = TREE_SIZE, copies: bool = True):
         """adaptive: verify as many drafts per step as measured speed favours (see draft_length); otherwise always
         all of them. tree_size: the most drafts of a tree, where the target can verify one (Target's branches);
-        0, or a target that cannot: one chain of at most block_size - 1."""
+        0, or a target that cannot: one chain of at most block_size - 1. copies: drafts copied from the context
+        beside the drafter's (lookup.py)."""
         self.target = target
         self.drafter = drafter
         self.adaptive = adaptive
@@ -102,6 +103,7 @@ class Engine:
         self._pending = 0
         self._pending_pos = 0
         self._capturing = False  # this generation may draft: the target's features go to the drafter
+        self.copies = copies
         self._lookup = Lookup()  # the generation's tokens, for the copies drafted beside the drafter's
 
     def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
@@ -224,10 +226,9 @@ class Engine:
         ones in both caches. Returns the accepted drafts and the target's next token."""
         tg, dr = self.target, self.drafter
         drafts: list[int] = []
-        if k > 0:  # the drafter's chain or a copy from the context, whichever is likelier
+        if k > 0:  # a copy from the context that matched a whole suffix, else the drafter's chain
             t = time.perf_counter()
-            ids, probs = dr.draft_top(anchor, 1, self.block_size, k)
-            drafts = likelier_chain(ids[:, 0].tolist(), probs[:, 0].tolist(), self._lookup.copy(k))
+            drafts = self._lookup.sure_copy(k) or dr.draft(anchor, self.block_size, k).tolist()
             stats.t_draft += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -261,7 +262,7 @@ class Engine:
 
     def _remember(self, tokens: list[int]) -> None:
         """The generation's tokens, where drafts may copy from them (a generation that may draft)."""
-        if self._capturing:
+        if self.copies and self._capturing:
             self._lookup.extend(tokens)
 
     def _picks(self, sampler: Sampler, logits: np.ndarray, n: int) -> list[int]:

@@ -310,6 +310,8 @@ class Drafter:
                   n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The n_top likeliest tokens of each of the first n (default: all block_size-1) draft positions and their
         probabilities ([n, n_top] each), likeliest first: the marginals a tree of drafts is built from."""
+        if n_top < 2:  # the helper's one-token path takes the argmax alone, without probabilities
+            raise ValueError("draft_top needs n_top >= 2; draft gives the likeliest tokens")
         b = block_size or self.info.block_size
         ids = np.zeros((n or b - 1, n_top), dtype=np.int32)
         probs = np.zeros_like(ids, dtype=np.float32)

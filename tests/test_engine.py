@@ -230,7 +230,7 @@ def test_drafts_copied_from_the_context_are_accepted_beside_a_random_drafters(sm
         for tree_size in (0, 15):
             got = Engine(tg, dr, 16, adaptive=False, tree_size=tree_size).generate(prompt, 48)
             assert got.tokens == expected
-            assert got.stats.tau > 4, (tree_size, got.stats.accepted)
+            assert sum(a >= 7 for a in got.stats.accepted) >= 2, (tree_size, got.stats.accepted)  # a period at once
     finally:
         tg.close()
         dr.close()

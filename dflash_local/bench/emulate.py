@@ -178,13 +178,8 @@ class EmulatedDrafter:
         self.cuts.append(cut)
         return np.array(planned[:len(drafts)], dtype=drafts.dtype)
 
-    def draft_top(self, anchor: int, n_top: int, block_size: int | None = None,
-                  n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """A chain's drafts (n_top 1) as certain: no copy from the context takes their place (Engine._step)."""
-        if n_top != 1:
-            raise UsageError("emulated acceptance drafts chains only (--tree-size 0)")
-        drafts = self.draft(anchor, block_size, n)
-        return drafts[:, None], np.ones((len(drafts), 1), dtype=np.float32)
+    def draft_top(self, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        raise UsageError("emulated acceptance drafts chains only (--tree-size 0)")
 
     def inject(self, features: np.ndarray, pos0: int) -> None:
         self.real.inject(features, pos0)

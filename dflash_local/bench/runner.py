@@ -176,7 +176,9 @@ def run_bench(cfg: BenchConfig, console: Console,
     emu = EmulatedDrafter(drafter, cfg.emulate, tg) if cfg.emulate else None
     try:
         baseline = Engine(base_tg)
-        engines = {b: Engine(tg, emu or drafter, b, cfg.adaptive, tree_size) for b in cfg.block_sizes}
+        # an emulated acceptance is the profile's: no copies beside its drafts
+        engines = {b: Engine(tg, emu or drafter, b, cfg.adaptive, tree_size, copies=emu is None)
+                   for b in cfg.block_sizes}
         totals = {"target": Totals("target")} | {f"dflash-{b}": Totals("dflash", b, emu is not None)
                                                  for b in cfg.block_sizes}
         notes: list[str] = []
