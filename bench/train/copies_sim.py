@@ -66,7 +66,7 @@ def tau(rec: Recording, tree_size: int, copies: bool, max_tokens: int) -> float:
         lookup = Lookup()
         lookup.extend(ids + text[:1])
         pos, accepted = n, []
-        while pos in drafts and (depth := min(15, max_tokens - (pos - n) - 2)) > 0:
+        while pos in drafts and (depth := min(len(drafts[pos][0]), max_tokens - (pos - n) - 2)) > 0:
             top, probs = drafts[pos][0][:depth], drafts[pos][1][:depth]
             if tree_size:
                 tree = build_tree(top, probs, tree_size, lookup.copy(depth) if copies else ([], []))
@@ -103,7 +103,7 @@ def main() -> None:
     for col in ("drafts", "the drafter's", "with copies"):
         table.add_column(col)
     for size in (0, 15, 62):
-        table.add_row(f"tree of {size}" if size else "chain of 15",
+        table.add_row(f"tree of {size}" if size else "chain",
                       *(f"{tau(rec, size, copies, a.max_tokens):.3f}" for copies in (False, True)))
     Console().print(table)
 
