@@ -99,7 +99,7 @@ def _tensor_sizes() -> dict[int, tuple[int, int]]:
     gguf-py's table, which agrees on the types weights are stored in."""
     try:
         from dflash_local.native import ggml_type_sizes
-    except NativeError:
+    except (NativeError, ImportError):
         from gguf.constants import GGML_QUANT_SIZES
 
         return {int(t): sizes for t, sizes in GGML_QUANT_SIZES.items()}
