@@ -3,9 +3,11 @@ prompt file for tau.py or `dflash bench --prompts`: each sequence's prompt token
 tokens spelled out, so they tokenize back), raw completion. One
 prompt per held-out group, groups spread over the set, so a few dozen prompts cover its kinds.
 
-    python bench/train/held_out_prompts.py TARGET.gguf DATA_DIR N OUT.jsonl
+    python bench/train/held_out_prompts.py TARGET.gguf DATA_DIR N OUT.jsonl [--trained-on DIR ...]
 
-DATA_DIR holds index.json.gz and tokens.i32.xz, as bench/train/data/* keeps them.
+DATA_DIR holds index.json.gz and tokens.i32.xz, as bench/train/data/* keeps them. --trained-on names the data sets of
+the drafters a drafter started from (`--init`): a group they trained on is left out, since the drafter learned from it
+too.
 """
 
 from __future__ import annotations
@@ -29,18 +31,19 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("n", type=int)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--trained-on", type=Path, nargs="*", default=[])
     a = ap.parse_args()
-    index = json.load(gzip.open(a.data / "index.json.gz"))
-    sequences = [Sequence(**s) for s in index["sequences"]]
+    sequences = _sequences(a.data)
     tokens = np.frombuffer(lzma.open(a.data / "tokens.i32.xz").read(), dtype=np.int32)
     starts = np.cumsum([0] + [s.n_tokens for s in sequences])
-    held = trainer.held_out_groups([s for s in sequences if s.n_tokens - s.n_prompt >= 2])
+    held = _held_out(sequences).difference(*(_trained(_sequences(d)) for d in a.trained_on))
     first = {}  # held-out group -> its first sequence's index
     for i, s in enumerate(sequences):
         if s.group in held:
             first.setdefault(s.group, i)
     picked = list(first.values())
-    picked = [picked[round(j * len(picked) / a.n)] for j in range(min(a.n, len(picked)))]
+    n = min(a.n, len(picked))
+    picked = [picked[round(j * len(picked) / n)] for j in range(n)]
     tg = Target(a.target, TargetParams(n_ctx=64))
     try:
         rows = [{"id": sequences[i].group,
@@ -50,6 +53,19 @@ def main() -> None:
         tg.close()
     a.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} prompts of {len(held)} held-out groups -> {a.out}")
+
+
+def _sequences(data: Path) -> list[Sequence]:
+    return [Sequence(**s) for s in json.load(gzip.open(data / "index.json.gz"))["sequences"]]
+
+
+def _trained(sequences: list[Sequence]) -> set[str]:
+    return {s.group for s in sequences} - _held_out(sequences)
+
+
+def _held_out(sequences: list[Sequence]) -> set[str]:
+    """The groups the trainer held out of these answers (those of at least 2 answer tokens, as it keeps them)."""
+    return trainer.held_out_groups([s for s in sequences if s.n_tokens - s.n_prompt >= 2])
 
 
 if __name__ == "__main__":
