@@ -44,8 +44,8 @@ def main() -> None:
     drafter = load_drafter_gguf(str(a.drafter), a.target).eval()
     layers, width = drafter.cfg.target_layers, drafter.cfg.n_embd
     src = Dataset(a.data, a.target, layers, width)
-    usable = [s for s in src.sequences if s.n_tokens - s.n_prompt >= 2]
-    held = trainer.held_out_groups(usable)
+    usable = [s for s in src.sequences if trainer.trainable(s)]
+    held = trainer.held_out_groups(src.sequences)
     work = Dataset(a.work or a.data.with_name(a.data.name + "-held-out"), a.target, layers, width)
     if not work.sequences:
         tokens = {s.key: t for s, t in zip(src.sequences, src.token_lists())}

@@ -36,7 +36,7 @@ def main() -> None:
     sequences = _sequences(a.data)
     tokens = np.frombuffer(lzma.open(a.data / "tokens.i32.xz").read(), dtype=np.int32)
     starts = np.cumsum([0] + [s.n_tokens for s in sequences])
-    held = _held_out(sequences).difference(*(_trained(_sequences(d)) for d in a.trained_on))
+    held = trainer.held_out_groups(sequences).difference(*(_trained(_sequences(d)) for d in a.trained_on))
     first = {}  # held-out group -> its first sequence's index
     for i, s in enumerate(sequences):
         if s.group in held:
@@ -60,12 +60,7 @@ def _sequences(data: Path) -> list[Sequence]:
 
 
 def _trained(sequences: list[Sequence]) -> set[str]:
-    return {s.group for s in sequences} - _held_out(sequences)
-
-
-def _held_out(sequences: list[Sequence]) -> set[str]:
-    """The groups the trainer held out of these answers (those of at least 2 answer tokens, as it keeps them)."""
-    return trainer.held_out_groups([s for s in sequences if s.n_tokens - s.n_prompt >= 2])
+    return {s.group for s in sequences} - trainer.held_out_groups(sequences)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,15 @@ CONTEXT_MULTIPLE = 64
 E4M3_MAX = 448.0  # float8 e4m3's largest finite value
 
 
+def trainable(s: Sequence) -> bool:
+    """An answer of 2 tokens or more: at least one anchor that has a label."""
+    return s.n_tokens - s.n_prompt >= 2
+
+
 def held_out_groups(sequences: list[Sequence]) -> set[str]:
-    """Every HOLD_OUT-th group, in order of first appearance: whole groups, so that a held-out answer has no
-    near-copy in training."""
-    groups = list(dict.fromkeys(s.group for s in sequences))
+    """Every HOLD_OUT-th group of the trainable sequences, in order of first appearance: whole groups, so that a
+    held-out answer has no near-copy in training."""
+    groups = list(dict.fromkeys(s.group for s in sequences if trainable(s)))
     return set(groups[HOLD_OUT - 1::HOLD_OUT])
 
 
@@ -140,11 +145,10 @@ class Trainer:
                 self.codes, self.scales = self.codes.to(device), self.scales.to(device)
             except torch.OutOfMemoryError:  # a dataset larger than the GPU: steps read both host copies (neither
                 pass                        # is replaced unless both copies were made)
-        # sequences with at least one anchor that has a label
-        usable = [(int(r), s) for r, s in zip(starts, ds.sequences) if s.n_tokens - s.n_prompt >= 2]
+        usable = [(int(r), s) for r, s in zip(starts, ds.sequences) if trainable(s)]
         if not usable:
             raise UserError("no answer in the dataset is 2 tokens or longer: nothing to train on")
-        held = held_out_groups([s for _, s in usable])
+        held = held_out_groups(ds.sequences)
         # (first row, prompt length, length)
         self.seqs = [(r, s.n_prompt, s.n_tokens) for r, s in usable if s.group not in held]
         self.held_out = [(r, s.n_prompt, s.n_tokens) for r, s in usable if s.group in held]
