@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build upstream llama.cpp's llama-speculative-simple (the DFlash comparison of `dflash bench
-# --compare-llama-cpp`) from the llama.cpp vendored in the pinned llama-cpp-python sdist, so both
+# --compare-llama-cpp`) and llama-bench (llama.cpp's own cost of a pass, bench/llama_bench.py) from the llama.cpp vendored in the pinned llama-cpp-python sdist, so both
 # sides run the same llama.cpp. Works on the trimmed sdist of bench/gpu/make_sdist_trim.sh too: a
 # small wrapper project adds llama.cpp and only this one example.
 #
@@ -39,6 +39,7 @@ cmake_minimum_required(VERSION 3.14)
 project(llama-cpp-upstream C CXX)
 add_subdirectory("$llama" llama.cpp)
 add_subdirectory("$llama/examples/speculative-simple" speculative-simple)
+add_subdirectory("$llama/tools/llama-bench" llama-bench)
 CMAKE
 
 args=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_COMMON=ON -DLLAMA_OPENSSL=OFF
@@ -50,6 +51,6 @@ fi
 args+=(${EXTRA_CMAKE_ARGS:-})
 
 cmake -S "$out/wrapper" -B "$out/build" "${args[@]}"
-cmake --build "$out/build" --config Release --target llama-speculative-simple -j "$jobs"
-cp "$out/build/bin/llama-speculative-simple" "$out/"
-echo "built $out/llama-speculative-simple"
+cmake --build "$out/build" --config Release --target llama-speculative-simple llama-bench -j "$jobs"
+cp "$out/build/bin/llama-speculative-simple" "$out/build/bin/llama-bench" "$out/"
+echo "built $out/llama-speculative-simple and $out/llama-bench"

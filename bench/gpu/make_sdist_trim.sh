@@ -4,8 +4,8 @@
 # so the build can be carried to a machine with no package registry. Dropped: models, docs, tests,
 # media, tools and examples we do not build, the conversion scripts, and the sources of the other
 # GPU backends (Vulkan, SYCL, OpenCL, Metal, ...). Kept: CMake files, ggml (CPU, CUDA, BLAS, RPC,
-# HIP/MUSA glue), src, include, common, vendor, tools/mtmd (the package builds it by default) and
-# examples/speculative-simple.
+# HIP/MUSA glue), src, include, common, vendor, tools/mtmd (the package builds it by default),
+# tools/llama-bench and examples/speculative-simple.
 #
 #   bench/gpu/make_sdist_trim.sh [SDIST.tar.gz] [OUT_DIR]
 #
@@ -33,7 +33,7 @@ rm -rf .git .github docs docker examples tests
 cd vendor/llama.cpp
 rm -rf models docs media tests benches gguf-py conversion scripts pocs app grammars skills requirements \
        ci licenses .github .devops
-find tools -mindepth 1 -maxdepth 1 ! -name mtmd -exec rm -rf {} +
+find tools -mindepth 1 -maxdepth 1 ! -name mtmd ! -name llama-bench -exec rm -rf {} +
 find examples -mindepth 1 -maxdepth 1 ! -name speculative-simple -exec rm -rf {} +
 for b in vulkan sycl opencl hexagon metal et webgpu openvino cann virtgpu zdnn zendnn kompute; do
     rm -rf "ggml/src/ggml-$b"

@@ -110,7 +110,21 @@ run() {
         --ctx-size 16384
     emulated_27b qwen35-27b-drafter-f16-emulated-tau7.7-ctx1024 "$SHAPES-f16/qwen35-27b.Q4_K_M-dflash.gguf" 7.7
     emulated_27b qwen35-27b-emulated-tau3.4-ctx1024 "${t27%.gguf}-dflash.gguf" 3.4
+    # upstream llama.cpp (llama-speculative-simple, llama-bench), built once, only for a measurement that runs
+    local upstream_built=
+    upstream() {
+        [[ $1 =~ $ONLY ]] && [ -z "$upstream_built" ] || return 0
+        bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
+        echo "upstream rc $? $(date +%T)"
+        upstream_built=1
+    }
+    # llama.cpp's own pass of k tokens against one (llama-bench: no dflash-local code in the passes): NAME MODEL
+    llama_bench() {
+        upstream "$1"
+        measure "$1" 240 python3 -P bench/llama_bench.py build/gpu/upstream/llama-bench "$2" --json "$RES/$1.json"
+    }
     pass_costs pass-costs-qwen3-8b "$t8" "${t8%.gguf}-dflash.gguf"
+    llama_bench llama-bench-qwen3-8b "$t8"
     local tau c n
     for tau in 7.7 3.4; do
         for c in 1024 8192 32768; do
@@ -133,21 +147,18 @@ run() {
     coder_bench coder-init-humaneval$CODER_N /root/init.gguf -n "$CODER_N"
     coder_bench coder-new-humaneval$CODER_N-fixed-chain "$new" -n "$CODER_N" --max-tokens 128 --fixed --tree-size 0
     coder_bench coder-new-humaneval$CODER_N-fixed-tree15 "$new" -n "$CODER_N" --max-tokens 128 --fixed --tree-size 15
+    pass_costs coder-pass-costs "$coder" "$new"
+    llama_bench coder-llama-bench "$coder"
     measure coder-path-injection 120 python3 -P bench/path_injection.py "$coder" "$new" "${gpu[@]}" \
         --json "$RES/coder-path-injection.json"
     for t in 15 62; do
         measure coder-tree$t-picks 120 python3 -P bench/tree_picks.py "$coder" "$new" "${gpu[@]}" --tree-size $t \
             --json "$RES/coder-tree$t-picks.json"
     done
-    local t name upstream_built=
+    local t name
     for t in "$t27" "$t8"; do
         name=$(basename "$t" .Q4_K_M.gguf)-random-drafter-vs-llama-cpp
-        [[ $name =~ $ONLY ]] || continue
-        if [ -z "$upstream_built" ]; then  # built only for a comparison that runs
-            bash bench/gpu/run.sh upstream >> "$RES/build.log" 2>&1
-            echo "upstream rc $? $(date +%T)"
-            upstream_built=1
-        fi
+        upstream "$name"
         measure "$name" 240 python3 -P -m dflash_local bench "$t" \
             --prompts "$SHAPES/prompts-ctx1024.jsonl" -n 2 --max-tokens 64 -c 1280 --block-sizes 16 --fixed \
             --tree-size 0 "${gpu[@]}" --compare-llama-cpp build/gpu/upstream --json "$RES/$name.json"
