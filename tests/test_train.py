@@ -117,6 +117,25 @@ def _assert_greedy(tg: Target, tokens: list[int], n_prompt: int) -> None:
     assert (chosen == logits.max(1)).all()
 
 
+def test_continuations_end_where_stop_says(target):
+    """continue_prompts' stop ends a continuation at the first token where it holds (as write_problems.py ends an
+    exercise where its code block closes): each is the greedy continuation cut there."""
+    def continuations(stop):
+        pending, outs = iter(todo), {}
+        answers.continue_prompts(tg, lambda: next(pending, None), lambda seqs: tg.logits(len(seqs)).argmax(axis=1),
+                                 N_NEW, lambda item, out: outs.__setitem__(item.key, out), stop)
+        return outs
+
+    tg = _open(target, capture=False)  # one sequence at a time: the same rounding in both runs
+    try:
+        todo = [answers.Todo(p.id, p.id, answers.prompt_tokens(tg, p)) for p in PROMPTS]
+        full, cut = continuations(None), continuations(lambda out: len(out) >= 3)
+    finally:
+        tg.close()
+    assert len(cut) == len(PROMPTS) and max(map(len, full.values())) > 3
+    assert all(cut[k] == full[k][:3] for k in full)
+
+
 def test_target_writes_requests_then_answers_them(target, tmp_path):
     """--self-prompts: the target writes chat requests under its own template (sampled), then answers them greedily
     as any chat prompt; a run that resumes writes only those still missing."""

@@ -149,6 +149,9 @@ run() {
     coder_bench coder-new-humaneval$CODER_N-fixed-tree15 "$new" -n "$CODER_N" --max-tokens 128 --fixed --tree-size 15
     pass_costs coder-pass-costs "$coder" "$new"
     llama_bench coder-llama-bench "$coder"
+    # HumanEval-like exercises the coder writes, as prompts for its drafter's next training run (kept as they come)
+    measure coder-write-exercises 480 python3 -P bench/train/write_problems.py "$coder" -n "${EXERCISES:-8000}" \
+        --parallel 256 --n-gpu-layers 99 -o "$RES/exercises.jsonl"
     measure coder-path-injection 120 python3 -P bench/path_injection.py "$coder" "$new" "${gpu[@]}" \
         --json "$RES/coder-path-injection.json"
     for t in 15 62; do

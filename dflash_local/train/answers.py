@@ -115,12 +115,13 @@ class _Slot:
         return len(self.todo.prompt) + len(self.out)
 
 
-def _continue(target: Target, next_todo: Callable[[], Todo | None], pick: Callable[[list[int]], np.ndarray],
-              max_tokens: int, done: Callable[[Todo, list[int]], None]) -> None:
+def continue_prompts(target: Target, next_todo: Callable[[], Todo | None], pick: Callable[[list[int]], np.ndarray],
+                     max_tokens: int, done: Callable[[Todo, list[int]], None],
+                     stop: Callable[[list[int]], bool] | None = None) -> None:
     """Continue prompts target.n_seq at a time, in one batch per token (a GPU is nearly as fast for many sequences
-    as for one), each until an end-of-generation token or max_tokens; pick(seqs) chooses the tokens of the last
-    decode's outputs, one per sequence of seqs. done(todo, out) gets each finished one (its end-of-generation token
-    left off). The target has no capture: features come later, from prefills (capture)."""
+    as for one), each until an end-of-generation token, max_tokens or stop(its tokens so far); pick(seqs) chooses the
+    tokens of the last decode's outputs, one per sequence of seqs. done(todo, out) gets each finished one (its
+    end-of-generation token left off). The target has no capture: features come later, from prefills (capture)."""
     slots: dict[int, _Slot] = {}  # by sequence id
 
     def start(seq: int) -> None:
@@ -129,7 +130,7 @@ def _continue(target: Target, next_todo: Callable[[], Todo | None], pick: Callab
             slots[seq] = _Slot(todo, [int(pick([seq])[0])])
 
     def finished(slot: _Slot) -> bool:
-        return target.is_eog(slot.out[-1]) or len(slot.out) >= max_tokens
+        return target.is_eog(slot.out[-1]) or len(slot.out) >= max_tokens or (stop is not None and stop(slot.out))
 
     target.clear()
     for seq in range(target.n_seq):
@@ -178,7 +179,7 @@ def write_requests(target: Target, n: int, ds: Dataset, max_new_tokens: int, pro
     if not target.sample_on_device(REQUEST_MIN_P, seed * 1_000_003 + len(ds.sequences) * 1009):
         raise UserError("--self-prompts: llama.cpp cannot sample on this backend (try --n-gpu-layers 0)")
     try:
-        _continue(target, next_head, target.sampled, MAX_REQUEST_TOKENS, done)
+        continue_prompts(target, next_head, target.sampled, MAX_REQUEST_TOKENS, done)
     finally:
         target.sample_on_device(None)
     return requests
@@ -198,8 +199,8 @@ def answer(target: Target, todo: list[Todo], ds: Dataset, max_new_tokens: int, p
     t0 = time.perf_counter()
     pending = iter(todo)
     try:
-        _continue(target, lambda: next(pending, None), lambda seqs: target.logits(len(seqs)).argmax(axis=1),
-                  max_new_tokens, store)
+        continue_prompts(target, lambda: next(pending, None), lambda seqs: target.logits(len(seqs)).argmax(axis=1),
+                         max_new_tokens, store)
     finally:
         ds.save()
     report.seconds = time.perf_counter() - t0
