@@ -54,19 +54,21 @@ TOPICS = (
 )
 
 
-def last_function(code: str) -> tuple[str, str] | None:
-    """code up to the end of its last top-level function's docstring, and that function's name; None unless the code
-    parses and its last function has a docstring with an example."""
+def last_function(code: str) -> ast.FunctionDef | None:
+    """code's last top-level function, if code parses and has one."""
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError):
         return None
-    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-    if not funcs or ast.get_docstring(funcs[-1]) is None:
-        return None
-    fn = funcs[-1]
-    doc = ast.get_docstring(fn) or ""
-    if ">>>" not in doc and "example" not in doc.lower():
+    return next((n for n in reversed(tree.body) if isinstance(n, ast.FunctionDef)), None)
+
+
+def exercise(code: str) -> tuple[str, str] | None:
+    """code up to the end of its last function's docstring, and that function's name; None unless that docstring
+    gives an example."""
+    fn = last_function(code)
+    doc = ast.get_docstring(fn) if fn else None
+    if fn is None or doc is None or (">>>" not in doc and "example" not in doc.lower()):
         return None
     return "".join(code.splitlines(keepends=True)[:fn.body[0].end_lineno]).rstrip() + "\n", fn.name
 
@@ -87,7 +89,7 @@ def main() -> None:
         ap.add_argument(flag, type=int, default=default)
     a = ap.parse_args()
 
-    humaneval = {fn[1] for p in load_prompts("humaneval", 164) if (fn := last_function(p.text))}
+    humaneval = {fn.name for p in load_prompts("humaneval", 164) if (fn := last_function(p.text))}
     kept, names = read_kept(a.out)
     n_kept = len(kept)
     rng = random.Random(a.seed * 1_000_003 + n_kept)
@@ -109,7 +111,7 @@ def main() -> None:
 
         def done(request: Todo, reply: list[int]) -> None:
             nonlocal n_kept
-            found = last_function(tg.text(reply).split("```")[0])
+            found = exercise(tg.text(reply).split("```")[0])
             if (found is None or found[1] in humaneval or names[found[1]] >= NAME_REPEATS or found[0] in kept
                     or n_kept >= a.n):
                 return
