@@ -95,6 +95,8 @@ def main() -> None:
     rng = random.Random(a.seed * 1_000_003 + n_kept)
     tg = Target(a.target, TargetParams(n_ctx=512, n_seq=a.parallel, n_threads=a.threads,
                                        n_gpu_layers=a.n_gpu_layers))
+    if tg.chat_prompt([("user", "")]) is None:
+        raise SystemExit(f"{a.target} has no chat template to ask for exercises under")
     tries = 0
 
     def next_request() -> Todo | None:
@@ -103,7 +105,7 @@ def main() -> None:
             return None
         tries += 1
         topic = rng.choice(TOPICS)
-        text = tg.chat_prompt([("user", REQUEST.format(topic=topic))]) + CODE
+        text = str(tg.chat_prompt([("user", REQUEST.format(topic=topic))])) + CODE
         return Todo(topic, topic, tg.tokenize(text))
 
     with a.out.open("a") as f, Progress() as progress:
