@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build upstream llama.cpp's llama-speculative-simple (the DFlash comparison of `dflash bench
-# --compare-llama-cpp`) and llama-bench (llama.cpp's own cost of a pass, bench/llama_bench.py) from the llama.cpp vendored in the pinned llama-cpp-python sdist, so both
-# sides run the same llama.cpp. Works on the trimmed sdist of bench/gpu/make_sdist_trim.sh too: a
-# small wrapper project adds llama.cpp and only this one example.
+# --compare-llama-cpp`) and llama-bench (llama.cpp's own cost of a pass, bench/llama_bench.py) from
+# the llama.cpp vendored in the pinned llama-cpp-python sdist, so both sides run the same llama.cpp.
+# Works on the trimmed sdist of bench/gpu/make_sdist_trim.sh too: a small wrapper project adds
+# llama.cpp and only these two programs.
 #
 #   bench/build_llama_cpp.sh [SDIST.tar.gz | SOURCE_DIR] [OUT_DIR]
 #

@@ -92,7 +92,8 @@ def main() -> None:
     humaneval = {fn.name for p in load_prompts("humaneval", 164) if (fn := last_function(p.text))}
     kept, names = read_kept(a.out)
     n_kept = len(kept)
-    rng = random.Random(a.seed * 1_000_003 + n_kept)
+    seed = a.seed * 1_000_003 + n_kept  # a run that goes on draws other topics and samples
+    rng = random.Random(seed)
     tg = Target(a.target, TargetParams(n_ctx=512, n_seq=a.parallel, n_threads=a.threads,
                                        n_gpu_layers=a.n_gpu_layers))
     if tg.chat_prompt([("user", "")]) is None:
@@ -121,7 +122,9 @@ def main() -> None:
             kept.add(stub)
             names[name] += 1
             n_kept += 1
-            pid = f"self/exercise-{n_kept:05d}.py:{name}"  # both forms one group (prompt_group)
+            # both forms one group (prompt_group), outside answers.SELF_GROUP: `dflash train --self-prompts` counts
+            # the requests it wrote by that prefix
+            pid = f"exercise/{n_kept:05d}.py:{name}"
             f.write(json.dumps({"id": pid, "prompt": stub, "chat": False, "topic": request.key}) + "\n")
             f.write(json.dumps({"id": f"{pid}/chat", "prompt": CHAT_REQUEST.format(stub=stub), "chat": True}) + "\n")
             f.flush()
@@ -131,7 +134,7 @@ def main() -> None:
             return "```" in tg.text(out[-3:])
 
         try:
-            if not tg.sample_on_device(REQUEST_MIN_P, a.seed * 1_000_003 + n_kept):
+            if not tg.sample_on_device(REQUEST_MIN_P, seed):
                 raise SystemExit("llama.cpp cannot sample on this backend")
             continue_prompts(tg, next_request, tg.sampled, MAX_TOKENS, done, closed)
         finally:
