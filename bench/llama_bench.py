@@ -6,7 +6,9 @@ llama-cpp-python (so the same kernels as the engine's target), run on MODEL at -
   a verification computes every row's, so its pass costs a little more than this);
 - `tg`: one-token passes, --gen of them in a row (CUDA graphs warm), the cost of one.
 
-Prints each pass's ms, its ratio to one token (tg) and writes them with llama-bench's own rows as JSON.
+Each cost is the median of llama-bench's repeats (its first two pp repeats ran 1.5-3x slower on an H100, which
+llama-bench's own means keep). Prints each pass's ms, its ratio to one token (tg) and writes them with llama-bench's
+own rows as JSON.
 
     python bench/llama_bench.py LLAMA_BENCH MODEL [--sizes 1,2,4,8,16] [--depth 512] [--gen 32] [--repeats 20]
         [--n-gpu-layers 99] [--json OUT.json]
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -35,12 +38,15 @@ def run_llama_bench(exe: Path, model: Path, sizes: list[int], depth: int, gen: i
     return cmd, json.loads(out)
 
 
+def median_ms(row: dict) -> float:
+    """A test's median repeat in ms, per pass (a tg repeat is n_gen passes)."""
+    return statistics.median(row["samples_ns"]) / 1e6 / max(row["n_gen"], 1)
+
+
 def pass_costs(rows: list[dict]) -> tuple[float, list[dict]]:
     """The ms of one token (tg) and of each pp pass, with its ratio to one token."""
-    tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-    one = tg["avg_ns"] / tg["n_gen"] / 1e6
-    passes = [{"tokens": r["n_prompt"], "ms": r["avg_ns"] / 1e6, "stddev_ms": r["stddev_ns"] / 1e6,
-               "vs_one_token": r["avg_ns"] / 1e6 / one}
+    one = median_ms(next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0))
+    passes = [{"tokens": r["n_prompt"], "ms": median_ms(r), "vs_one_token": median_ms(r) / one}
               for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0]
     return one, passes
 
@@ -57,7 +63,7 @@ def main() -> None:
     cmd, rows = run_llama_bench(a.llama_bench, a.model, [int(s) for s in a.sizes.split(",")], a.depth, a.gen,
                                 a.repeats, a.n_gpu_layers)
     one, passes = pass_costs(rows)
-    table = Table(title=f"llama-bench, {a.model.name}, {a.depth} positions of context, means of {a.repeats}")
+    table = Table(title=f"llama-bench, {a.model.name}, {a.depth} positions of context, medians of {a.repeats}")
     for col in ("pass", "ms", "x one token"):
         table.add_column(col, justify="right")
     table.add_row("1 token (tg)", f"{one:.3f}", "1.00")
