@@ -46,7 +46,7 @@ def median_ms(row: dict) -> float:
 def pass_costs(rows: list[dict]) -> tuple[float, list[dict]]:
     """The ms of one token (tg) and of each pp pass, with its ratio to one token."""
     one = median_ms(next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0))
-    passes = [{"tokens": r["n_prompt"], "ms": median_ms(r), "vs_one_token": median_ms(r) / one}
+    passes = [{"tokens": r["n_prompt"], "ms": (ms := median_ms(r)), "vs_one_token": ms / one}
               for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0]
     return one, passes
 
